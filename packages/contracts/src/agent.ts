@@ -1,0 +1,56 @@
+import { z } from 'zod';
+
+export const ModelKind = z.enum(['base', 'refiner', 'vae']);
+export const ModelInfo = z.object({
+  name: z.string(),
+  kind: ModelKind,
+  vram_mb: z.number().int().describe('VRAM the loaded model takes'),
+  load_ms: z.number().int().describe("the worker's estimate of a cold load from disk"),
+});
+export type ModelInfo = z.infer<typeof ModelInfo>;
+
+export const ResidentModel = z.object({
+  name: z.string(),
+  location: z.enum(['vram', 'ram']),
+  vram_mb: z.number().int(),
+  last_used_at: z.string().nullable(),
+});
+export type ResidentModel = z.infer<typeof ResidentModel>;
+
+export const WorkerCapabilities = z.object({
+  backend: z.enum(['synthetic', 'diffusers']),
+  models: z.array(ModelInfo),
+  schedulers: z.array(z.string()),
+  output_formats: z.array(z.string()),
+  max_side: z.number().int(),
+  max_images: z.number().int(),
+});
+export type WorkerCapabilities = z.infer<typeof WorkerCapabilities>;
+
+export const WorkerState = z.object({
+  vram_total_mb: z.number().int(),
+  vram_used_mb: z.number().int(),
+  resident: z.array(ResidentModel),
+});
+export type WorkerState = z.infer<typeof WorkerState>;
+
+export const AgentState = z.enum(['starting', 'ready', 'busy', 'draining', 'defunct']);
+export type AgentState = z.infer<typeof AgentState>;
+
+/** What an agent publishes on every heartbeat; the registry entry expires if they stop. */
+export const AgentHeartbeat = z.object({
+  agent_id: z.string(),
+  host: z.string(),
+  gpu_id: z.string(),
+  gpu: z.object({ name: z.string(), vram_total_mb: z.number().int(), vram_free_mb: z.number().int() }),
+  state: AgentState,
+  resident: z.array(ResidentModel),
+  current_job: z.string().nullable(),
+  capabilities: WorkerCapabilities.nullable(),
+  worker: z.object({ pid: z.number().int().nullable(), restarts: z.number().int() }),
+  jobs_done: z.number().int(),
+  avg_job_ms: z.number().nullable().describe('moving average of run time, for placement'),
+  started_at: z.string(),
+  heartbeat_at: z.string(),
+});
+export type AgentHeartbeat = z.infer<typeof AgentHeartbeat>;

@@ -1,0 +1,96 @@
+import { z } from 'zod';
+import { JobError } from './errors.js';
+import { GenerationRequest, Priority, WebhookEvent } from './generation.js';
+
+export const JobKind = z.enum(['generation']);
+export const JobStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'canceled']);
+export type JobStatus = z.infer<typeof JobStatus>;
+export const TERMINAL_STATUSES: readonly JobStatus[] = ['succeeded', 'failed', 'canceled'];
+export const isTerminal = (s: JobStatus) => TERMINAL_STATUSES.includes(s);
+
+/** Finer position while queued or running. */
+export const JobStage = z.enum(['queued', 'dispatched', 'loading_model', 'running', 'uploading', 'done']);
+export type JobStage = z.infer<typeof JobStage>;
+
+export const Output = z.object({
+  index: z.number().int(),
+  key: z.string().describe('object key in the output bucket'),
+  url: z.string().describe('presigned GET URL, fresh on every read'),
+  width: z.number().int(),
+  height: z.number().int(),
+  seed: z.number().int(),
+  sha256: z.string(),
+  bytes: z.number().int(),
+  content_type: z.string(),
+});
+export type Output = z.infer<typeof Output>;
+/** An output as stored on the record; the URL is signed when the record is read. */
+export const StoredOutput = Output.omit({ url: true });
+export type StoredOutput = z.infer<typeof StoredOutput>;
+
+export const Timings = z.object({
+  queued_ms: z.number().nullable().describe('submit → an agent started it (last attempt)'),
+  model_load_ms: z.number().nullable(),
+  inference_ms: z.number().nullable(),
+  upload_ms: z.number().nullable(),
+  total_ms: z.number().nullable().describe('submit → finished'),
+});
+export type Timings = z.infer<typeof Timings>;
+
+export const JobEvent = z.object({
+  at: z.string(),
+  status: JobStatus,
+  stage: JobStage,
+  attempt: z.number().int(),
+  agent: z.string().nullable(),
+  message: z.string().optional(),
+});
+export type JobEvent = z.infer<typeof JobEvent>;
+
+export const WebhookDelivery = z.object({
+  id: z.string().describe('webhook-id header: the same across retries of one message'),
+  event: WebhookEvent,
+  try: z.number().int(),
+  at: z.string(),
+  status_code: z.number().int().nullable(),
+  ok: z.boolean(),
+  error: z.string().nullable(),
+  duration_ms: z.number(),
+});
+export type WebhookDelivery = z.infer<typeof WebhookDelivery>;
+
+export const Progress = z.object({
+  stage: z.string(),
+  step: z.number().int(),
+  total: z.number().int(),
+});
+
+/** Everything Kiln stores about a job; the API's record adds presigned URLs and links. */
+export const StoredJob = z.object({
+  id: z.string(),
+  kind: JobKind,
+  client: z.string().describe('who submitted it (API key fingerprint or "anonymous")'),
+  status: JobStatus,
+  stage: JobStage,
+  attempt: z.number().int().describe('0 until first placed; +1 on every placement'),
+  agent: z.string().nullable(),
+  priority: Priority,
+  request: GenerationRequest,
+  progress: Progress.nullable(),
+  outputs: z.array(StoredOutput),
+  error: JobError.nullable(),
+  timings: Timings,
+  cancel_requested: z.boolean(),
+  created_at: z.string(),
+  started_at: z.string().nullable(),
+  finished_at: z.string().nullable(),
+});
+export type StoredJob = z.infer<typeof StoredJob>;
+
+export const JobRecord = StoredJob.extend({
+  outputs: z.array(Output),
+  events: z.array(JobEvent),
+  webhook_deliveries: z.array(WebhookDelivery),
+  links: z.object({ self: z.string(), cancel: z.string() }),
+});
+export type JobRecord = z.infer<typeof JobRecord>;

@@ -1,0 +1,19 @@
+import { z } from 'zod';
+import { AgentToWorker, WorkerToAgent } from './protocol.js';
+
+/**
+ * The JSON Schema files generated into workers-py. The worker validates what it receives
+ * against agent-to-worker.json; its tests check what it sends against worker-to-agent.json.
+ */
+export function protocolJsonSchemas(): Record<string, unknown> {
+  return {
+    'agent-to-worker.json': z.toJSONSchema(AgentToWorker, { io: 'output', target: 'draft-2020-12' }),
+    'worker-to-agent.json': z.toJSONSchema(WorkerToAgent, { io: 'output', target: 'draft-2020-12' }),
+  };
+}
+
+export const JSON_SCHEMA_DIR = 'workers-py/kiln_worker/schemas';
+
+export function renderJsonSchema(schema: unknown): string {
+  return JSON.stringify(schema, null, 2) + '\n';
+}

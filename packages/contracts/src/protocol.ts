@@ -1,0 +1,107 @@
+import { z } from 'zod';
+import { WorkerCapabilities, WorkerState } from './agent.js';
+import { JobError } from './errors.js';
+import { ResolvedGenerationRequest } from './generation.js';
+
+/**
+ * Agent ↔ worker protocol, version 1: one JSON object per line on the worker's stdin/stdout.
+ *
+ * - Every message carries `v` and the `id` of the request it belongs to.
+ * - Requests (agent → worker): hello, generate, shutdown. `cancel` names the request to stop.
+ * - Each request gets exactly one final message (hello → ready, generate → result | error,
+ *   shutdown → bye), after any log and progress messages for it.
+ * - Images never cross the pipe: the worker writes them into `job_dir` and returns paths.
+ */
+export const PROTOCOL_VERSION = 1 as const;
+const v = z.literal(PROTOCOL_VERSION);
+const id = z.string().min(1).max(200);
+
+export const HelloMessage = z.strictObject({
+  v,
+  type: z.literal('hello'),
+  id,
+  agent_id: z.string(),
+  gpu_id: z.string(),
+});
+export const GenerateMessage = z.strictObject({
+  v,
+  type: z.literal('generate'),
+  id,
+  job_id: z.string(),
+  attempt: z.number().int().min(1),
+  job_dir: z.string().describe('absolute directory the worker writes outputs into'),
+  request: ResolvedGenerationRequest,
+});
+export const CancelMessage = z.strictObject({ v, type: z.literal('cancel'), id });
+export const ShutdownMessage = z.strictObject({ v, type: z.literal('shutdown'), id });
+
+export const AgentToWorker = z.discriminatedUnion('type', [HelloMessage, GenerateMessage, CancelMessage, ShutdownMessage]);
+export type AgentToWorker = z.infer<typeof AgentToWorker>;
+
+export const ReadyMessage = z.strictObject({
+  v,
+  type: z.literal('ready'),
+  id,
+  worker: z.strictObject({ version: z.string(), pid: z.number().int(), python: z.string() }),
+  device: z.strictObject({ name: z.string(), vram_total_mb: z.number().int() }),
+  capabilities: WorkerCapabilities,
+  state: WorkerState,
+});
+export const LogMessage = z.strictObject({
+  v,
+  type: z.literal('log'),
+  id: id.nullable(),
+  level: z.enum(['debug', 'info', 'warning', 'error']),
+  message: z.string(),
+});
+export const ProgressMessage = z.strictObject({
+  v,
+  type: z.literal('progress'),
+  id,
+  stage: z.enum(['loading_model', 'running']),
+  step: z.number().int().min(0),
+  total: z.number().int().min(0),
+});
+export const WorkerOutput = z.strictObject({
+  index: z.number().int().min(0),
+  path: z.string(),
+  width: z.number().int(),
+  height: z.number().int(),
+  seed: z.number().int(),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  bytes: z.number().int(),
+  content_type: z.string(),
+});
+export type WorkerOutput = z.infer<typeof WorkerOutput>;
+export const ResultMessage = z.strictObject({
+  v,
+  type: z.literal('result'),
+  id,
+  outputs: z.array(WorkerOutput),
+  timings: z.strictObject({ model_load_ms: z.number(), inference_ms: z.number() }),
+  loaded_models: z.array(z.string()).describe('models this request had to load (cold or from RAM)'),
+  state: WorkerState,
+});
+export const ErrorMessage = z.strictObject({
+  v,
+  type: z.literal('error'),
+  id,
+  error: JobError,
+  state: WorkerState.nullable(),
+});
+export const ByeMessage = z.strictObject({ v, type: z.literal('bye'), id });
+
+export const WorkerToAgent = z.discriminatedUnion('type', [
+  ReadyMessage,
+  LogMessage,
+  ProgressMessage,
+  ResultMessage,
+  ErrorMessage,
+  ByeMessage,
+]);
+export type WorkerToAgent = z.infer<typeof WorkerToAgent>;
+export type ReadyMessage = z.infer<typeof ReadyMessage>;
+export type ResultMessage = z.infer<typeof ResultMessage>;
+export type ErrorMessage = z.infer<typeof ErrorMessage>;
+export type ProgressMessage = z.infer<typeof ProgressMessage>;
+export type GenerateMessage = z.infer<typeof GenerateMessage>;
