@@ -103,3 +103,12 @@ export type GenerationRequest = z.output<typeof GenerationRequest> & {
 export const ResolvedGenerationRequest = GenerationRequest.extend({
   hyperparameters: Hyperparameters.safeExtend({ seed: z.number().int().min(0).max(MAX_SEED) }),
 });
+
+/**
+ * Working VRAM a request needs on top of its models (latents, activations, VAE decode),
+ * about 1.2 GB per 1024×1024 image at fp16. Placement and the synthetic backend both use it.
+ */
+export const ACTIVATION_MB_PER_MEGAPIXEL = 1200;
+export function activationVramMb(h: { width: number; height: number; num_images: number }): number {
+  return Math.ceil((ACTIVATION_MB_PER_MEGAPIXEL * h.width * h.height * h.num_images) / (1024 * 1024));
+}

@@ -1,0 +1,202 @@
+import { activationVramMb, type AgentHeartbeat, type StoredJob } from '@kiln/contracts';
+import {
+  type AgentJobData,
+  type AgentRegistry,
+  agentJobId,
+  type IntakeData,
+  intakeJobId,
+  type Jobs,
+  KilnError,
+  type Logger,
+  QUEUES,
+} from '@kiln/runtime';
+import { type Job, Queue, type ConnectionOptions } from 'bullmq';
+import type { DispatcherEnv } from './env.js';
+import type { Lease } from './lease.js';
+import { type AgentView, type Candidate, plan } from './placement.js';
+
+const DEFAULT_JOB_MS = 1_000;
+
+/**
+ * The active dispatcher's loop. Each tick, while holding the lease:
+ *  1. agents whose heartbeat lapsed: their queued and running jobs go back to intake
+ *     (attempt + 1 at the next placement), and their queue is removed;
+ *  2. every few seconds, a sweep that repairs anything a crash left half-done: a queued job
+ *     missing from intake is added again, a running job whose agent no longer holds it is
+ *     retried, and a job no live agent can run fails as unschedulable after a grace period;
+ *  3. placement: peek at intake, plan, and for each decision claim the job on its record
+ *     (a guarded write — the claim), hand it to the agent's queue, then drop the intake entry.
+ * Every step is idempotent, so a dispatcher killed at any line loses nothing: the next one
+ * (or the same after restart) repeats the half-done step.
+ */
+export class Dispatcher {
+  private readonly agentQueues = new Map<string, Queue<AgentJobData>>();
+  private lastSweep = 0;
+
+  constructor(
+    private readonly env: DispatcherEnv,
+    private readonly log: Logger,
+    private readonly connection: ConnectionOptions,
+    private readonly intake: Queue<IntakeData>,
+    private readonly jobs: Jobs,
+    private readonly registry: AgentRegistry,
+    private readonly lease: Lease,
+  ) {}
+
+  async tick(): Promise<void> {
+    const wasLeader = this.lease.held;
+    if (!(await this.lease.acquireOrRenew())) {
+      if (wasLeader) this.log.warn('lost the dispatcher lease; standing by');
+      return;
+    }
+    if (!wasLeader) this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
+
+    const { live, lapsed } = await this.registry.snapshot();
+    for (const agentId of lapsed) await this.failover(agentId);
+    if (Date.now() - this.lastSweep >= this.env.SWEEP_INTERVAL_MS) {
+      this.lastSweep = Date.now();
+      await this.sweep(live);
+    }
+    await this.place(live);
+  }
+
+  private agentQueue(agentId: string): Queue<AgentJobData> {
+    let q = this.agentQueues.get(agentId);
+    if (!q) {
+      q = new Queue<AgentJobData>(QUEUES.agent(agentId), { connection: this.connection, prefix: this.env.KILN_PREFIX });
+      this.agentQueues.set(agentId, q);
+    }
+    return q;
+  }
+
+  /** An agent stopped heartbeating: everything it held goes back to placement. */
+  async failover(agentId: string): Promise<void> {
+    const queue = this.agentQueue(agentId);
+    const held = await queue.getJobs(['active', 'waiting', 'prioritized', 'delayed']);
+    const lost = new KilnError('agent_lost', `agent ${agentId} stopped heartbeating`);
+    for (const entry of held) {
+      if (!entry?.data) continue;
+      const job = await this.jobs.store.get(entry.data.job_id);
+      if (job && job.status === 'running' && job.agent === agentId && job.attempt === entry.data.attempt) {
+        this.log.warn({ job: job.id, agent: agentId, attempt: job.attempt }, 'agent lost: re-placing its job');
+        await this.jobs.retryOrFail(job, lost, job.attempt);
+      }
+    }
+    await queue.obliterate({ force: true });
+    await queue.close();
+    this.agentQueues.delete(agentId);
+    await this.registry.remove(agentId);
+    this.log.warn({ agent: agentId, jobs: held.length }, 'agent removed after its heartbeat lapsed');
+  }
+
+  private async sweep(live: AgentHeartbeat[]): Promise<void> {
+    const ids = await this.jobs.store.activeIds();
+    const records = await this.jobs.store.getMany(ids);
+    const liveIds = new Set(live.map((a) => a.agent_id));
+    for (const job of records) {
+      if (!job) continue;
+      if (job.status === 'queued') {
+        if (!(await this.intake.getJob(intakeJobId(job.id, job.attempt)))) {
+          this.log.warn({ job: job.id }, 'queued job was missing from intake: adding it again');
+          await this.jobs.enqueue(job);
+        }
+      } else if (job.status === 'running' && job.agent && liveIds.has(job.agent)) {
+        const entry = await this.agentQueue(job.agent).getJob(agentJobId(job.id, job.attempt));
+        if (!entry) {
+          // re-read: the agent may have finished it between our two reads
+          const now = await this.jobs.store.get(job.id);
+          if (now?.status === 'running' && now.attempt === job.attempt) {
+            await this.jobs.retryOrFail(now, new KilnError('agent_lost', `agent ${job.agent} no longer holds the job`), job.attempt);
+          }
+        }
+      }
+    }
+  }
+
+  private async place(live: AgentHeartbeat[]): Promise<void> {
+    const entries = (await this.intake.getJobs(['prioritized', 'waiting'], 0, this.env.INTAKE_WINDOW - 1, true)).filter(
+      (e): e is Job<IntakeData> => Boolean(e?.data),
+    );
+    if (entries.length === 0) return;
+    const records = await this.jobs.store.getMany(entries.map((e) => e.data.job_id));
+    const byId = new Map<string, { entry: Job<IntakeData>; job: StoredJob }>();
+    for (const [i, entry] of entries.entries()) {
+      const job = records[i];
+      if (!job || job.status !== 'queued' || job.attempt !== entry.data.attempt) {
+        await entry.remove().catch(() => {}); // stale: canceled, finished or re-queued since
+        continue;
+      }
+      byId.set(job.id, { entry, job });
+    }
+    if (byId.size === 0) return;
+
+    const agents = await this.agentViews(live);
+    const now = Date.now();
+    const candidates: Candidate[] = [...byId.values()].map(({ entry, job }) => ({
+      jobId: job.id,
+      model: job.request.model.base,
+      rank: entry.opts.priority ?? 5,
+      waitedMs: now - entry.timestamp,
+      client: job.client,
+      activationMb: activationVramMb(job.request.hyperparameters),
+    }));
+    const running = new Map<string, number>();
+    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running });
+
+    for (const d of decisions) {
+      const { entry, job } = byId.get(d.jobId)!;
+      if (d.kind === 'wait') continue;
+      if (d.kind === 'infeasible') {
+        if (now - Date.parse(job.created_at) >= this.env.UNSCHEDULABLE_GRACE_MS) {
+          const failed = await this.jobs.update(job.id, { status: ['queued'], attempt: job.attempt }, {
+            status: 'failed',
+            stage: 'done',
+            error: { code: 'unschedulable', message: `${d.reason}; gave up after ${this.env.UNSCHEDULABLE_GRACE_MS} ms`, retryable: false },
+            finished_at: new Date().toISOString(),
+          });
+          if (failed) this.log.warn({ job: job.id, reason: d.reason }, 'job is unschedulable');
+          await entry.remove().catch(() => {});
+        }
+        continue;
+      }
+      const claimed = await this.jobs.update(
+        job.id,
+        { status: ['queued'], attempt: job.attempt },
+        { status: 'running', stage: 'dispatched', agent: d.agentId, attempt: job.attempt + 1 },
+        { message: `placed on ${d.agentId}${d.load ? ' (model load needed)' : ' (model resident)'}` },
+      );
+      if (claimed) {
+        await this.agentQueue(d.agentId).add(
+          'generation',
+          { job_id: job.id, attempt: claimed.attempt },
+          { jobId: agentJobId(job.id, claimed.attempt), removeOnComplete: true, removeOnFail: true },
+        );
+        this.log.debug({ job: job.id, agent: d.agentId, attempt: claimed.attempt, load: d.load }, 'placed');
+      }
+      await entry.remove().catch(() => {});
+    }
+  }
+
+  private async agentViews(live: AgentHeartbeat[]): Promise<AgentView[]> {
+    const usable = live.filter((a) => a.capabilities && (a.state === 'ready' || a.state === 'busy'));
+    return Promise.all(
+      usable.map(async (a) => {
+        const counts = await this.agentQueue(a.agent_id).getJobCounts('active', 'waiting', 'prioritized', 'delayed');
+        const inflight = Object.values(counts).reduce((s, n) => s + n, 0);
+        return {
+          id: a.agent_id,
+          free: Math.max(0, this.env.AGENT_SLOTS - inflight),
+          inflight,
+          avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
+          vramTotalMb: a.gpu.vram_total_mb,
+          resident: new Set(a.resident.map((r) => r.name)),
+          models: new Map(a.capabilities!.models.map((m) => [m.name, m])),
+        };
+      }),
+    );
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.agentQueues.values()].map((q) => q.close()));
+  }
+}

@@ -1,0 +1,17 @@
+import { CommonEnv, JobEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
+import { z } from 'zod';
+
+export const DispatcherEnv = CommonEnv.extend(StorageEnv.shape)
+  .extend(WebhookEnv.shape)
+  .extend(JobEnv.shape)
+  .extend({
+    DISPATCH_INTERVAL_MS: z.coerce.number().int().min(10).default(500),
+    LEASE_TTL_MS: z.coerce.number().int().min(500).default(5_000),
+    SWEEP_INTERVAL_MS: z.coerce.number().int().min(100).default(5_000),
+    UNSCHEDULABLE_GRACE_MS: z.coerce.number().int().min(0).default(60_000),
+    AGING_MS: z.coerce.number().int().min(1_000).default(60_000).describe('waiting this long raises a job one priority rank'),
+    INTAKE_WINDOW: z.coerce.number().int().min(1).max(10_000).default(500),
+    AGENT_SLOTS: z.coerce.number().int().min(1).max(8).default(2).describe('jobs held per agent: the running one plus the next'),
+    WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
+  });
+export type DispatcherEnv = z.infer<typeof DispatcherEnv>;

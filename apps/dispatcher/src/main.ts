@@ -1,0 +1,100 @@
+// The dispatcher process.
+//  1. Parse config; connect to Redis and storage (presigned URLs for webhook payloads).
+//  2. Start the webhook delivery worker (every dispatcher delivers, leader or not).
+//  3. Tick the placement loop on an interval and whenever the API or an agent publishes a
+//     wake-up; only the lease holder places (see dispatcher.ts).
+//  4. On SIGTERM: stop ticking, release the lease so a standby takes over at once, close.
+import { hostname } from 'node:os';
+import { randomUUID } from 'node:crypto';
+import {
+  AgentRegistry,
+  createLogger,
+  createRedis,
+  type DeliveryData,
+  type IntakeData,
+  Jobs,
+  JobStore,
+  Keys,
+  onShutdown,
+  parseEnv,
+  QUEUES,
+  runAll,
+  Storage,
+  WebhookOutbox,
+  webhookDeliverer,
+} from '@kiln/runtime';
+import { Queue, Worker } from 'bullmq';
+import { Dispatcher } from './dispatcher.js';
+import { DispatcherEnv } from './env.js';
+import { Lease } from './lease.js';
+
+const env = parseEnv(DispatcherEnv, 'dispatcher');
+const log = createLogger('dispatcher', env.LOG_LEVEL);
+const keys = new Keys(env.KILN_PREFIX);
+const redis = createRedis(env.REDIS_URL, 'kiln-dispatcher');
+const sub = createRedis(env.REDIS_URL, 'kiln-dispatcher-sub');
+const storage = new Storage(env);
+const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
+const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
+const intake = new Queue<IntakeData>(QUEUES.intake, queueOpts);
+const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
+const outbox = new WebhookOutbox(webhookQueue, store, storage, env.PUBLIC_URL, env);
+const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS);
+const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`, env.LEASE_TTL_MS);
+const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease);
+
+let deliverer: Worker<DeliveryData> | null = null;
+if (env.WEBHOOK_SECRET) {
+  deliverer = new Worker<DeliveryData>(QUEUES.webhooks, webhookDeliverer(store, env), {
+    connection: createRedis(env.REDIS_URL, 'kiln-webhooks'),
+    prefix: env.KILN_PREFIX,
+    concurrency: env.WEBHOOK_CONCURRENCY,
+  });
+  deliverer.on('failed', (job, err) => log.warn({ job: job?.data.job_id, url: job?.data.url, err: err.message }, 'webhook try failed'));
+} else {
+  log.warn('WEBHOOK_SECRET is not set: webhooks will not be delivered (the API refuses jobs that ask for one)');
+}
+
+// One tick at a time; a wake-up during a tick schedules exactly one more.
+let running = false;
+let again = false;
+let stopped = false;
+async function tick(): Promise<void> {
+  if (stopped) return;
+  if (running) {
+    again = true;
+    return;
+  }
+  running = true;
+  try {
+    do {
+      again = false;
+      await dispatcher.tick();
+    } while (again && !stopped);
+  } catch (err) {
+    log.error({ err }, 'dispatch tick failed');
+  } finally {
+    running = false;
+  }
+}
+const interval = setInterval(() => void tick(), env.DISPATCH_INTERVAL_MS);
+await sub.subscribe(keys.wakeChannel());
+sub.on('message', () => void tick());
+log.info({ prefix: env.KILN_PREFIX, owner: lease.owner }, 'dispatcher started');
+void tick();
+
+onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
+  stopped = true;
+  clearInterval(interval);
+  while (running) await new Promise((r) => setTimeout(r, 20));
+  await runAll([
+    () => lease.release(),
+    () => deliverer?.close(),
+    () => dispatcher.close(),
+    () => intake.close(),
+    () => webhookQueue.close(),
+    () => sub.quit(),
+    () => redis.quit(),
+  ]);
+  log.info('dispatcher stopped');
+});

@@ -1,0 +1,13 @@
+import type { JobRecord, StoredJob } from '@kiln/contracts';
+import type { JobStore } from './job-store.js';
+import type { Storage } from './storage.js';
+
+/** The job record as clients see it: history attached, outputs with fresh presigned URLs. */
+export async function jobRecord(job: StoredJob, store: JobStore, storage: Storage, publicUrl: string): Promise<JobRecord> {
+  const [{ events, deliveries }, outputs] = await Promise.all([
+    store.history(job.id),
+    Promise.all(job.outputs.map(async (o) => ({ ...o, url: await storage.presign(o.key) }))),
+  ]);
+  const self = new URL(`/v1/jobs/${job.id}`, publicUrl).toString();
+  return { ...job, outputs, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+}

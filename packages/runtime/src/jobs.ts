@@ -1,0 +1,111 @@
+import type { Priority, StoredJob, WebhookEvent } from '@kiln/contracts';
+import { isTerminal } from '@kiln/contracts';
+import type { Queue } from 'bullmq';
+import type { Redis } from 'ioredis';
+import type { KilnError } from './errors.js';
+import type { Guard, JobPatch, JobStore } from './job-store.js';
+import type { Keys } from './keys.js';
+import type { WebhookOutbox } from './webhooks.js';
+
+/** BullMQ priorities on the intake queue (lower runs first). */
+export const PRIORITY_RANK: Record<Priority, number> = { high: 1, normal: 5, low: 10 };
+
+export interface IntakeData {
+  job_id: string;
+  /** the attempt the job had when it was queued; a stale entry is discarded */
+  attempt: number;
+  client: string;
+}
+
+export interface AgentJobData {
+  job_id: string;
+  attempt: number;
+}
+
+/** Intake entry id: one per (job, queueing), so re-adding after a crash is a no-op. */
+export const intakeJobId = (jobId: string, attempt: number) => `${jobId}-q${attempt}`;
+/** Agent-queue entry id: one per attempt. */
+export const agentJobId = (jobId: string, attempt: number) => `${jobId}-a${attempt}`;
+
+/**
+ * Job lifecycle operations shared by every process: guarded record updates that also fire
+ * the webhooks the job subscribed to, queueing into intake, and the retry decision.
+ */
+export class Jobs {
+  constructor(
+    readonly store: JobStore,
+    private readonly intake: Queue<IntakeData>,
+    private readonly redis: Redis,
+    private readonly keys: Keys,
+    private readonly outbox: WebhookOutbox | null,
+    readonly maxAttempts: number,
+  ) {}
+
+  /**
+   * Guarded update. A change into a terminal status fires `completed`; other events fire
+   * only when named. Returns null when the guard refused the write.
+   */
+  async update(id: string, guard: Guard, patch: JobPatch, opts: { message?: string; webhook?: WebhookEvent } = {}): Promise<StoredJob | null> {
+    const job = await this.store.update(id, guard, patch, opts.message);
+    if (!job) return null;
+    const event = patch.status && isTerminal(patch.status) ? 'completed' : opts.webhook;
+    if (event && this.outbox) await this.outbox.emit(job, event);
+    return job;
+  }
+
+  /** Adds a queued job to intake and wakes the dispatcher. Idempotent per attempt. */
+  async enqueue(job: StoredJob): Promise<void> {
+    await this.intake.add(
+      'generation',
+      { job_id: job.id, attempt: job.attempt, client: job.client },
+      {
+        jobId: intakeJobId(job.id, job.attempt),
+        priority: PRIORITY_RANK[job.priority],
+        removeOnComplete: true,
+        removeOnFail: true,
+      },
+    );
+    await this.wake();
+  }
+
+  async wake(): Promise<void> {
+    await this.redis.publish(this.keys.wakeChannel(), '1');
+  }
+
+  /**
+   * An attempt ended without a result through no fault of the request (worker crash, agent
+   * lost, OOM): queue it again, or fail it when attempts are used up or it was not retryable.
+   * Cancellation requested meanwhile wins.
+   */
+  async retryOrFail(job: StoredJob, err: KilnError, fromAttempt: number): Promise<StoredJob | null> {
+    const guard: Guard = { status: ['running', 'queued'], attempt: fromAttempt };
+    const finished = new Date().toISOString();
+    if (job.cancel_requested) {
+      return this.update(job.id, guard, {
+        status: 'canceled',
+        stage: 'done',
+        error: { code: 'canceled', message: 'canceled by request', retryable: false },
+        finished_at: finished,
+      });
+    }
+    if (!err.retryable || fromAttempt >= this.maxAttempts) {
+      const message = err.retryable
+        ? `gave up after ${fromAttempt} attempts; last: ${err.code}: ${err.message}`
+        : err.message;
+      return this.update(job.id, guard, {
+        status: 'failed',
+        stage: 'done',
+        error: { code: err.retryable ? 'max_attempts_exceeded' : err.code, message, retryable: false },
+        finished_at: finished,
+      });
+    }
+    const queued = await this.update(
+      job.id,
+      guard,
+      { status: 'queued', stage: 'queued', agent: null, progress: null },
+      { message: `attempt ${fromAttempt} ended: ${err.code}: ${err.message}; queued again` },
+    );
+    if (queued) await this.enqueue(queued);
+    return queued;
+  }
+}

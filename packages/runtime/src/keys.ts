@@ -1,0 +1,28 @@
+/**
+ * Every Redis key and BullMQ queue name Kiln uses, in one place. The prefix isolates farms
+ * (and tests) sharing a Redis; wrap it in braces (`{kiln}`) for Redis Cluster.
+ */
+export class Keys {
+  constructor(readonly prefix: string) {}
+  job = (id: string) => `${this.prefix}:job:${id}`;
+  jobEvents = (id: string) => `${this.prefix}:job:${id}:events`;
+  jobDeliveries = (id: string) => `${this.prefix}:job:${id}:deliveries`;
+  /** sorted set of unfinished job ids, scored by creation time */
+  activeJobs = () => `${this.prefix}:jobs:active`;
+  agents = () => `${this.prefix}:agents`;
+  agent = (agentId: string) => `${this.prefix}:agent:${agentId}`;
+  dispatcherLease = () => `${this.prefix}:dispatcher:lease`;
+  idempotency = (client: string, key: string) => `${this.prefix}:idem:${client}:${key}`;
+  /** pub/sub: a job was submitted or an agent freed a slot — placement should look now. */
+  wakeChannel = () => `${this.prefix}:wake`;
+  /** pub/sub: a job's cancellation was requested. */
+  cancelChannel = () => `${this.prefix}:cancel`;
+}
+
+export const QUEUES = {
+  intake: 'intake',
+  webhooks: 'webhooks',
+  agent: (agentId: string) => `agent.${agentId}`,
+} as const;
+
+export const AGENT_QUEUE_PREFIX = 'agent.';

@@ -1,0 +1,72 @@
+import { Client } from 'minio';
+import type { StorageEnv } from './env.js';
+
+/**
+ * S3-compatible storage through the minio client. Output keys are deterministic per job and
+ * image index, so a retried job overwrites its outputs instead of duplicating them.
+ * Presigned URLs are signed for S3_PUBLIC_ENDPOINT when set (the address clients reach),
+ * which can differ from the address Kiln's processes use.
+ */
+export class Storage {
+  private readonly client: Client;
+  private readonly signer: Client;
+  readonly bucket: string;
+
+  constructor(private readonly env: StorageEnv) {
+    this.bucket = env.S3_BUCKET;
+    this.client = clientFor(env.S3_ENDPOINT, env);
+    this.signer = env.S3_PUBLIC_ENDPOINT ? clientFor(env.S3_PUBLIC_ENDPOINT, env) : this.client;
+  }
+
+  static outputKey(jobId: string, index: number, ext: string): string {
+    return `outputs/${jobId}/${index}.${ext}`;
+  }
+
+  async ensureBucket(): Promise<void> {
+    if (!(await this.client.bucketExists(this.bucket))) {
+      try {
+        await this.client.makeBucket(this.bucket, this.env.S3_REGION);
+      } catch (err) {
+        // another process may have created it in between
+        if (!(await this.client.bucketExists(this.bucket))) throw err;
+      }
+    }
+  }
+
+  /** Uploads a file of known size (s3rver and some gateways lack multipart listing). */
+  async putFile(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
+    await this.client.fPutObject(this.bucket, key, path, { 'Content-Type': contentType, ...meta });
+  }
+
+  async presign(key: string): Promise<string> {
+    return this.signer.presignedGetObject(this.bucket, key, this.env.S3_PRESIGN_EXPIRY_S);
+  }
+
+  async stat(key: string): Promise<{ size: number } | null> {
+    try {
+      const s = await this.client.statObject(this.bucket, key);
+      return { size: s.size };
+    } catch {
+      return null;
+    }
+  }
+
+  /** Readiness: the bucket answers. */
+  async ping(): Promise<void> {
+    await this.client.bucketExists(this.bucket);
+  }
+}
+
+function clientFor(endpoint: string, env: StorageEnv): Client {
+  const u = new URL(endpoint);
+  const useSSL = u.protocol === 'https:';
+  return new Client({
+    endPoint: u.hostname,
+    port: u.port ? Number(u.port) : useSSL ? 443 : 80,
+    useSSL,
+    accessKey: env.S3_ACCESS_KEY,
+    secretKey: env.S3_SECRET_KEY,
+    region: env.S3_REGION, // set, so presigning never asks the server for the region
+    pathStyle: true,
+  });
+}

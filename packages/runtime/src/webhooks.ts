@@ -1,0 +1,129 @@
+import { lookup } from 'node:dns/promises';
+import { randomUUID } from 'node:crypto';
+import type { StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
+import { type Job, Queue, UnrecoverableError } from 'bullmq';
+import ipaddr from 'ipaddr.js';
+import { Webhook } from 'standardwebhooks';
+import type { WebhookEnv } from './env.js';
+import { KilnError } from './errors.js';
+import type { JobStore } from './job-store.js';
+import { jobRecord } from './job-view.js';
+import type { Storage } from './storage.js';
+
+/**
+ * Webhooks per the Standard Webhooks specification: the body is signed with
+ * WEBHOOK_SECRET over `id.timestamp.body`; the id is the same on every retry of one message;
+ * the timestamp and signature are made afresh on each try. Deliveries run from a BullMQ queue
+ * with exponential backoff, and every try is appended to the job's record.
+ */
+
+export interface DeliveryData {
+  job_id: string;
+  event: WebhookEvent;
+  msg_id: string;
+  url: string;
+  body: string;
+}
+
+/** Refuses loopback, private, link-local and other non-public targets (SSRF). */
+export async function assertPublicTarget(rawUrl: string): Promise<void> {
+  const url = new URL(rawUrl);
+  const host = url.hostname.replace(/^\[|\]$/g, '');
+  const addresses = ipaddr.isValid(host) ? [host] : (await lookup(host, { all: true })).map((a) => a.address);
+  for (const address of addresses) {
+    let addr = ipaddr.parse(address);
+    if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address();
+    const range = addr.range();
+    if (range !== 'unicast') {
+      throw new KilnError('validation_failed', `webhook target ${host} resolves to ${address}, a ${range} address; set WEBHOOK_ALLOW_PRIVATE=true to allow it`);
+    }
+  }
+}
+
+export class WebhookOutbox {
+  constructor(
+    private readonly queue: Queue,
+    private readonly store: JobStore,
+    private readonly storage: Storage,
+    private readonly publicUrl: string,
+    private readonly env: WebhookEnv,
+  ) {}
+
+  /** Queues a delivery of the job's current record if its webhook subscribes to `event`. */
+  async emit(job: StoredJob, event: WebhookEvent): Promise<void> {
+    const hook = job.request.webhook;
+    if (!hook || !hook.events.includes(event)) return;
+    const payload: WebhookPayload = {
+      type: `job.${event}`,
+      timestamp: new Date().toISOString(),
+      data: await jobRecord(job, this.store, this.storage, this.publicUrl),
+    };
+    const msgId = `msg_${randomUUID().replaceAll('-', '')}`;
+    const data: DeliveryData = { job_id: job.id, event, msg_id: msgId, url: hook.url, body: JSON.stringify(payload) };
+    await this.queue.add(`job.${event}`, data, {
+      jobId: msgId,
+      attempts: this.env.WEBHOOK_MAX_ATTEMPTS,
+      backoff: { type: 'exponential', delay: this.env.WEBHOOK_BACKOFF_MS },
+      removeOnComplete: { age: 24 * 3600, count: 10_000 },
+      removeOnFail: { age: 7 * 24 * 3600 },
+    });
+  }
+}
+
+/** The BullMQ processor that delivers one try; throws to let BullMQ back off and retry. */
+export function webhookDeliverer(store: JobStore, env: WebhookEnv) {
+  if (!env.WEBHOOK_SECRET) throw new Error('WEBHOOK_SECRET is required to deliver webhooks');
+  const signer = new Webhook(env.WEBHOOK_SECRET);
+  return async (bullJob: Job<DeliveryData>): Promise<{ status: number }> => {
+    const d = bullJob.data;
+    const started = Date.now();
+    const record = async (status: number | null, ok: boolean, error: string | null) =>
+      store.addDelivery(d.job_id, {
+        id: d.msg_id,
+        event: d.event,
+        try: bullJob.attemptsMade + 1,
+        at: new Date(started).toISOString(),
+        status_code: status,
+        ok,
+        error,
+        duration_ms: Date.now() - started,
+      });
+    if (!env.WEBHOOK_ALLOW_PRIVATE) {
+      try {
+        await assertPublicTarget(d.url); // again at send time: DNS may have changed
+      } catch (err) {
+        const message = err instanceof Error ? err.message : String(err);
+        await record(null, false, message);
+        throw new UnrecoverableError(message);
+      }
+    }
+    const now = new Date();
+    const headers = {
+      'content-type': 'application/json',
+      'user-agent': 'kiln-webhooks/1',
+      'webhook-id': d.msg_id,
+      'webhook-timestamp': String(Math.floor(now.getTime() / 1000)),
+      'webhook-signature': signer.sign(d.msg_id, now, d.body),
+    };
+    let status: number | null = null;
+    try {
+      const res = await fetch(d.url, {
+        method: 'POST',
+        headers,
+        body: d.body,
+        redirect: 'manual',
+        signal: AbortSignal.timeout(env.WEBHOOK_TIMEOUT_MS),
+      });
+      status = res.status;
+      await res.body?.cancel();
+    } catch (err) {
+      const message = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+      await record(null, false, message);
+      throw new Error(`webhook delivery failed: ${message}`);
+    }
+    const ok = status >= 200 && status < 300;
+    await record(status, ok, ok ? null : `receiver answered ${status}`);
+    if (!ok) throw new Error(`webhook receiver answered ${status}`);
+    return { status };
+  };
+}
