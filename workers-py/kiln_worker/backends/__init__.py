@@ -1,0 +1,27 @@
+"""Backends behind one interface (base.Backend); `load_backend` picks one by name."""
+
+from __future__ import annotations
+
+from ..config import Config
+from .base import Backend, GenerateResult
+
+
+class BackendUnavailable(Exception):
+    """The configured backend cannot run in this build or on this machine."""
+
+
+def load_backend(name: str, config: Config | None = None) -> Backend:
+    config = config or Config(backend=name)
+    if name == "synthetic":
+        from .synthetic import SyntheticBackend
+
+        return SyntheticBackend(config)
+    if name == "diffusers":
+        raise BackendUnavailable(
+            "the diffusers backend isn't available in this build of kiln_worker; "
+            "set KILN_BACKEND=synthetic (the default) to run without a GPU"
+        )
+    raise BackendUnavailable(f"unknown backend {name!r} (expected synthetic or diffusers)")
+
+
+__all__ = ["Backend", "BackendUnavailable", "GenerateResult", "load_backend"]
