@@ -131,6 +131,27 @@ export class JobStore {
     return this.get(id);
   }
 
+  /** The hot path for per-step progress: one guarded write, no event, no read back. */
+  async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage'>): Promise<boolean> {
+    const fields = Object.entries(encode(patch)).flat();
+    const res = (await this.redis.eval(
+      UPDATE_SCRIPT,
+      4,
+      this.keys.job(id),
+      this.keys.jobEvents(id),
+      this.keys.jobDeliveries(id),
+      this.keys.activeJobs(),
+      '1',
+      JSON.stringify('running'),
+      JSON.stringify(attempt),
+      '',
+      '0',
+      id,
+      ...fields,
+    )) as number;
+    return res === 1;
+  }
+
   async addDelivery(id: string, delivery: WebhookDelivery): Promise<void> {
     await this.redis.rpush(this.keys.jobDeliveries(id), JSON.stringify(delivery));
   }

@@ -2,7 +2,7 @@ import type { Priority, StoredJob, WebhookEvent } from '@kiln/contracts';
 import { isTerminal } from '@kiln/contracts';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import type { KilnError } from './errors.js';
+import { KilnError } from './errors.js';
 import type { Guard, JobPatch, JobStore } from './job-store.js';
 import type { Keys } from './keys.js';
 import type { WebhookOutbox } from './webhooks.js';
@@ -70,6 +70,19 @@ export class Jobs {
 
   async wake(): Promise<void> {
     await this.redis.publish(this.keys.wakeChannel(), '1');
+  }
+
+  /** An agent going away cleanly gives a job back to placement; this spends no attempt budget. */
+  async handBack(job: StoredJob, fromAttempt: number, reason: string): Promise<StoredJob | null> {
+    if (job.cancel_requested) return this.retryOrFail(job, new KilnError('canceled', reason), fromAttempt);
+    const queued = await this.update(
+      job.id,
+      { status: ['running'], attempt: fromAttempt },
+      { status: 'queued', stage: 'queued', agent: null, progress: null, attempt: fromAttempt - 1 },
+      { message: `handed back: ${reason}` },
+    );
+    if (queued) await this.enqueue(queued);
+    return queued;
   }
 
   /**

@@ -1,0 +1,333 @@
+import { mkdir, rm } from 'node:fs/promises';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { type AgentHeartbeat, type AgentState, isTerminal, type StoredJob, type StoredOutput } from '@kiln/contracts';
+import {
+  type AgentJobData,
+  type AgentRegistry,
+  coerceError,
+  type Jobs,
+  KilnError,
+  type Logger,
+  QUEUES,
+  Storage,
+} from '@kiln/runtime';
+import { type ConnectionOptions, type Job, Queue, Worker } from 'bullmq';
+import type { AgentEnv } from './env.js';
+import { type WorkerCommand, WorkerProcess } from './worker-process.js';
+
+const RESTART_BACKOFF_MS = [0, 1_000, 2_000, 5_000, 10_000, 30_000];
+
+/**
+ * One agent per GPU: supervises its worker, consumes its own queue (concurrency 1), runs each
+ * job through the worker, uploads outputs, and keeps the job record and its heartbeat current.
+ * Every write to a job record is guarded by the attempt it holds, so if the dispatcher has
+ * already given the job to someone else, this agent's late writes are refused and it stops.
+ */
+export class Agent {
+  private worker: WorkerProcess | null = null;
+  private workerReady: Promise<void> | null = null;
+  private restarts = 0;
+  private consecutiveFailures = 0;
+  private state: AgentState = 'starting';
+  private current: { job: StoredJob; requestId: string | null; cancel: 'user' | 'timeout' | 'handback' | null } | null = null;
+  private consumer: Worker<AgentJobData> | null = null;
+  private heartbeatTimer: NodeJS.Timeout | null = null;
+  private jobsDone = 0;
+  private avgJobMs: number | null = null;
+  private readonly startedAt = new Date().toISOString();
+  private draining = false;
+
+  constructor(
+    private readonly env: AgentEnv,
+    private readonly log: Logger,
+    private readonly connection: ConnectionOptions,
+    private readonly jobs: Jobs,
+    private readonly registry: AgentRegistry,
+    private readonly storage: Storage,
+    private readonly command: WorkerCommand,
+  ) {}
+
+  get id(): string {
+    return this.env.AGENT_ID;
+  }
+
+  async start(): Promise<void> {
+    await this.heartbeat();
+    this.heartbeatTimer = setInterval(() => void this.heartbeat().catch((err) => this.log.warn({ err }, 'heartbeat failed')), this.env.HEARTBEAT_MS);
+    this.ensureWorker();
+    await this.workerReady;
+    this.consumer = new Worker<AgentJobData>(QUEUES.agent(this.id), (j) => this.process(j), {
+      connection: this.connection,
+      prefix: this.env.KILN_PREFIX,
+      concurrency: 1,
+      lockDuration: 60_000,
+    });
+    this.consumer.on('error', (err) => this.log.error({ err }, 'queue consumer error'));
+  }
+
+  /** Cancellation requested for a job (pub/sub from the API). */
+  onCancel(jobId: string): void {
+    if (this.current?.job.id === jobId) void this.stopCurrent('user');
+  }
+
+  // ---- worker supervision -------------------------------------------------------------
+
+  private ensureWorker(): void {
+    if (this.workerReady) return;
+    const delay = RESTART_BACKOFF_MS[Math.min(this.consecutiveFailures, RESTART_BACKOFF_MS.length - 1)]!;
+    this.workerReady = (async () => {
+      if (delay) await new Promise((r) => setTimeout(r, delay));
+      const w = new WorkerProcess(this.command, this.log.child({ component: 'worker' }));
+      this.worker = w;
+      w.on('exit', (err) => {
+        if (this.worker !== w) return;
+        if (err && err.code !== 'canceled') this.log.error({ err: err.message }, 'worker exited');
+        this.worker = null;
+        this.workerReady = null;
+        if (!this.draining) {
+          this.restarts += 1;
+          this.ensureWorker();
+        }
+      });
+      try {
+        const ready = await w.start(this.id, this.env.GPU_ID, this.env.WORKER_START_TIMEOUT_MS);
+        this.consecutiveFailures = 0;
+        this.state = this.current ? 'busy' : 'ready';
+        this.log.info({ pid: w.pid, backend: ready.capabilities.backend, models: ready.capabilities.models.length, device: ready.device.name }, 'worker ready');
+      } catch (err) {
+        this.consecutiveFailures += 1;
+        this.state = 'defunct';
+        this.log.error({ err: coerceError(err).message, retryInMs: RESTART_BACKOFF_MS[Math.min(this.consecutiveFailures, RESTART_BACKOFF_MS.length - 1)] }, 'worker failed to start');
+        throw err;
+      }
+    })();
+    this.workerReady.catch(() => {}); // the exit handler schedules the next try
+    void this.heartbeat().catch(() => {});
+  }
+
+  private async readyWorker(): Promise<WorkerProcess> {
+    for (;;) {
+      this.ensureWorker();
+      try {
+        await this.workerReady;
+      } catch {
+        await new Promise((r) => setTimeout(r, 200));
+        continue;
+      }
+      if (this.worker?.state === 'ready') return this.worker;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+
+  // ---- jobs ---------------------------------------------------------------------------
+
+  private async process(entry: Job<AgentJobData>): Promise<void> {
+    const { job_id, attempt } = entry.data;
+    const job = await this.jobs.store.get(job_id);
+    if (!job || job.status !== 'running' || job.attempt !== attempt || job.agent !== this.id) {
+      this.log.info({ job: job_id, attempt }, 'skipping a job this agent no longer holds');
+      return;
+    }
+    if (this.draining) {
+      await this.jobs.handBack(job, attempt, `agent ${this.id} is shutting down`);
+      return;
+    }
+    const guard = { status: ['running'] as const, attempt };
+    if (job.cancel_requested) {
+      await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
+      return;
+    }
+    const started = Date.now();
+    this.current = { job, requestId: null, cancel: null };
+    this.state = 'busy';
+    void this.heartbeat().catch(() => {});
+    const jobDir = join(this.env.WORK_DIR, this.id, `${job.id}-a${attempt}`);
+    try {
+      const worker = await this.readyWorker();
+      const startedAt = new Date().toISOString();
+      const begun = await this.jobs.update(
+        job.id,
+        { status: [...guard.status], attempt },
+        {
+          stage: 'running',
+          started_at: job.started_at ?? startedAt,
+          timings: { ...job.timings, queued_ms: Date.now() - Date.parse(job.created_at) },
+        },
+        { webhook: 'started', message: `attempt ${attempt} started on ${this.id}` },
+      );
+      if (!begun) return this.log.warn({ job: job.id }, 'job was taken back before it started');
+      await mkdir(jobDir, { recursive: true });
+
+      let lastProgressHook = 0;
+      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, request: job.request as never }, (p) => {
+        const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
+        void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async (ok) => {
+          if (!ok) return this.stopCurrent('handback'); // the job was re-placed or canceled under us
+          const now = Date.now();
+          if (job.request.webhook?.events.includes('progress') && (now - lastProgressHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
+            lastProgressHook = now;
+            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { webhook: 'progress' });
+          }
+        });
+      });
+      this.current.requestId = run.id;
+      const timeout = setTimeout(() => void this.stopCurrent('timeout'), job.request.timeout_s * 1000);
+      let result;
+      try {
+        result = await run.done;
+      } finally {
+        clearTimeout(timeout);
+      }
+
+      // upload under deterministic keys: a retried job overwrites, never duplicates
+      await this.jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
+      const uploadStart = Date.now();
+      const outputs: StoredOutput[] = [];
+      for (const o of result.outputs) {
+        const ext = o.content_type.split('/')[1] ?? 'bin';
+        const key = Storage.outputKey(job.id, o.index, ext);
+        try {
+          await this.storage.putFile(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256 });
+        } catch (err) {
+          throw new KilnError('storage_failed', `upload of ${key} failed: ${coerceError(err).message}`, { cause: err });
+        }
+        outputs.push({ index: o.index, key, width: o.width, height: o.height, seed: o.seed, sha256: o.sha256, bytes: o.bytes, content_type: o.content_type });
+      }
+      const finishedAt = new Date();
+      const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {
+        status: 'succeeded',
+        stage: 'done',
+        outputs,
+        progress: null,
+        error: null,
+        finished_at: finishedAt.toISOString(),
+        timings: {
+          queued_ms: Date.parse(begun.started_at ?? startedAt) - Date.parse(job.created_at),
+          model_load_ms: Math.round(result.timings.model_load_ms),
+          inference_ms: Math.round(result.timings.inference_ms),
+          upload_ms: Date.now() - uploadStart,
+          total_ms: finishedAt.getTime() - Date.parse(job.created_at),
+        },
+      });
+      if (!done) this.log.warn({ job: job.id }, 'finished a job that was taken back meanwhile; result dropped');
+      this.recordDuration(Date.now() - started);
+      this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+    } catch (err) {
+      const reason = this.current?.cancel;
+      const e = coerceError(err);
+      if (reason === 'handback') {
+        const now = await this.jobs.store.get(job.id);
+        if (now) await this.jobs.handBack(now, attempt, `agent ${this.id} stopped it`);
+      } else if (reason === 'timeout') {
+        await this.finish(job, attempt, new KilnError('timeout', `ran longer than timeout_s=${job.request.timeout_s}`));
+      } else if (reason === 'user') {
+        await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
+      } else {
+        await this.finish(job, attempt, e);
+      }
+    } finally {
+      this.current = null;
+      this.state = this.worker?.state === 'ready' || this.worker?.state === 'busy' ? 'ready' : this.state === 'busy' ? 'starting' : this.state;
+      await rm(jobDir, { recursive: true, force: true }).catch(() => {});
+      await this.heartbeat().catch(() => {});
+      await this.jobs.wake();
+    }
+  }
+
+  /** Ends an attempt that produced no result: canceled, failed, or back to placement. */
+  private async finish(job: StoredJob, attempt: number, err: KilnError): Promise<void> {
+    const now = (await this.jobs.store.get(job.id)) ?? job;
+    if (isTerminal(now.status)) return;
+    if (err.code === 'canceled' || err.code === 'timeout' || !err.retryable) {
+      await this.jobs.update(job.id, { status: ['running'], attempt }, {
+        status: err.code === 'canceled' ? 'canceled' : 'failed',
+        stage: 'done',
+        progress: null,
+        error: err.toJobError(),
+        finished_at: new Date().toISOString(),
+      });
+      this.log.info({ job: job.id, attempt, code: err.code }, err.message);
+    } else {
+      this.log.warn({ job: job.id, attempt, code: err.code, err: err.message }, 'attempt failed; retrying');
+      await this.jobs.retryOrFail(now, err, attempt);
+    }
+  }
+
+  /** Stops the running request: cooperative cancel first, then kill the worker. */
+  private async stopCurrent(reason: 'user' | 'timeout' | 'handback'): Promise<void> {
+    const cur = this.current;
+    if (!cur || cur.cancel) return;
+    cur.cancel = reason;
+    const worker = this.worker;
+    if (!cur.requestId || !worker) return; // not started yet: process() sees the flag
+    this.log.info({ job: cur.job.id, reason }, 'stopping the running request');
+    worker.cancel(cur.requestId);
+    const requestId = cur.requestId;
+    setTimeout(() => {
+      if (this.current?.requestId === requestId && this.worker === worker) {
+        this.log.warn({ job: cur.job.id }, 'worker did not stop in time; killing it');
+        worker.kill('SIGTERM', 'kill');
+        setTimeout(() => worker.kill('SIGKILL', 'kill'), 2_000).unref();
+      }
+    }, this.env.CANCEL_GRACE_MS).unref();
+  }
+
+  private recordDuration(ms: number): void {
+    this.jobsDone += 1;
+    this.avgJobMs = this.avgJobMs === null ? ms : Math.round(this.avgJobMs * 0.8 + ms * 0.2);
+  }
+
+  async heartbeat(): Promise<void> {
+    const w = this.worker;
+    const st = w?.lastState;
+    const caps = w?.ready?.capabilities ?? null;
+    const state: AgentState = this.draining ? 'draining' : this.current ? 'busy' : w?.state === 'ready' ? 'ready' : this.state === 'defunct' ? 'defunct' : 'starting';
+    const hb: AgentHeartbeat = {
+      agent_id: this.id,
+      host: hostname(),
+      gpu_id: this.env.GPU_ID,
+      gpu: {
+        name: w?.ready?.device.name ?? 'unknown',
+        vram_total_mb: st?.vram_total_mb ?? 0,
+        vram_free_mb: st ? st.vram_total_mb - st.vram_used_mb : 0,
+      },
+      state,
+      resident: st?.resident ?? [],
+      current_job: this.current?.job.id ?? null,
+      capabilities: w?.state === 'ready' || w?.state === 'busy' ? caps : null,
+      worker: { pid: w?.pid ?? null, restarts: this.restarts },
+      jobs_done: this.jobsDone,
+      avg_job_ms: this.avgJobMs,
+      started_at: this.startedAt,
+      heartbeat_at: new Date().toISOString(),
+    };
+    await this.registry.publish(hb, this.env.AGENT_TTL_MS);
+  }
+
+  /**
+   * Clean stop: advertise `draining` so nothing new is placed here, let the running job
+   * finish until the deadline (then hand it back), hand back what waits in our queue, stop
+   * the worker, and leave the registry.
+   */
+  async drain(deadlineMs: number): Promise<void> {
+    this.draining = true;
+    await this.heartbeat().catch(() => {});
+    const handBackAfter = setTimeout(() => void this.stopCurrent('handback'), Math.max(0, deadlineMs - 3_000));
+    await this.consumer?.close();
+    clearTimeout(handBackAfter);
+    const queue = new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX });
+    for (const entry of await queue.getJobs(['waiting', 'prioritized', 'delayed'])) {
+      if (!entry?.data) continue;
+      const job = await this.jobs.store.get(entry.data.job_id);
+      if (job?.status === 'running' && job.agent === this.id && job.attempt === entry.data.attempt) {
+        await this.jobs.handBack(job, entry.data.attempt, `agent ${this.id} is shutting down`);
+      }
+    }
+    await queue.obliterate({ force: true }).catch(() => {});
+    await queue.close();
+    if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
+    await this.worker?.stop();
+    await this.registry.remove(this.id);
+  }
+}

@@ -1,0 +1,223 @@
+import { EventEmitter } from 'node:events';
+import { createInterface } from 'node:readline';
+import {
+  type AgentToWorker,
+  type GenerateMessage,
+  PROTOCOL_VERSION,
+  type ProgressMessage,
+  type ReadyMessage,
+  type ResultMessage,
+  WorkerToAgent,
+  type WorkerState,
+} from '@kiln/contracts';
+import { KilnError, type Logger } from '@kiln/runtime';
+import { execa, type ResultPromise } from 'execa';
+
+/**
+ * One Python worker process and its protocol. States:
+ *   starting → ready ⇄ busy → defunct
+ * `defunct` is final: the agent starts a fresh WorkerProcess.
+ *
+ * An exit is classified by what we intended first (stopping, or killing to cancel) before it
+ * is called a crash; a crash fails the in-flight request with the exit code, signal and the
+ * tail of stderr.
+ */
+export type WorkerStateName = 'starting' | 'ready' | 'busy' | 'defunct';
+
+export interface WorkerCommand {
+  file: string;
+  args: string[];
+  cwd: string;
+  env: Record<string, string>;
+}
+
+interface Pending {
+  id: string;
+  resolve: (m: ResultMessage) => void;
+  reject: (e: KilnError) => void;
+  onProgress: (m: ProgressMessage) => void;
+}
+
+const STDERR_TAIL_LINES = 40;
+
+export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; state: [WorkerState] }> {
+  state: WorkerStateName = 'starting';
+  ready: ReadyMessage | null = null;
+  lastState: WorkerState | null = null;
+  private child: ResultPromise | null = null;
+  private pending: Pending | null = null;
+  private helloWaiter: { resolve: (m: ReadyMessage) => void; reject: (e: KilnError) => void } | null = null;
+  private byeWaiter: (() => void) | null = null;
+  private intent: 'stop' | 'kill' | null = null;
+  private readonly stderrTail: string[] = [];
+  private seq = 0;
+
+  constructor(
+    private readonly cmd: WorkerCommand,
+    private readonly log: Logger,
+  ) {
+    super();
+  }
+
+  get pid(): number | null {
+    return this.child?.pid ?? null;
+  }
+
+  /** Spawns the worker and completes the hello/ready handshake. */
+  async start(agentId: string, gpuId: string, timeoutMs: number): Promise<ReadyMessage> {
+    this.assertState('starting');
+    const child = execa(this.cmd.file, this.cmd.args, {
+      cwd: this.cmd.cwd,
+      env: this.cmd.env,
+      extendEnv: true,
+      stdin: 'pipe',
+      stdout: 'pipe',
+      stderr: 'pipe',
+      reject: false,
+      buffer: false,
+      encoding: 'utf8',
+    });
+    this.child = child;
+    createInterface({ input: child.stdout! }).on('line', (line) => this.onLine(line));
+    createInterface({ input: child.stderr! }).on('line', (line) => {
+      this.stderrTail.push(line);
+      if (this.stderrTail.length > STDERR_TAIL_LINES) this.stderrTail.shift();
+      this.log.debug({ worker: child.pid }, line);
+    });
+    child.stdin!.on('error', () => {}); // EPIPE after the worker died; the exit handler reports it
+    void child.then((r) => this.onExit(r.exitCode, r.signal ?? null, r.failed && r.exitCode === undefined && !r.signal ? (r.message ?? "spawn failed") : null));
+
+    const ready = new Promise<ReadyMessage>((resolve, reject) => (this.helloWaiter = { resolve, reject }));
+    const timer = setTimeout(() => {
+      this.helloWaiter?.reject(new KilnError('worker_crashed', `worker did not answer hello within ${timeoutMs} ms`));
+      this.kill('SIGKILL', 'stop');
+    }, timeoutMs);
+    try {
+      this.send({ v: PROTOCOL_VERSION, type: 'hello', id: this.nextId('hello'), agent_id: agentId, gpu_id: gpuId });
+      const msg = await ready;
+      this.ready = msg;
+      this.lastState = msg.state;
+      this.state = 'ready';
+      return msg;
+    } finally {
+      clearTimeout(timer);
+      this.helloWaiter = null;
+    }
+  }
+
+  /** Runs one generation; resolves with the result or rejects with a classified KilnError. */
+  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<ResultMessage> } {
+    this.assertState('ready');
+    const id = this.nextId(`gen-${msg.job_id}`);
+    this.state = 'busy';
+    const done = new Promise<ResultMessage>((resolve, reject) => {
+      this.pending = { id, resolve, reject, onProgress };
+    });
+    this.send({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg });
+    return { id, done };
+  }
+
+  /** Cooperative cancel: the worker stops between steps and answers `canceled`. */
+  cancel(id: string): void {
+    if (this.pending?.id === id) this.send({ v: PROTOCOL_VERSION, type: 'cancel', id });
+  }
+
+  /** Kills the worker; `intent` says why, so the exit is not mistaken for a crash. */
+  kill(signal: 'SIGTERM' | 'SIGKILL', intent: 'stop' | 'kill'): void {
+    this.intent ??= intent;
+    this.child?.kill(signal);
+  }
+
+  /** Asks the worker to exit, then escalates: shutdown → SIGTERM → SIGKILL. */
+  async stop(graceMs = 5_000): Promise<void> {
+    if (!this.child || this.state === 'defunct') return;
+    this.intent = 'stop';
+    const exited = new Promise<void>((r) => this.once('exit', () => r()));
+    const bye = new Promise<void>((r) => (this.byeWaiter = r));
+    this.send({ v: PROTOCOL_VERSION, type: 'shutdown', id: this.nextId('shutdown') });
+    const t1 = setTimeout(() => this.child?.kill('SIGTERM'), graceMs);
+    const t2 = setTimeout(() => this.child?.kill('SIGKILL'), graceMs * 2);
+    await Promise.race([exited, bye.then(() => exited)]);
+    clearTimeout(t1);
+    clearTimeout(t2);
+  }
+
+  private nextId(kind: string): string {
+    return `${kind}-${++this.seq}`;
+  }
+
+  private send(msg: AgentToWorker): void {
+    if (!this.child?.stdin?.writable) return;
+    this.child.stdin.write(JSON.stringify(msg) + '\n');
+  }
+
+  private onLine(line: string): void {
+    if (line.trim() === '') return;
+    let msg: WorkerToAgent;
+    try {
+      msg = WorkerToAgent.parse(JSON.parse(line));
+    } catch (err) {
+      // the worker guards its stdout, so anything unparseable is a broken worker
+      this.log.error({ line: line.slice(0, 500) }, 'worker broke the protocol; killing it');
+      this.protocolError = new KilnError('worker_protocol', `worker wrote a line that is not a protocol message: ${line.slice(0, 200)}`, { cause: err });
+      this.kill('SIGKILL', 'kill');
+      return;
+    }
+    switch (msg.type) {
+      case 'ready':
+        this.helloWaiter?.resolve(msg);
+        return;
+      case 'log':
+        this.log[msg.level === 'warning' ? 'warn' : msg.level]({ request: msg.id }, msg.message);
+        return;
+      case 'progress':
+        if (this.pending?.id === msg.id) this.pending.onProgress(msg);
+        return;
+      case 'result':
+      case 'error': {
+        this.lastState = msg.state ?? this.lastState;
+        if (this.lastState) this.emit('state', this.lastState);
+        const p = this.pending;
+        if (!p || p.id !== msg.id) {
+          this.log.warn({ id: msg.id }, 'worker answered a request that is not in flight');
+          return;
+        }
+        this.pending = null;
+        if (this.state === 'busy') this.state = 'ready';
+        if (msg.type === 'result') p.resolve(msg);
+        else p.reject(new KilnError(msg.error.code, msg.error.message));
+        return;
+      }
+      case 'bye':
+        this.byeWaiter?.();
+        return;
+    }
+  }
+
+  private protocolError: KilnError | null = null;
+
+  private onExit(code: number | undefined, signal: string | null, spawnError: string | null): void {
+    const was = this.state;
+    this.state = 'defunct';
+    const tail = this.stderrTail.slice(-10).join('\n');
+    let err: KilnError | null = null;
+    if (this.protocolError) err = this.protocolError;
+    else if (this.intent === 'stop' && was !== 'busy') err = null;
+    else if (spawnError) err = new KilnError('worker_crashed', `worker could not start: ${spawnError}`);
+    else if (this.intent === 'kill') err = new KilnError('canceled', `worker killed to stop its request (${signal ?? `exit ${code}`})`);
+    else {
+      const how = signal ? `signal ${signal}` : `exit code ${code}`;
+      err = new KilnError('worker_crashed', `worker died (${how})${tail ? `; stderr tail:\n${tail}` : ''}`);
+    }
+    const pendingErr = err ?? new KilnError('worker_crashed', 'worker stopped while a request was in flight');
+    this.helloWaiter?.reject(pendingErr);
+    this.pending?.reject(pendingErr);
+    this.pending = null;
+    this.byeWaiter?.();
+    this.emit('exit', err);
+  }
+
+  private assertState(expected: WorkerStateName): void {
+    if (this.state !== expected) throw new KilnError('internal', `worker is ${this.state}, expected ${expected}`);
+  }
+}
