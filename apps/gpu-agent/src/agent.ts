@@ -160,7 +160,7 @@ export class Agent {
       await mkdir(jobDir, { recursive: true });
 
       let lastProgressHook = 0;
-      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, request: job.request as never }, (p) => {
+      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, request: job.request }, (p) => {
         const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
         void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async (ok) => {
           if (!ok) return this.stopCurrent('handback'); // the job was re-placed or canceled under us

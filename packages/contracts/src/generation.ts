@@ -94,15 +94,15 @@ export const GenerationRequest = z.strictObject({
 });
 /** What a client sends. */
 export type GenerationRequestInput = z.input<typeof GenerationRequest>;
-/** What the API stores and the worker receives: defaults filled, seed chosen. */
-export type GenerationRequest = z.output<typeof GenerationRequest> & {
-  hyperparameters: { seed: number };
-};
+/** A request as the API parsed it: defaults filled, the seed maybe still absent. */
+export type ParsedGenerationRequest = z.output<typeof GenerationRequest>;
 
 /** The parsed request as the worker sees it: the seed is always present. */
 export const ResolvedGenerationRequest = GenerationRequest.extend({
   hyperparameters: Hyperparameters.safeExtend({ seed: z.number().int().min(0).max(MAX_SEED) }),
 });
+/** What the API stores and the worker receives: defaults filled, seed chosen. */
+export type GenerationRequest = z.output<typeof ResolvedGenerationRequest>;
 
 /**
  * Working VRAM a request needs on top of its models (latents, activations, VAE decode),

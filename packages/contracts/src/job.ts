@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { JobError } from './errors.js';
-import { GenerationRequest, Priority, WebhookEvent } from './generation.js';
+import { Priority, ResolvedGenerationRequest, WebhookEvent } from './generation.js';
 
 export const JobKind = z.enum(['generation']);
 export const JobStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'canceled']);
@@ -75,7 +75,7 @@ export const StoredJob = z.object({
   attempt: z.number().int().describe('0 until first placed; +1 on every placement'),
   agent: z.string().nullable(),
   priority: Priority,
-  request: GenerationRequest,
+  request: ResolvedGenerationRequest,
   progress: Progress.nullable(),
   outputs: z.array(StoredOutput),
   error: JobError.nullable(),

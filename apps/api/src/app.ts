@@ -1,0 +1,33 @@
+import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
+import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
+import type { ApiContext } from './context.js';
+import { registerAuth } from './plugins/auth.js';
+import { registerBullBoard } from './plugins/bull-board.js';
+import { registerErrorHandling } from './plugins/errors.js';
+import { agentRoutes } from './routes/agents.js';
+import { generationRoutes } from './routes/generations.js';
+import { healthRoutes } from './routes/health.js';
+import { jobRoutes } from './routes/jobs.js';
+
+/** Builds the API (no listening here: main.ts and the tests do that). */
+export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance; close: () => Promise<void> }> {
+  const app: FastifyInstance = Fastify({ loggerInstance: ctx.log as FastifyBaseLogger, bodyLimit: ctx.env.BODY_LIMIT_BYTES, disableRequestLogging: false });
+  registerErrorHandling(app);
+  registerAuth(app, ctx.env.API_KEYS);
+  const closeBoard = await registerBullBoard(app, ctx);
+  await app.register(async (v1) => {
+    v1.setValidatorCompiler(validatorCompiler);
+    v1.setSerializerCompiler(serializerCompiler);
+    await v1.register(generationRoutes(ctx));
+    await v1.register(jobRoutes(ctx));
+    await v1.register(agentRoutes(ctx));
+    await v1.register(healthRoutes(ctx));
+  });
+  return {
+    app,
+    close: async () => {
+      await closeBoard();
+      await app.close();
+    },
+  };
+}
