@@ -30,7 +30,7 @@ const agent = new Agent(env, log, createRedis(env.REDIS_URL, `kiln-agent-${env.A
   env: { CUDA_VISIBLE_DEVICES: env.GPU_ID, KILN_BACKEND: env.WORKER_BACKEND, PYTHONUNBUFFERED: '1' },
 });
 
-await storage.ensureBucket();
+await storage.ensureBucket().catch((err) => log.warn({ err: err.message }, 'storage not reachable yet; uploads will be retried with the job'));
 await sub.subscribe(keys.cancelChannel());
 sub.on('message', (_channel, jobId) => agent.onCancel(jobId));
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {

@@ -1,0 +1,50 @@
+import { mkdirSync } from 'node:fs';
+import { resolve } from 'node:path';
+import { execa, type ResultPromise } from 'execa';
+import S3rver from 's3rver';
+
+/**
+ * Pieces shared by `npm start` (scripts/farm.ts) and the cross-process tests: an embedded
+ * S3-compatible server, and Kiln's processes started the way an operator would start them.
+ */
+
+export const REPO_ROOT = resolve(import.meta.dirname, '..');
+
+export const ENTRY = {
+  api: resolve(REPO_ROOT, 'apps/api/src/main.ts'),
+  dispatcher: resolve(REPO_ROOT, 'apps/dispatcher/src/main.ts'),
+  agent: resolve(REPO_ROOT, 'apps/gpu-agent/src/main.ts'),
+} as const;
+
+export interface EmbeddedS3 {
+  endpoint: string;
+  /** s3rver accepts only these credentials */
+  accessKey: string;
+  secretKey: string;
+  close(): Promise<void>;
+}
+
+/** s3rver on loopback: a real S3 HTTP server (it skips signature checks and multipart listing). */
+export async function startEmbeddedS3(directory: string, port = 0): Promise<EmbeddedS3> {
+  mkdirSync(directory, { recursive: true });
+  const server = new S3rver({ address: '127.0.0.1', port, directory, silent: true, allowMismatchedSignatures: true });
+  const addr = await server.run();
+  return { endpoint: `http://127.0.0.1:${addr.port}`, accessKey: 'S3RVER', secretKey: 'S3RVER', close: () => server.close() };
+}
+
+/** Starts one Kiln process (TypeScript through tsx, no build step). */
+export function startProcess(
+  entry: string,
+  env: Record<string, string>,
+  stdio: 'inherit' | 'pipe' = 'inherit',
+): ResultPromise {
+  return execa(process.execPath, ['--import', 'tsx', entry], {
+    cwd: REPO_ROOT,
+    env,
+    extendEnv: true,
+    stdio: stdio === 'inherit' ? 'inherit' : ['ignore', 'pipe', 'pipe'],
+    reject: false,
+    buffer: false,
+    forceKillAfterDelay: false,
+  });
+}
