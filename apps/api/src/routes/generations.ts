@@ -79,7 +79,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
 async function checkWebhook(ctx: ApiContext, url: string | undefined): Promise<void> {
   if (!url) return;
   if (!ctx.env.WEBHOOK_SECRET) {
-    throw new KilnError('validation_failed', 'webhooks are disabled on this farm: WEBHOOK_SECRET is not set', {
+    throw new KilnError('validation_failed', 'invalid request: webhook: webhooks are disabled on this farm (WEBHOOK_SECRET is not set)', {
       details: [{ field: 'webhook', rule: 'webhooks_disabled', message: 'the operator must set WEBHOOK_SECRET to enable webhooks' }],
     });
   }
@@ -88,7 +88,7 @@ async function checkWebhook(ctx: ApiContext, url: string | undefined): Promise<v
     await assertPublicTarget(url);
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
-    throw new KilnError('validation_failed', message, { details: [{ field: 'webhook.url', rule: 'private_address', message }] });
+    throw new KilnError('validation_failed', `invalid request: webhook.url: ${message}`, { details: [{ field: 'webhook.url', rule: 'private_address', message }] });
   }
 }
 

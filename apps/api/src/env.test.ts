@@ -1,0 +1,92 @@
+import { EnvError, parseEnvOrThrow } from '@kiln/runtime';
+import { describe, expect, it } from 'vitest';
+import { ApiEnv } from './env.js';
+
+function problemsOf(env: Record<string, string>): string[] {
+  try {
+    parseEnvOrThrow(ApiEnv, env);
+  } catch (err) {
+    expect(err).toBeInstanceOf(EnvError);
+    return (err as EnvError).problems;
+  }
+  throw new Error(`expected ${JSON.stringify(env)} to be refused`);
+}
+
+const GOOD_KEY = 'k_0123456789abcdef';
+
+describe('API env', () => {
+  it('starts with defaults from an empty environment', () => {
+    const env = parseEnvOrThrow(ApiEnv, {});
+    expect(env).toMatchObject({
+      REDIS_URL: 'redis://127.0.0.1:6379',
+      KILN_PREFIX: 'kiln',
+      HOST: '127.0.0.1',
+      PORT: 8080,
+      API_KEYS: [],
+      BODY_LIMIT_BYTES: 1024 * 1024,
+      WEBHOOK_ALLOW_PRIVATE: false,
+      MAX_ATTEMPTS: 3,
+      S3_BUCKET: 'kiln',
+    });
+    expect(env.WEBHOOK_SECRET).toBeUndefined();
+  });
+
+  it('treats an empty variable as unset', () => {
+    expect(parseEnvOrThrow(ApiEnv, { PORT: '', API_KEYS: '' })).toMatchObject({ PORT: 8080, API_KEYS: [] });
+  });
+
+  it('lists every bad variable at once', () => {
+    const problems = problemsOf({
+      REDIS_URL: 'http://127.0.0.1:6379',
+      PORT: '70000',
+      API_KEYS: `${GOOD_KEY},short`,
+      WEBHOOK_SECRET: 'hunter2',
+    });
+    expect(problems).toHaveLength(4);
+    expect(problems.find((p) => p.startsWith('REDIS_URL:'))).toContain('redis://');
+    expect(problems.find((p) => p.startsWith('PORT:'))).toBeDefined();
+    expect(problems.find((p) => p.startsWith('API_KEYS'))).toContain('at least 16 characters');
+    expect(problems.find((p) => p.startsWith('WEBHOOK_SECRET:'))).toContain('whsec_');
+  });
+
+  it('the EnvError message names each variable for the operator', () => {
+    expect(() => parseEnvOrThrow(ApiEnv, { PORT: 'eighty', BODY_LIMIT_BYTES: '10' })).toThrow(/PORT[\s\S]*BODY_LIMIT_BYTES|BODY_LIMIT_BYTES[\s\S]*PORT/);
+  });
+
+  it('splits API_KEYS on commas, trimming spaces and dropping empty entries', () => {
+    const env = parseEnvOrThrow(ApiEnv, { API_KEYS: ` ${GOOD_KEY} ,, k_fedcba9876543210 ,` });
+    expect(env.API_KEYS).toEqual([GOOD_KEY, 'k_fedcba9876543210']);
+  });
+
+  it('refuses an API key shorter than 16 characters, even beside a good one', () => {
+    expect(parseEnvOrThrow(ApiEnv, { API_KEYS: 'x'.repeat(16) }).API_KEYS).toEqual(['x'.repeat(16)]);
+    expect(problemsOf({ API_KEYS: `${GOOD_KEY},${'x'.repeat(15)}` })).toEqual([expect.stringMatching(/^API_KEYS\.1: each API key must be at least 16 characters/)]);
+  });
+
+  it('accepts a WEBHOOK_SECRET that looks like whsec_ + base64 and refuses others', () => {
+    const secret = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
+    expect(parseEnvOrThrow(ApiEnv, { WEBHOOK_SECRET: secret }).WEBHOOK_SECRET).toBe(secret);
+    for (const bad of ['MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw', 'whsec_short', 'whsec_not base64 at all!!!!']) {
+      expect(problemsOf({ WEBHOOK_SECRET: bad })).toEqual([expect.stringMatching(/^WEBHOOK_SECRET: must be "whsec_"/)]);
+    }
+  });
+
+  it.each([
+    ['true', true],
+    ['1', true],
+    ['false', false],
+    ['0', false],
+  ])('reads WEBHOOK_ALLOW_PRIVATE=%s as %s', (raw, expected) => {
+    expect(parseEnvOrThrow(ApiEnv, { WEBHOOK_ALLOW_PRIVATE: raw }).WEBHOOK_ALLOW_PRIVATE).toBe(expected);
+  });
+
+  it('refuses a WEBHOOK_ALLOW_PRIVATE that is not a boolean word', () => {
+    expect(problemsOf({ WEBHOOK_ALLOW_PRIVATE: 'maybe' })).toEqual([expect.stringMatching(/^WEBHOOK_ALLOW_PRIVATE:/)]);
+  });
+
+  it('coerces numbers and enforces their ranges', () => {
+    expect(parseEnvOrThrow(ApiEnv, { PORT: '0', MAX_ATTEMPTS: '5' })).toMatchObject({ PORT: 0, MAX_ATTEMPTS: 5 });
+    const problems = problemsOf({ PORT: '-1', MAX_ATTEMPTS: '21', JOB_RETENTION_S: '59', IDEMPOTENCY_TTL_S: '1.5' });
+    expect(problems.map((p) => p.split(':')[0]).sort()).toEqual(['IDEMPOTENCY_TTL_S', 'JOB_RETENTION_S', 'MAX_ATTEMPTS', 'PORT']);
+  });
+});
