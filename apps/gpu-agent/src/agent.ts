@@ -162,16 +162,22 @@ export class Agent {
       let lastProgressHook = 0;
       const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, request: job.request }, (p) => {
         const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
-        void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async (ok) => {
-          if (!ok) return this.stopCurrent('handback'); // the job was re-placed or canceled under us
+        void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async ({ ok, cancelRequested }) => {
+          if (!ok) return this.stopCurrent('handback'); // the job was re-placed or finished under us
+          if (cancelRequested) return this.stopCurrent('user');
           const now = Date.now();
           if (job.request.webhook?.events.includes('progress') && (now - lastProgressHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
             lastProgressHook = now;
             await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { webhook: 'progress' });
           }
-        });
+        }).catch((err) => this.log.warn({ job: job.id, err: coerceError(err).message }, 'progress update failed'));
       });
       this.current.requestId = run.id;
+      const early = this.current.cancel; // asked to stop before the request existed
+      if (early) {
+        this.current.cancel = null;
+        void this.stopCurrent(early);
+      }
       const timeout = setTimeout(() => void this.stopCurrent('timeout'), job.request.timeout_s * 1000);
       let result;
       try {

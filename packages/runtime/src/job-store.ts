@@ -131,25 +131,33 @@ export class JobStore {
     return this.get(id);
   }
 
-  /** The hot path for per-step progress: one guarded write, no event, no read back. */
-  async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage'>): Promise<boolean> {
+  /**
+   * The hot path for per-step progress: one guarded write, no event, no read back. Also
+   * reports whether cancellation was requested, so an agent notices it even if it missed the
+   * pub/sub message.
+   */
+  async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
     const fields = Object.entries(encode(patch)).flat();
-    const res = (await this.redis.eval(
-      UPDATE_SCRIPT,
-      4,
-      this.keys.job(id),
-      this.keys.jobEvents(id),
-      this.keys.jobDeliveries(id),
-      this.keys.activeJobs(),
-      '1',
-      JSON.stringify('running'),
-      JSON.stringify(attempt),
-      '',
-      '0',
-      id,
-      ...fields,
-    )) as number;
-    return res === 1;
+    const res = await this.redis
+      .multi()
+      .eval(
+        UPDATE_SCRIPT,
+        4,
+        this.keys.job(id),
+        this.keys.jobEvents(id),
+        this.keys.jobDeliveries(id),
+        this.keys.activeJobs(),
+        '1',
+        JSON.stringify('running'),
+        JSON.stringify(attempt),
+        '',
+        '0',
+        id,
+        ...fields,
+      )
+      .hget(this.keys.job(id), 'cancel_requested')
+      .exec();
+    return { ok: res?.[0]?.[1] === 1, cancelRequested: res?.[1]?.[1] === 'true' };
   }
 
   async addDelivery(id: string, delivery: WebhookDelivery): Promise<void> {

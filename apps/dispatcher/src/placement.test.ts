@@ -1,0 +1,179 @@
+import type { ModelInfo } from '@kiln/contracts';
+import { describe, expect, it } from 'vitest';
+import { type AgentView, type Candidate, type Decision, plan } from './placement.js';
+
+const SDXL = 'stabilityai/stable-diffusion-xl-base-1.0';
+const TURBO = 'stabilityai/sdxl-turbo';
+const RANK = { high: 1, normal: 5, low: 10 } as const;
+const AGING_MS = 60_000;
+const LOAD_MS = 3_000;
+
+const catalog: ModelInfo[] = [
+  { name: SDXL, kind: 'base', vram_mb: 7_000, load_ms: LOAD_MS },
+  { name: TURBO, kind: 'base', vram_mb: 7_000, load_ms: LOAD_MS },
+];
+
+function agent(id: string, over: Partial<Omit<AgentView, 'resident'>> & { resident?: string[] } = {}): AgentView {
+  return {
+    id,
+    free: 2,
+    inflight: 0,
+    avgJobMs: 1_000,
+    vramTotalMb: 24_576,
+    models: new Map(catalog.map((m) => [m.name, m])),
+    ...over,
+    resident: new Set(over.resident ?? []),
+  };
+}
+
+function job(jobId: string, over: Partial<Candidate> = {}): Candidate {
+  return { jobId, model: SDXL, rank: RANK.normal, waitedMs: 0, client: 'client-a', activationMb: 1_200, ...over };
+}
+
+const opts = (running: Record<string, number> = {}) => ({ agingMs: AGING_MS, running: new Map(Object.entries(running)) });
+
+function byJob(decisions: Decision[]): Record<string, Decision> {
+  return Object.fromEntries(decisions.map((d) => [d.jobId, d]));
+}
+
+function placedIds(decisions: Decision[]): string[] {
+  return decisions.filter((d) => d.kind === 'place').map((d) => d.jobId);
+}
+
+describe('plan(): where a job goes', () => {
+  it('sends a job to the agent that already holds its model, without a load', () => {
+    // "a-cold" would win the id tie-break: only affinity can pick "b-warm"
+    const decisions = plan([job('j1')], [agent('a-cold'), agent('b-warm', { resident: [SDXL] })], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-warm', load: false }]);
+  });
+
+  it('gives an idle agent the work when no agent holds the model, and says it must load', () => {
+    const decisions = plan(
+      [job('j1')],
+      [agent('a-busy', { inflight: 1, free: 1, avgJobMs: 5_000 }), agent('b-idle')],
+      opts(),
+    );
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-idle', load: true }]);
+  });
+
+  it('prefers loading on an idle agent when that is quicker than queueing behind the holder', () => {
+    // the holder is full with two 10 s jobs; a 3 s load elsewhere is cheaper right away
+    const decisions = plan(
+      [job('j1')],
+      [agent('holder', { resident: [SDXL], inflight: 2, free: 0, avgJobMs: 10_000 }), agent('idle')],
+      opts(),
+    );
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'idle', load: true }]);
+  });
+
+  describe('late binding', () => {
+    // holder: full, one 1 s job ahead → cost 1 000 ms; idle agent: 3 000 ms load → 2 000 ms extra
+    const agents = () => [agent('holder', { resident: [SDXL], inflight: 1, free: 0, avgJobMs: 1_000 }), agent('idle')];
+
+    it('keeps a fresh job waiting for its full holder when loading elsewhere costs more', () => {
+      expect(plan([job('j1', { waitedMs: 500 })], agents(), opts())).toEqual([{ jobId: 'j1', kind: 'wait' }]);
+    });
+
+    it('sends the job to the free agent once it has waited longer than the extra cost', () => {
+      expect(plan([job('j1', { waitedMs: 2_500 })], agents(), opts())).toEqual([
+        { jobId: 'j1', kind: 'place', agentId: 'idle', load: true },
+      ]);
+    });
+  });
+
+  it('respects slots across the jobs of one plan', () => {
+    const jobs = [job('j1', { waitedMs: 30 }), job('j2', { waitedMs: 20 }), job('j3', { waitedMs: 10 })];
+    const decisions = byJob(plan(jobs, [agent('only', { resident: [SDXL], free: 2 })], opts()));
+    expect(decisions.j1).toMatchObject({ kind: 'place', agentId: 'only' });
+    expect(decisions.j2).toMatchObject({ kind: 'place', agentId: 'only' });
+    expect(decisions.j3).toEqual({ jobId: 'j3', kind: 'wait' });
+  });
+
+  it('spreads jobs over agents as slots fill, and counts a model loaded earlier in the plan as resident', () => {
+    const jobs = [job('j1', { waitedMs: 30 }), job('j2', { waitedMs: 20 }), job('j3', { waitedMs: 10 })];
+    // 10 s jobs: queueing behind one costs more than a 3 s load elsewhere
+    const decisions = byJob(plan(jobs, [agent('a', { free: 1, avgJobMs: 10_000 }), agent('b', { free: 2, avgJobMs: 10_000 })], opts()));
+    // j1 loads on "a" (id tie-break); "a" is then full, so j2 loads on "b"; j3 joins "b" warm
+    expect(decisions.j1).toEqual({ jobId: 'j1', kind: 'place', agentId: 'a', load: true });
+    expect(decisions.j2).toEqual({ jobId: 'j2', kind: 'place', agentId: 'b', load: true });
+    expect(decisions.j3).toEqual({ jobId: 'j3', kind: 'place', agentId: 'b', load: false });
+  });
+
+  it('never places more jobs than the farm has free slots', () => {
+    const jobs = Array.from({ length: 20 }, (_, i) => job(`j${i}`, { waitedMs: 10 * (20 - i), model: i % 2 ? SDXL : TURBO }));
+    const agents = [agent('a', { free: 2 }), agent('b', { free: 1, resident: [TURBO] }), agent('c', { free: 0, inflight: 2 })];
+    const decisions = plan(jobs, agents, opts());
+    expect(decisions).toHaveLength(20);
+    const perAgent = new Map<string, number>();
+    for (const d of decisions) if (d.kind === 'place') perAgent.set(d.agentId, (perAgent.get(d.agentId) ?? 0) + 1);
+    expect(Object.fromEntries(perAgent)).toEqual({ a: 2, b: 1 });
+  });
+});
+
+describe('plan(): which job goes first', () => {
+  const oneSlot = () => [agent('only', { resident: [SDXL], free: 1 })];
+
+  it('runs high before normal before low', () => {
+    const jobs = [job('low', { rank: RANK.low }), job('normal', { rank: RANK.normal }), job('high', { rank: RANK.high })];
+    expect(placedIds(plan(jobs, oneSlot(), opts()))).toEqual(['high']);
+    const decisions = plan(jobs, [agent('only', { resident: [SDXL], free: 3 })], opts());
+    expect(decisions.map((d) => d.jobId)).toEqual(['high', 'normal', 'low']);
+  });
+
+  it('ages a low job that waited long enough ahead of a fresh normal one', () => {
+    // low (10) after 6 aging periods ranks 4, ahead of a fresh normal (5)
+    const oldLow = job('old-low', { rank: RANK.low, waitedMs: 6 * AGING_MS });
+    const freshNormal = job('fresh-normal', { rank: RANK.normal, waitedMs: 0 });
+    expect(placedIds(plan([freshNormal, oldLow], oneSlot(), opts()))).toEqual(['old-low']);
+  });
+
+  it('keeps a low job behind a normal one until it has aged enough', () => {
+    const youngLow = job('young-low', { rank: RANK.low, waitedMs: 4 * AGING_MS });
+    const freshNormal = job('fresh-normal', { rank: RANK.normal, waitedMs: 0 });
+    expect(placedIds(plan([youngLow, freshNormal], oneSlot(), opts()))).toEqual(['fresh-normal']);
+  });
+
+  it('at equal priority and wait, favours the client with fewer jobs running', () => {
+    const jobs = [job('busy-client', { client: 'alice' }), job('quiet-client', { client: 'bob' })];
+    expect(placedIds(plan(jobs, oneSlot(), opts({ alice: 3 })))).toEqual(['quiet-client']);
+    expect(placedIds(plan(jobs, oneSlot(), opts({ bob: 3 })))).toEqual(['busy-client']);
+  });
+
+  it('at equal priority and fairness, serves the job that waited longest', () => {
+    const jobs = [job('newer', { waitedMs: 100 }), job('older', { waitedMs: 200 })];
+    expect(placedIds(plan(jobs, oneSlot(), opts()))).toEqual(['older']);
+  });
+});
+
+describe('plan(): jobs that cannot run', () => {
+  it('says so when no live agent knows the model', () => {
+    const decisions = plan([job('j1', { model: 'someone/unknown-model' })], [agent('a'), agent('b')], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'infeasible', reason: 'no live agent can load model someone/unknown-model' }]);
+  });
+
+  it('says so when the model plus activations need more VRAM than any agent has', () => {
+    const decisions = plan([job('j1', { activationMb: 20_000 })], [agent('a', { vramTotalMb: 24_576 })], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'infeasible', reason: `no live agent has enough VRAM for ${SDXL} with this request` }]);
+  });
+
+  it('uses the one agent big enough when the others are too small', () => {
+    const decisions = plan(
+      [job('j1', { activationMb: 20_000 })],
+      [agent('small', { vramTotalMb: 24_576, resident: [SDXL] }), agent('big', { vramTotalMb: 81_920 })],
+      opts(),
+    );
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'big', load: true }]);
+  });
+
+  it('says so when there is no live agent at all', () => {
+    expect(plan([job('j1')], [], opts())).toEqual([{ jobId: 'j1', kind: 'infeasible', reason: 'no live agent' }]);
+  });
+
+  it('does not let an infeasible job take a slot from a feasible one', () => {
+    const decisions = byJob(
+      plan([job('bad', { rank: RANK.high, model: 'nope/nope' }), job('good')], [agent('only', { free: 1 })], opts()),
+    );
+    expect(decisions.bad).toMatchObject({ kind: 'infeasible' });
+    expect(decisions.good).toMatchObject({ kind: 'place', agentId: 'only' });
+  });
+});

@@ -1,0 +1,270 @@
+import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { type ProgressMessage, ResolvedGenerationRequest } from '@kiln/contracts';
+import { KilnError } from '@kiln/runtime';
+import { pino } from 'pino';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { type WorkerCommand, WorkerProcess } from './worker-process.js';
+
+// Drives real Python processes: the synthetic worker for the happy paths and one tiny fixture
+// per failure mode (test/fixtures/*.py) for the rest.
+
+const repoRoot = resolve(import.meta.dirname, '../../..');
+const workersPy = join(repoRoot, 'workers-py');
+const python = join(workersPy, '.venv/bin/python');
+const fixtures = resolve(import.meta.dirname, '../test/fixtures');
+const log = pino({ level: 'silent' });
+const START_TIMEOUT_MS = 20_000;
+const MODEL = 'stabilityai/stable-diffusion-xl-base-1.0';
+
+const realWorker: WorkerCommand = {
+  file: python,
+  args: ['-m', 'kiln_worker'],
+  cwd: workersPy,
+  // 256² images: 160 ms per 1024² step → 10 ms per step; model loads take ~35 ms
+  env: { KILN_BACKEND: 'synthetic', KILN_SYNTHETIC_STEP_MS: '160', KILN_SYNTHETIC_LOAD_MS_PER_GB: '5', PYTHONDONTWRITEBYTECODE: '1' },
+};
+
+const fixture = (name: string): WorkerCommand => ({
+  file: python,
+  args: [join(fixtures, `${name}.py`)],
+  cwd: fixtures,
+  env: { PYTHONUNBUFFERED: '1', PYTHONDONTWRITEBYTECODE: '1' },
+});
+
+interface Spawned {
+  worker: WorkerProcess;
+  /** what the worker reported on 'exit', subscribed before it starts so no exit is missed */
+  exited: Promise<KilnError | null>;
+}
+
+let spawned: Spawned[] = [];
+let jobDir = '';
+
+function spawnWorker(cmd: WorkerCommand): Spawned {
+  const worker = new WorkerProcess(cmd, log);
+  const exited = new Promise<KilnError | null>((r) => worker.once('exit', r));
+  const s = { worker, exited };
+  spawned.push(s);
+  return s;
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+function request(opts: { steps?: number; prompt?: string } = {}) {
+  return ResolvedGenerationRequest.parse({
+    model: { base: MODEL },
+    scheduler: { steps: opts.steps ?? 5 },
+    hyperparameters: { seed: 7, width: 256, height: 256 },
+    conditioning: { prompt: opts.prompt ?? 'a kiln at night' },
+  });
+}
+
+function generateMsg(opts: { steps?: number; prompt?: string } = {}) {
+  return { job_id: 'job-1', attempt: 1, job_dir: jobDir, request: request(opts) };
+}
+
+/** Resolves with the first progress message of `stage`, so a test can act mid-request. */
+function progressTracker() {
+  const seen: ProgressMessage[] = [];
+  let notify: (m: ProgressMessage) => void = () => {};
+  const firstRunning = new Promise<ProgressMessage>((r) => (notify = r));
+  return {
+    seen,
+    firstRunning,
+    onProgress: (m: ProgressMessage) => {
+      seen.push(m);
+      if (m.stage === 'running') notify(m);
+    },
+  };
+}
+
+async function rejection(p: Promise<unknown>): Promise<KilnError> {
+  const err = await p.then(
+    () => {
+      throw new Error('expected the promise to reject, but it resolved');
+    },
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(KilnError);
+  return err as KilnError;
+}
+
+beforeEach(() => {
+  jobDir = mkdtempSync(join(tmpdir(), 'kiln-worker-test-'));
+});
+
+afterEach(async () => {
+  const leaked: number[] = [];
+  for (const { worker } of spawned) {
+    const pid = worker.pid;
+    if (pid !== null && isAlive(pid)) {
+      leaked.push(pid);
+      process.kill(pid, 'SIGKILL'); // clean up, then fail the test that leaked it
+    }
+  }
+  spawned = [];
+  rmSync(jobDir, { recursive: true, force: true });
+  expect(leaked, `test left worker processes running: ${leaked.join(', ')}`).toEqual([]);
+});
+
+describe('WorkerProcess with the real synthetic worker', () => {
+  it('starts, reports its capabilities, and runs a generation with progress to an output file', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    const ready = await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    expect(worker.state).toBe('ready');
+    expect(ready.worker.pid).toBe(worker.pid);
+    expect(ready.capabilities.backend).toBe('synthetic');
+    expect(ready.capabilities.models.map((m) => m.name)).toContain(MODEL);
+    expect(ready.capabilities.schedulers).toContain('EulerDiscreteScheduler');
+
+    const progress = progressTracker();
+    const { done } = worker.generate(generateMsg({ steps: 5 }), progress.onProgress);
+    expect(worker.state).toBe('busy');
+    const result = await done;
+    expect(worker.state).toBe('ready');
+
+    const running = progress.seen.filter((p) => p.stage === 'running');
+    expect(running.map((p) => p.step)).toEqual([1, 2, 3, 4, 5]);
+    expect(running.every((p) => p.total === 5)).toBe(true);
+    expect(result.outputs).toHaveLength(1);
+    const out = result.outputs[0]!;
+    expect(out).toMatchObject({ width: 256, height: 256, seed: 7, content_type: 'image/png' });
+    expect(out.path.startsWith(jobDir)).toBe(true);
+    expect(existsSync(out.path)).toBe(true);
+    expect(statSync(out.path).size).toBe(out.bytes);
+    expect(result.loaded_models).toContain(MODEL);
+    expect(result.state.resident.map((r) => r.name)).toContain(MODEL);
+
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
+  it('cancel(id) stops the request cooperatively with `canceled`, and the worker stays usable', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const progress = progressTracker();
+    const { id, done } = worker.generate(generateMsg({ steps: 150 }), progress.onProgress);
+    await progress.firstRunning;
+    worker.cancel(id);
+    const err = await rejection(done);
+    expect(err.code).toBe('canceled');
+    expect(err.retryable).toBe(false);
+    expect(progress.seen.filter((p) => p.stage === 'running').length).toBeLessThan(150);
+    expect(worker.state).toBe('ready');
+    expect(isAlive(worker.pid!)).toBe(true);
+
+    const again = worker.generate(generateMsg({ steps: 2 }), () => {});
+    expect((await again.done).outputs).toHaveLength(1);
+
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
+  it("kill('SIGKILL', 'kill') during a request is reported as canceled, not as a crash", async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const progress = progressTracker();
+    const { done } = worker.generate(generateMsg({ steps: 150 }), progress.onProgress);
+    await progress.firstRunning;
+    worker.kill('SIGKILL', 'kill');
+    const err = await rejection(done);
+    expect(err.code).toBe('canceled');
+    expect(err.message).toContain('SIGKILL');
+    const exitErr = await exited;
+    expect(exitErr?.code).toBe('canceled');
+    expect(worker.state).toBe('defunct');
+  });
+
+  it('stop() ends an idle worker cleanly: no exit error, state defunct, process gone', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const pid = worker.pid!;
+    await worker.stop(2_000);
+    expect(await exited).toBeNull();
+    expect(worker.state).toBe('defunct');
+    expect(isAlive(pid)).toBe(false);
+  });
+});
+
+describe('WorkerProcess with a misbehaving worker', () => {
+  it('a worker that raises during generate rejects with the code and message it reported, and stays usable', async () => {
+    const { worker, exited } = spawnWorker(fixture('raises'));
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const err = await rejection(worker.generate(generateMsg(), () => {}).done);
+    expect(err.code).toBe('out_of_memory');
+    expect(err.message).toBe('CUDA out of memory: tried to allocate 2.00 GiB');
+    expect(err.retryable).toBe(true);
+    expect(worker.state).toBe('ready');
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
+  it('a worker that exits 1 mid-request fails it as worker_crashed with the exit code and stderr tail', async () => {
+    const { worker, exited } = spawnWorker(fixture('exits_1'));
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const progress = progressTracker();
+    const err = await rejection(worker.generate(generateMsg(), progress.onProgress).done);
+    expect(progress.seen).toHaveLength(1);
+    expect(err.code).toBe('worker_crashed');
+    expect(err.retryable).toBe(true);
+    expect(err.message).toContain('exit code 1');
+    expect(err.message).toContain('CUDA error: an illegal memory access was encountered');
+    expect((await exited)?.code).toBe('worker_crashed');
+    expect(worker.state).toBe('defunct');
+  });
+
+  it('a worker that is SIGKILLed mid-request fails it as worker_crashed naming the signal', async () => {
+    const { worker, exited } = spawnWorker(fixture('kills_itself'));
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const err = await rejection(worker.generate(generateMsg(), () => {}).done);
+    expect(err.code).toBe('worker_crashed');
+    expect(err.message).toContain('signal SIGKILL');
+    expect((await exited)?.code).toBe('worker_crashed');
+  });
+
+  it('a worker that never answers hello makes start() reject after the timeout, and is killed', async () => {
+    const { worker, exited } = spawnWorker(fixture('hangs_on_hello'));
+    const t0 = Date.now();
+    const err = await rejection(worker.start('agent-test', '0', 500));
+    const elapsed = Date.now() - t0;
+    expect(err.code).toBe('worker_crashed');
+    expect(err.message).toContain('did not answer hello within 500 ms');
+    expect(elapsed).toBeGreaterThanOrEqual(450);
+    expect(elapsed).toBeLessThan(5_000);
+    const pid = worker.pid!;
+    await exited;
+    expect(worker.state).toBe('defunct');
+    expect(isAlive(pid)).toBe(false);
+  });
+
+  it('a worker that prints non-JSON on stdout fails the request as worker_protocol and is killed', async () => {
+    const { worker, exited } = spawnWorker(fixture('prints_non_json'));
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const pid = worker.pid!;
+    const err = await rejection(worker.generate(generateMsg(), () => {}).done);
+    expect(err.code).toBe('worker_protocol');
+    expect(err.message).toContain('Loading pipeline components');
+    expect((await exited)?.code).toBe('worker_protocol');
+    expect(worker.state).toBe('defunct');
+    expect(isAlive(pid)).toBe(false);
+  });
+
+  it('a worker that fails on import makes start() reject with its exit code and the error from stderr', async () => {
+    const { worker, exited } = spawnWorker(fixture('fails_on_import'));
+    const err = await rejection(worker.start('agent-test', '0', START_TIMEOUT_MS));
+    expect(err.code).toBe('worker_crashed');
+    expect(err.message).toContain('exit code 1');
+    expect(err.message).toContain("ModuleNotFoundError: No module named 'kiln_fixture_missing_dependency'");
+    expect((await exited)?.code).toBe('worker_crashed');
+    expect(worker.state).toBe('defunct');
+  });
+});
