@@ -1,0 +1,168 @@
+import { randomUUID } from 'node:crypto';
+import { ResolvedGenerationRequest, type StoredJob } from '@kiln/contracts';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { JobStore } from './job-store.js';
+import { Keys } from './keys.js';
+import { createRedis, type Redis } from './redis.js';
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+const RETENTION_S = 3_600;
+
+let redis: Redis;
+let keys: Keys;
+let store: JobStore;
+
+beforeAll(() => {
+  redis = createRedis(REDIS_URL, 'job-store-test');
+});
+afterAll(async () => {
+  await redis.quit();
+});
+beforeEach(() => {
+  keys = new Keys(`kiln-test-${randomUUID()}`);
+  store = new JobStore(redis, keys, RETENTION_S);
+});
+afterEach(async () => {
+  const left = await redis.keys(`${keys.prefix}:*`);
+  if (left.length) await redis.del(...left);
+});
+
+function newJob(over: Partial<StoredJob> = {}): StoredJob {
+  return {
+    id: randomUUID(),
+    kind: 'generation',
+    client: 'client-a',
+    status: 'queued',
+    stage: 'queued',
+    attempt: 0,
+    agent: null,
+    priority: 'normal',
+    request: ResolvedGenerationRequest.parse({
+      model: { base: 'stabilityai/stable-diffusion-xl-base-1.0' },
+      conditioning: { prompt: 'a kiln at dawn', negative_prompt: 'blurry' },
+      hyperparameters: { seed: 42, width: 512, height: 512 },
+      webhook: { url: 'https://hooks.example.com/kiln', events: ['started', 'completed'] },
+    }),
+    progress: null,
+    outputs: [],
+    error: null,
+    timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
+    cancel_requested: false,
+    created_at: new Date().toISOString(),
+    started_at: null,
+    finished_at: null,
+    ...over,
+  };
+}
+
+/** Creates a job and moves it to running on attempt 1, as the dispatcher does. */
+async function runningJob(): Promise<StoredJob> {
+  const job = newJob();
+  await store.create(job);
+  const running = await store.update(job.id, { status: ['queued'], attempt: 0 }, { status: 'running', stage: 'dispatched', attempt: 1, agent: 'agent-1' });
+  expect(running?.status).toBe('running');
+  return running!;
+}
+
+describe('JobStore', () => {
+  it('reads back exactly the job it stored, and lists it as active', async () => {
+    const job = newJob();
+    await store.create(job);
+    expect(await store.get(job.id)).toEqual(job);
+    expect(await store.getMany([job.id, 'missing'])).toEqual([job, null]);
+    expect(await store.activeIds()).toEqual([job.id]);
+    const { events } = await store.history(job.id);
+    expect(events).toEqual([expect.objectContaining({ status: 'queued', stage: 'queued', attempt: 0, agent: null })]);
+  });
+
+  it('returns null for a job that does not exist, and refuses to update it', async () => {
+    expect(await store.get('no-such-job')).toBeNull();
+    expect(await store.update('no-such-job', {}, { status: 'running' })).toBeNull();
+    expect(await redis.exists(keys.job('no-such-job'))).toBe(0);
+  });
+
+  it('applies an update whose guard holds', async () => {
+    const job = await runningJob();
+    expect(job).toMatchObject({ status: 'running', stage: 'dispatched', attempt: 1, agent: 'agent-1' });
+    expect(await store.get(job.id)).toEqual(job);
+  });
+
+  it('refuses an update when the job is not in a guarded status', async () => {
+    const job = newJob();
+    await store.create(job);
+    expect(await store.update(job.id, { status: ['running'] }, { status: 'succeeded', stage: 'done' })).toBeNull();
+    expect((await store.get(job.id))?.status).toBe('queued');
+  });
+
+  it('refuses a write from a stale attempt, so it cannot overwrite the current one', async () => {
+    const job = await runningJob();
+    // the job was re-placed: attempt 2 on another agent
+    const retried = await store.update(job.id, { status: ['running'], attempt: 1 }, { attempt: 2, agent: 'agent-2', stage: 'dispatched' });
+    expect(retried).toMatchObject({ attempt: 2, agent: 'agent-2' });
+    // attempt 1's agent reports late that it failed
+    const stale = await store.update(
+      job.id,
+      { status: ['running'], attempt: 1 },
+      { status: 'failed', stage: 'done', error: { code: 'worker_crashed', message: 'late', retryable: true } },
+    );
+    expect(stale).toBeNull();
+    expect(await store.get(job.id)).toMatchObject({ status: 'running', attempt: 2, agent: 'agent-2', error: null });
+  });
+
+  it('appends a lifecycle event on every status change, with the message when given', async () => {
+    const job = await runningJob();
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { progress: { stage: 'running', step: 1, total: 30 } });
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'failed', stage: 'done' }, 'worker crashed');
+    const { events } = await store.history(job.id);
+    expect(events.map((e) => [e.status, e.stage, e.attempt, e.agent])).toEqual([
+      ['queued', 'queued', 0, null],
+      ['running', 'dispatched', 1, 'agent-1'],
+      ['failed', 'done', 1, 'agent-1'],
+    ]);
+    expect(events[2]!.message).toBe('worker crashed');
+  });
+
+  it('on a terminal status, keeps the record for JOB_RETENTION and drops it from the active set', async () => {
+    const job = await runningJob();
+    expect(await redis.ttl(keys.job(job.id))).toBe(-1);
+    await store.addDelivery(job.id, { id: 'msg_1', event: 'started', try: 1, at: new Date().toISOString(), status_code: 200, ok: true, error: null, duration_ms: 5 });
+    const done = await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    expect(done?.status).toBe('succeeded');
+    for (const key of [keys.job(job.id), keys.jobEvents(job.id), keys.jobDeliveries(job.id)]) {
+      const ttl = await redis.ttl(key);
+      expect(ttl, key).toBeGreaterThan(RETENTION_S - 5);
+      expect(ttl, key).toBeLessThanOrEqual(RETENTION_S);
+    }
+    expect(await store.activeIds()).toEqual([]);
+  });
+
+  it('keeps a non-terminal job without expiry and in the active set', async () => {
+    const job = await runningJob();
+    await store.update(job.id, { status: ['running'] }, { stage: 'running' });
+    expect(await redis.ttl(keys.job(job.id))).toBe(-1);
+    expect(await store.activeIds()).toEqual([job.id]);
+  });
+
+  it('records progress for the current attempt and refuses it for a stale one', async () => {
+    const job = await runningJob();
+    expect(await store.setProgress(job.id, 1, { stage: 'running', progress: { stage: 'running', step: 3, total: 30 } })).toEqual({ ok: true, cancelRequested: false });
+    expect((await store.get(job.id))?.progress).toEqual({ stage: 'running', step: 3, total: 30 });
+
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { attempt: 2, agent: 'agent-2', progress: null });
+    expect((await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 29, total: 30 } })).ok).toBe(false);
+    expect((await store.get(job.id))?.progress).toBeNull();
+    expect((await store.history(job.id)).events).toHaveLength(3); // progress writes add no events
+  });
+
+  it('refuses progress once the job has finished', async () => {
+    const job = await runningJob();
+    await store.update(job.id, { status: ['running'] }, { status: 'canceled', stage: 'done' });
+    expect((await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 5, total: 30 } })).ok).toBe(false);
+  });
+
+  it('tells the agent writing progress that cancellation was requested', async () => {
+    const job = await runningJob();
+    await store.update(job.id, { status: ['running'] }, { cancel_requested: true });
+    expect(await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 4, total: 30 } })).toEqual({ ok: true, cancelRequested: true });
+  });
+});
