@@ -141,7 +141,7 @@ export class Dispatcher {
       activationMb: activationVramMb(job.request.hyperparameters),
     }));
     const running = new Map<string, number>();
-    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running });
+    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY });
 
     for (const d of decisions) {
       const { entry, job } = byId.get(d.jobId)!;
@@ -189,7 +189,8 @@ export class Dispatcher {
           inflight,
           avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
           vramTotalMb: a.gpu.vram_total_mb,
-          resident: new Set(a.resident.map((r) => r.name)),
+          // least recently used first, as the worker evicts
+          resident: new Set([...a.resident].sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
           models: new Map(a.capabilities!.models.map((m) => [m.name, m])),
         };
       }),

@@ -12,6 +12,7 @@ export const DispatcherEnv = CommonEnv.extend(StorageEnv.shape)
     AGING_MS: z.coerce.number().int().min(1_000).default(60_000).describe('waiting this long raises a job one priority rank'),
     INTAKE_WINDOW: z.coerce.number().int().min(1).max(10_000).default(500),
     AGENT_SLOTS: z.coerce.number().int().min(1).max(8).default(2).describe('jobs held per agent: the running one plus the next'),
+    PLACEMENT_POLICY: z.enum(['affinity', 'fifo']).default('affinity').describe('fifo: plain competing consumers, the benchmark baseline'),
     WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
   });
 export type DispatcherEnv = z.infer<typeof DispatcherEnv>;

@@ -4,12 +4,19 @@ import type { ModelInfo } from '@kiln/contracts';
  * Placement, as a pure function of what the dispatcher sees, so it can be tested and
  * benchmarked without Redis.
  *
- * For each waiting job (most urgent first) the cost of running it on an agent is the
- * agent's expected wait plus the cold-load time of its model when the agent does not hold it.
- * The job goes to the cheapest agent if that agent has a free slot (late binding keeps each
- * agent at about one job beyond the running one). If the cheapest agent is full, the job
- * waits for it — unless it has already waited longer than going elsewhere would cost, so a
- * job is never stuck behind a slow agent while another idles.
+ * The cost of running a job on an agent is what the GPU would spend before starting it:
+ * the agent's expected wait (jobs ahead × its typical job time), plus the cold load of the
+ * job's model when the agent does not hold it, plus — when that load would evict models
+ * other waiting jobs need — those models' reload cost.
+ *
+ * Placement fills free slots one at a time, always with the (job, agent) pair of lowest score
+ *   score = cost + rank × AGING_MS − waited + running(client) × FAIRNESS_MS
+ * so priority dominates, waiting time ages a job up, a job whose model is resident beats one
+ * that would evict it (until the latter has waited about the cost it would cause), and a client
+ * with many jobs running yields to others. Late binding: an agent holds at most its slots (the
+ * running job plus the next); everything else stays in intake. A job whose cheapest agent is
+ * full waits for it, unless it has already waited longer than going elsewhere would cost — so
+ * a job is never stuck behind a slow agent while another idles.
  */
 
 export interface AgentView {
@@ -20,6 +27,7 @@ export interface AgentView {
   /** typical run time of one job on this agent */
   avgJobMs: number;
   vramTotalMb: number;
+  /** models in VRAM, least recently used first */
   resident: Set<string>;
   models: Map<string, ModelInfo>;
 }
@@ -38,6 +46,11 @@ export interface PlacementOptions {
   agingMs: number;
   /** how many jobs each client already has running, for fairness */
   running: Map<string, number>;
+  /**
+   * `affinity` (default) as described above; `fifo` is plain competing consumers — any agent
+   * with a free slot, ignoring what is resident — kept as the benchmark's baseline.
+   */
+  policy?: 'affinity' | 'fifo';
 }
 
 export type Decision =
@@ -45,55 +58,93 @@ export type Decision =
   | { jobId: string; kind: 'wait' }
   | { jobId: string; kind: 'infeasible'; reason: string };
 
-export function plan(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Decision[] {
-  const state = agents.map((a) => ({ ...a, resident: new Set(a.resident) }));
-  const running = new Map(opts.running);
-  const urgency = (c: Candidate) => c.rank - c.waitedMs / opts.agingMs;
-  const order = [...candidates].sort(
-    (a, b) =>
-      urgency(a) - urgency(b) ||
-      (running.get(a.client) ?? 0) - (running.get(b.client) ?? 0) ||
-      b.waitedMs - a.waitedMs,
-  );
+type AgentState = AgentView;
 
+export function plan(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Decision[] {
+  const fifo = opts.policy === 'fifo';
+  const fairnessMs = opts.agingMs / 10;
+  const state: AgentState[] = agents.map((a) => ({ ...a, resident: new Set(a.resident) }));
+  const running = new Map(opts.running);
   const decisions: Decision[] = [];
-  for (const c of order) {
+
+  // jobs no live agent could ever run are decided up front
+  const feasibleFor = new Map<string, AgentState[]>();
+  let remaining: Candidate[] = [];
+  for (const c of candidates) {
     const feasible = state.filter((a) => {
       const m = a.models.get(c.model);
       return m !== undefined && m.vram_mb + c.activationMb <= a.vramTotalMb;
     });
     if (feasible.length === 0) {
-      const anyHasModel = state.some((a) => a.models.has(c.model));
-      decisions.push({
-        jobId: c.jobId,
-        kind: 'infeasible',
-        reason: state.length === 0
-          ? 'no live agent'
-          : anyHasModel
-            ? `no live agent has enough VRAM for ${c.model} with this request`
-            : `no live agent can load model ${c.model}`,
-      });
-      continue;
+      decisions.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
+    } else {
+      feasibleFor.set(c.jobId, feasible);
+      remaining.push(c);
     }
-    const cost = (a: (typeof state)[number]) =>
-      a.inflight * a.avgJobMs + (a.resident.has(c.model) ? 0 : a.models.get(c.model)!.load_ms);
-    const byCost = [...feasible].sort((a, b) => cost(a) - cost(b) || a.inflight - b.inflight || a.id.localeCompare(b.id));
-    const best = byCost[0]!;
-    const open = byCost.find((a) => a.free > 0);
-    let chosen: (typeof state)[number] | undefined;
-    if (best.free > 0) chosen = best;
-    else if (open && c.waitedMs >= cost(open) - cost(best)) chosen = open;
-
-    if (!chosen) {
-      decisions.push({ jobId: c.jobId, kind: 'wait' });
-      continue;
-    }
-    const load = !chosen.resident.has(c.model);
-    decisions.push({ jobId: c.jobId, kind: 'place', agentId: chosen.id, load });
-    chosen.free -= 1;
-    chosen.inflight += 1;
-    chosen.resident.add(c.model);
-    running.set(c.client, (running.get(c.client) ?? 0) + 1);
   }
+
+  const demand = new Map<string, number>();
+  for (const c of remaining) demand.set(c.model, (demand.get(c.model) ?? 0) + 1);
+
+  /** Models a load of `c` would push out of `a`'s VRAM, least recently used first. */
+  const evictions = (a: AgentState, c: Candidate): string[] => {
+    if (a.resident.has(c.model)) return [];
+    const need = a.models.get(c.model)!.vram_mb + c.activationMb;
+    let used = [...a.resident].reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
+    const out: string[] = [];
+    for (const name of a.resident) {
+      if (used + need <= a.vramTotalMb) break;
+      used -= a.models.get(name)?.vram_mb ?? 0;
+      out.push(name);
+    }
+    return out;
+  };
+  const cost = (a: AgentState, c: Candidate): number => {
+    if (fifo) return a.inflight;
+    if (a.resident.has(c.model)) return a.inflight * a.avgJobMs;
+    const evictPenalty = evictions(a, c)
+      .filter((name) => (demand.get(name) ?? 0) > 0)
+      .reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0), 0);
+    return a.inflight * a.avgJobMs + a.models.get(c.model)!.load_ms + evictPenalty;
+  };
+
+  for (;;) {
+    let best: { c: Candidate; a: AgentState; score: number } | null = null;
+    for (const c of remaining) {
+      const feasible = feasibleFor.get(c.jobId)!;
+      const ranked = feasible
+        .map((a) => ({ a, cost: cost(a, c) }))
+        .sort((x, y) => x.cost - y.cost || x.a.inflight - y.a.inflight || x.a.id.localeCompare(y.a.id));
+      const cheapest = ranked[0]!;
+      // where this job may go now: its cheapest agent, or — if that one is full — a free one,
+      // once the job has waited longer than the extra cost of going there
+      const target = cheapest.a.free > 0
+        ? cheapest
+        : ranked.find((r) => r.a.free > 0 && (fifo || c.waitedMs >= r.cost - cheapest.cost));
+      if (!target) continue;
+      const score = target.cost + c.rank * opts.agingMs - c.waitedMs + (running.get(c.client) ?? 0) * fairnessMs;
+      if (!best || score < best.score) best = { c, a: target.a, score };
+    }
+    if (!best) break;
+
+    const { c, a } = best;
+    const load = !a.resident.has(c.model);
+    decisions.push({ jobId: c.jobId, kind: 'place', agentId: a.id, load });
+    for (const name of evictions(a, c)) a.resident.delete(name);
+    a.resident.delete(c.model);
+    a.resident.add(c.model); // most recently used
+    a.free -= 1;
+    a.inflight += 1;
+    running.set(c.client, (running.get(c.client) ?? 0) + 1);
+    demand.set(c.model, (demand.get(c.model) ?? 1) - 1);
+    remaining = remaining.filter((x) => x !== c);
+  }
+  for (const c of remaining) decisions.push({ jobId: c.jobId, kind: 'wait' });
   return decisions;
+}
+
+function infeasibleReason(c: Candidate, agents: AgentState[]): string {
+  if (agents.length === 0) return 'no live agent';
+  if (agents.some((a) => a.models.has(c.model))) return `no live agent has enough VRAM for ${c.model} with this request`;
+  return `no live agent can load model ${c.model}`;
 }
