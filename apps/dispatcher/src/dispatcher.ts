@@ -130,7 +130,7 @@ export class Dispatcher {
     }
     if (byId.size === 0) return;
 
-    const agents = await this.agentViews(live);
+    const { agents, running } = await this.agentViews(live);
     const now = Date.now();
     const candidates: Candidate[] = [...byId.values()].map(({ entry, job }) => ({
       jobId: job.id,
@@ -140,7 +140,6 @@ export class Dispatcher {
       client: job.client,
       activationMb: activationVramMb(job.request.hyperparameters),
     }));
-    const running = new Map<string, number>();
     const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY });
 
     for (const d of decisions) {
@@ -168,7 +167,7 @@ export class Dispatcher {
       if (claimed) {
         await this.agentQueue(d.agentId).add(
           'generation',
-          { job_id: job.id, attempt: claimed.attempt },
+          { job_id: job.id, attempt: claimed.attempt, client: job.client },
           { jobId: agentJobId(job.id, claimed.attempt), removeOnComplete: true, removeOnFail: true },
         );
         this.log.debug({ job: job.id, agent: d.agentId, attempt: claimed.attempt, load: d.load }, 'placed');
@@ -177,16 +176,18 @@ export class Dispatcher {
     }
   }
 
-  private async agentViews(live: AgentHeartbeat[]): Promise<AgentView[]> {
+  /** What placement needs of each usable agent, and how many jobs each client has on agents. */
+  private async agentViews(live: AgentHeartbeat[]): Promise<{ agents: AgentView[]; running: Map<string, number> }> {
     const usable = live.filter((a) => a.capabilities && (a.state === 'ready' || a.state === 'busy'));
-    return Promise.all(
+    const running = new Map<string, number>();
+    const agents = await Promise.all(
       usable.map(async (a) => {
-        const counts = await this.agentQueue(a.agent_id).getJobCounts('active', 'waiting', 'prioritized', 'delayed');
-        const inflight = Object.values(counts).reduce((s, n) => s + n, 0);
+        const held = (await this.agentQueue(a.agent_id).getJobs(['active', 'waiting', 'prioritized', 'delayed'])).filter(Boolean);
+        for (const h of held) if (h.data?.client) running.set(h.data.client, (running.get(h.data.client) ?? 0) + 1);
         return {
           id: a.agent_id,
-          free: Math.max(0, this.env.AGENT_SLOTS - inflight),
-          inflight,
+          free: Math.max(0, this.env.AGENT_SLOTS - held.length),
+          inflight: held.length,
           avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
           vramTotalMb: a.gpu.vram_total_mb,
           // least recently used first, as the worker evicts
@@ -195,6 +196,7 @@ export class Dispatcher {
         };
       }),
     );
+    return { agents, running };
   }
 
   async close(): Promise<void> {

@@ -64,7 +64,8 @@ export function parseEnvOrThrow<S extends z.ZodType>(schema: S, env: NodeJS.Proc
   const result = schema.safeParse(cleaned);
   if (result.success) return result.data;
   throw new EnvError(
-    result.error.issues.map((i) => `${i.path.join('.') || '(env)'}: ${i.message}${'input' in i && i.input !== undefined ? ` (got ${JSON.stringify(i.input)})` : ''}`),
+    // values are not echoed: some are secrets
+    result.error.issues.map((i) => `${i.path.join('.') || '(env)'}: ${i.message}`),
   );
 }
 

@@ -20,6 +20,7 @@ export interface IntakeData {
 export interface AgentJobData {
   job_id: string;
   attempt: number;
+  client: string;
 }
 
 /** Intake entry id: one per (job, queueing), so re-adding after a crash is a no-op. */

@@ -1,6 +1,8 @@
-import { describe, expect, it } from 'vitest';
+import { createServer, type Server } from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { KilnError } from './errors.js';
-import { assertPublicTarget } from './webhooks.js';
+import { assertPublicTarget, postWebhook } from './webhooks.js';
 
 // Only literal addresses and `localhost` (resolved from /etc/hosts): no network is needed.
 
@@ -37,5 +39,31 @@ describe('assertPublicTarget (webhook SSRF guard)', () => {
 
   it.each(['https://93.184.216.34/hook', 'http://8.8.8.8:8080/kiln', 'https://[2606:4700:4700::1111]/hook'])('accepts the public address %s', async (url) => {
     await expect(assertPublicTarget(url)).resolves.toBeUndefined();
+  });
+});
+
+describe('postWebhook: the delivery socket re-checks the address it connects to', () => {
+  let server: Server;
+  let port = 0;
+  let hits = 0;
+  beforeAll(async () => {
+    server = createServer((_req, res) => {
+      hits += 1;
+      res.statusCode = 204;
+      res.end();
+    });
+    await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+    port = (server.address() as AddressInfo).port;
+  });
+  afterAll(() => new Promise<void>((r) => server.close(() => r())));
+
+  it('refuses a name that resolves to loopback at connect time, and never sends the body', async () => {
+    const before = hits;
+    await expect(postWebhook(`http://localhost:${port}/hook`, {}, '{}', 2_000, false)).rejects.toThrow(/loopback/);
+    expect(hits).toBe(before);
+  });
+
+  it('delivers to the same receiver when private targets are allowed', async () => {
+    await expect(postWebhook(`http://localhost:${port}/hook`, { 'content-type': 'application/json' }, '{}', 2_000, true)).resolves.toBe(204);
   });
 });

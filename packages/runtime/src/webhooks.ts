@@ -1,4 +1,7 @@
+import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions } from 'node:dns';
 import { lookup } from 'node:dns/promises';
+import { request as httpRequest } from 'node:http';
+import { request as httpsRequest } from 'node:https';
 import { randomUUID } from 'node:crypto';
 import type { StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
@@ -25,19 +28,64 @@ export interface DeliveryData {
   body: string;
 }
 
+/** Why an address is no place to send a webhook, or null when it is a public unicast one. */
+function nonPublic(address: string): string | null {
+  let addr = ipaddr.parse(address);
+  if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address();
+  const range = addr.range();
+  return range === 'unicast' ? null : range;
+}
+
 /** Refuses loopback, private, link-local and other non-public targets (SSRF). */
 export async function assertPublicTarget(rawUrl: string): Promise<void> {
   const url = new URL(rawUrl);
   const host = url.hostname.replace(/^\[|\]$/g, '');
   const addresses = ipaddr.isValid(host) ? [host] : (await lookup(host, { all: true })).map((a) => a.address);
   for (const address of addresses) {
-    let addr = ipaddr.parse(address);
-    if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address();
-    const range = addr.range();
-    if (range !== 'unicast') {
+    const range = nonPublic(address);
+    if (range) {
       throw new KilnError('validation_failed', `webhook target ${host} resolves to ${address}, a ${range} address; set WEBHOOK_ALLOW_PRIVATE=true to allow it`);
     }
   }
+}
+
+/**
+ * A DNS lookup for the delivery socket itself that refuses non-public answers, so a name
+ * that resolved to a public address at the check cannot rebind to a private one for the POST.
+ */
+function publicOnlyLookup(hostname: string, options: LookupAllOptions | object, cb: (err: Error | null, address: string | LookupAddress[], family?: number) => void): void {
+  dnsLookup(hostname, { ...options, all: true }, (err, addresses) => {
+    if (err) return cb(err, '');
+    const bad = addresses.find((a) => nonPublic(a.address));
+    if (bad) return cb(new Error(`${hostname} resolves to ${bad.address}, a ${nonPublic(bad.address)} address`), '');
+    if ((options as LookupAllOptions).all) return cb(null, addresses);
+    cb(null, addresses[0]!.address, addresses[0]!.family);
+  });
+}
+
+/** POSTs the body; resolves with the status code (redirects are not followed). */
+export function postWebhook(rawUrl: string, headers: Record<string, string>, body: string, timeoutMs: number, allowPrivate: boolean): Promise<number> {
+  const url = new URL(rawUrl);
+  const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
+  return new Promise((resolve, reject) => {
+    const req = send(
+      url,
+      {
+        method: 'POST',
+        headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
+        timeout: timeoutMs,
+        ...(allowPrivate ? {} : { lookup: publicOnlyLookup as never }),
+      },
+      (res) => {
+        res.resume();
+        res.on('end', () => resolve(res.statusCode ?? 0));
+        res.on('error', reject);
+      },
+    );
+    req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
+    req.on('error', reject);
+    req.end(body);
+  });
 }
 
 export class WebhookOutbox {
@@ -105,19 +153,11 @@ export function webhookDeliverer(store: JobStore, env: WebhookEnv) {
       'webhook-timestamp': String(Math.floor(now.getTime() / 1000)),
       'webhook-signature': signer.sign(d.msg_id, now, d.body),
     };
-    let status: number | null = null;
+    let status: number;
     try {
-      const res = await fetch(d.url, {
-        method: 'POST',
-        headers,
-        body: d.body,
-        redirect: 'manual',
-        signal: AbortSignal.timeout(env.WEBHOOK_TIMEOUT_MS),
-      });
-      status = res.status;
-      await res.body?.cancel();
+      status = await postWebhook(d.url, headers, d.body, env.WEBHOOK_TIMEOUT_MS, env.WEBHOOK_ALLOW_PRIVATE);
     } catch (err) {
-      const message = err instanceof Error ? `${err.name}: ${err.message}` : String(err);
+      const message = err instanceof Error ? err.message : String(err);
       await record(null, false, message);
       throw new Error(`webhook delivery failed: ${message}`);
     }
