@@ -53,6 +53,28 @@ describe('failures of workers and agents', () => {
     await farm.waitForAgents(2);
   });
 
+  it('SIGTERM of an agent: it stops taking work, hands back or finishes what it holds, and leaves cleanly', async () => {
+    const jobs = await Promise.all([20, 21, 22].map((s) => farm.submit(slow(s))));
+    const running = await farm.waitForJob(jobs[0]!.id, (j) => j.stage === 'running' && (j.progress?.step ?? 0) >= 1);
+    const victim = running.agent!;
+    const idx = Number(victim.split('-')[1]);
+    const proc = farm.procs.get(victim)!;
+    const t0 = Date.now();
+    proc.kill('SIGTERM');
+    const exit = await proc;
+    expect(exit.exitCode).toBe(0);
+    expect(Date.now() - t0).toBeLessThan(8_000);
+    // gone from the registry at once, not after a heartbeat lapse
+    expect((await farm.agents()).some((a) => a.agent_id === victim)).toBe(false);
+    const done = await Promise.all(jobs.map((j) => farm.waitForDone(j.id, 60_000)));
+    expect(done.map((j) => j.status)).toEqual(['succeeded', 'succeeded', 'succeeded']);
+    // a hand-back is not a failure: no job was charged an extra attempt for it
+    expect(done.every((j) => j.attempt === 1)).toBe(true);
+    expect(done.every((j) => !j.events.some((e) => e.message?.includes('agent_lost')))).toBe(true);
+    farm.startAgent(idx);
+    await farm.waitForAgents(2);
+  });
+
   it('cancelling a running job: canceled within about two seconds, and the worker takes the next job', async () => {
     const submitted = await farm.submit(slow(3));
     const running = await farm.waitForJob(submitted.id, (j) => j.stage === 'running' && (j.progress?.step ?? 0) >= 1);
