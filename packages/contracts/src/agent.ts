@@ -1,11 +1,13 @@
 import { z } from 'zod';
 
-export const ModelKind = z.enum(['base', 'refiner', 'vae']);
+export const ModelKind = z.enum(['base', 'refiner', 'vae', 'lora', 'controlnet', 'upscaler', 'safety_checker']);
 export const ModelInfo = z.object({
   name: z.string(),
   kind: ModelKind,
   vram_mb: z.number().int().describe('VRAM the loaded model takes'),
   load_ms: z.number().int().describe("the worker's estimate of a cold load from disk"),
+  controlnet_type: z.string().optional().describe('for kind controlnet: canny, depth, …'),
+  scale: z.number().int().optional().describe('for kind upscaler: its native factor'),
 });
 export type ModelInfo = z.infer<typeof ModelInfo>;
 
@@ -17,6 +19,9 @@ export const ResidentModel = z.object({
 });
 export type ResidentModel = z.infer<typeof ResidentModel>;
 
+export const FEATURES = ['refiner', 'vae', 'lora', 'controlnet', 'img2img', 'inpaint', 'upscale', 'safety_check', 'metadata'] as const;
+export const PERFORMANCE_OPTIONS = ['attention_slicing', 'vae_slicing', 'vae_tiling', 'cpu_offload_model', 'cpu_offload_sequential', 'channels_last', 'compile'] as const;
+
 export const WorkerCapabilities = z.object({
   backend: z.enum(['synthetic', 'diffusers']),
   models: z.array(ModelInfo),
@@ -24,6 +29,12 @@ export const WorkerCapabilities = z.object({
   output_formats: z.array(z.string()),
   max_side: z.number().int(),
   max_images: z.number().int(),
+  features: z.array(z.enum(FEATURES)),
+  controlnet_types: z.array(z.string()).describe('types with at least one ControlNet model here'),
+  controlnet_preprocessors: z.array(z.string()),
+  upscalers: z.array(z.string()).describe('upscaler models here; "lanczos" resampling is always available'),
+  dtypes: z.array(z.enum(['fp16', 'bf16', 'fp32'])),
+  performance: z.array(z.enum(PERFORMANCE_OPTIONS)),
 });
 export type WorkerCapabilities = z.infer<typeof WorkerCapabilities>;
 

@@ -131,7 +131,8 @@ export function issuesToDetails(issues: readonly z.core.$ZodIssue[], prefix: (st
       out.push(...issuesToDetails(best, path));
       continue;
     }
-    out.push({ field: path.join('.'), rule: issue.code, message: issue.message });
+    const custom = issue.code === 'custom' ? (issue.params as { rule?: string } | undefined)?.rule : undefined;
+    out.push({ field: path.join('.'), rule: custom ?? issue.code, message: issue.message });
   }
   return out;
 }

@@ -12,6 +12,14 @@ export const isTerminal = (s: JobStatus) => TERMINAL_STATUSES.includes(s);
 export const JobStage = z.enum(['queued', 'dispatched', 'loading_model', 'running', 'uploading', 'done']);
 export type JobStage = z.infer<typeof JobStage>;
 
+export const Upscaled = z.object({
+  factor: z.number().int(),
+  upscaler: z.string().describe('the model that ran, or "lanczos" for high-quality resampling'),
+  kind: z.enum(['model', 'resample']),
+});
+export const SafetyVerdict = z.object({ checked: z.boolean(), nsfw: z.boolean(), checker: z.string() });
+export const GenerationMetadata = z.record(z.string(), z.unknown()).describe('prompt, seed, scheduler, models, LoRAs, timings');
+
 export const Output = z.object({
   index: z.number().int(),
   key: z.string().describe('object key in the output bucket'),
@@ -22,6 +30,9 @@ export const Output = z.object({
   sha256: z.string(),
   bytes: z.number().int(),
   content_type: z.string(),
+  upscaled: Upscaled.nullable(),
+  safety: SafetyVerdict.nullable(),
+  metadata: GenerationMetadata,
 });
 export type Output = z.infer<typeof Output>;
 /** An output as stored on the record; the URL is signed when the record is read. */

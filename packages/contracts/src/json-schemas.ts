@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { CONTROLNET_TYPES, PREPROCESSABLE, SCHEDULER_ALIASES, SCHEDULER_OPTIONS, SCHEDULERS } from './generation.js';
 import { AgentToWorker, WorkerToAgent } from './protocol.js';
 
 /**
@@ -9,6 +10,8 @@ export function protocolJsonSchemas(): Record<string, unknown> {
   return {
     'agent-to-worker.json': z.toJSONSchema(AgentToWorker, { io: 'output', target: 'draft-2020-12' }),
     'worker-to-agent.json': z.toJSONSchema(WorkerToAgent, { io: 'output', target: 'draft-2020-12' }),
+    // tables the worker shares with the API, so both sides decide the same way
+    'tables.json': { schedulers: SCHEDULERS, scheduler_aliases: SCHEDULER_ALIASES, scheduler_options: SCHEDULER_OPTIONS, controlnet_types: CONTROLNET_TYPES, preprocessable: PREPROCESSABLE },
   };
 }
 

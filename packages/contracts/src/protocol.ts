@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
+import { GenerationMetadata, SafetyVerdict, Upscaled } from './job.js';
 import { ResolvedGenerationRequest } from './generation.js';
 
 /**
@@ -30,6 +31,7 @@ export const GenerateMessage = z.strictObject({
   job_id: z.string(),
   attempt: z.number().int().min(1),
   job_dir: z.string().describe('absolute directory the worker writes outputs into'),
+  files: z.record(z.string(), z.string()).describe("local paths of the request's input images, by s3_key (the agent downloads them)"),
   request: ResolvedGenerationRequest,
 });
 export const CancelMessage = z.strictObject({ v, type: z.literal('cancel'), id });
@@ -58,7 +60,7 @@ export const ProgressMessage = z.strictObject({
   v,
   type: z.literal('progress'),
   id,
-  stage: z.enum(['loading_model', 'running']),
+  stage: z.enum(['loading_model', 'base', 'refiner', 'upscale', 'safety']),
   step: z.number().int().min(0),
   total: z.number().int().min(0),
 });
@@ -71,6 +73,9 @@ export const WorkerOutput = z.strictObject({
   sha256: z.string().regex(/^[0-9a-f]{64}$/),
   bytes: z.number().int(),
   content_type: z.string(),
+  upscaled: Upscaled.nullable(),
+  safety: SafetyVerdict.nullable(),
+  metadata: GenerationMetadata.describe('what is embedded in the file (when asked), plus per-stage timings'),
 });
 export type WorkerOutput = z.infer<typeof WorkerOutput>;
 export const ResultMessage = z.strictObject({
