@@ -71,7 +71,7 @@ export const TIMESTEP_SPACINGS = ['leading', 'trailing', 'linspace'] as const;
  */
 export const SCHEDULER_OPTIONS: Record<(typeof SCHEDULERS)[number], { use_karras_sigmas: boolean; algorithm_types: readonly string[]; solver_order: boolean; timestep_spacing: boolean }> = {
   DPMSolverMultistepScheduler: { use_karras_sigmas: true, algorithm_types: ALGORITHM_TYPES, solver_order: true, timestep_spacing: true },
-  DPMSolverSinglestepScheduler: { use_karras_sigmas: true, algorithm_types: ['dpmsolver++', 'dpmsolver'], solver_order: true, timestep_spacing: true },
+  DPMSolverSinglestepScheduler: { use_karras_sigmas: true, algorithm_types: ['dpmsolver++', 'dpmsolver', 'sde-dpmsolver++'], solver_order: true, timestep_spacing: false },
   DDIMScheduler: { use_karras_sigmas: false, algorithm_types: [], solver_order: false, timestep_spacing: true },
   EulerDiscreteScheduler: { use_karras_sigmas: true, algorithm_types: [], solver_order: false, timestep_spacing: true },
   EulerAncestralDiscreteScheduler: { use_karras_sigmas: false, algorithm_types: [], solver_order: false, timestep_spacing: true },
@@ -227,6 +227,7 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
         if (sched.use_karras_sigmas && !opts.use_karras_sigmas) issue(['scheduler', 'use_karras_sigmas'], 'unsupported_option', `${canonical} has no Karras sigmas option`);
         if (sched.algorithm_type && !opts.algorithm_types.includes(sched.algorithm_type))
           issue(['scheduler', 'algorithm_type'], 'unsupported_option', opts.algorithm_types.length ? `${canonical} accepts ${opts.algorithm_types.join(', ')}` : `${canonical} has no algorithm_type option`);
+        if ((sched as { timestep_spacing?: string }).timestep_spacing && !opts.timestep_spacing) issue(['scheduler', 'timestep_spacing'], 'unsupported_option', `${canonical} has no timestep_spacing option`);
         if (sched.solver_order !== undefined && !opts.solver_order) issue(['scheduler', 'solver_order'], 'unsupported_option', `${canonical} has no solver_order option`);
       }
       if (r.refiner && !r.model.refiner) issue(['refiner'], 'requires_model_refiner', 'set model.refiner to use refiner options');
