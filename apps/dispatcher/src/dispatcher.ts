@@ -1,4 +1,4 @@
-import { activationVramMb, type AgentHeartbeat, type StoredJob } from '@kiln/contracts';
+import { activationVramMb, type AgentHeartbeat, type StoredJob, suiteOf } from '@kiln/contracts';
 import {
   type AgentJobData,
   type AgentRegistry,
@@ -135,6 +135,7 @@ export class Dispatcher {
     const candidates: Candidate[] = [...byId.values()].map(({ entry, job }) => ({
       jobId: job.id,
       model: job.request.model.base,
+      adapters: suiteOf(job.request).slice(1).map((m) => m.name),
       rank: entry.opts.priority ?? 5,
       waitedMs: now - entry.timestamp,
       client: job.client,

@@ -34,7 +34,10 @@ export interface AgentView {
 
 export interface Candidate {
   jobId: string;
+  /** the base model */
   model: string;
+  /** the rest of the suite: refiner, VAE, LoRAs, ControlNets, upscaler */
+  adapters?: string[];
   /** BullMQ-style priority rank: lower runs first */
   rank: number;
   waitedMs: number;
@@ -72,8 +75,8 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   let remaining: Candidate[] = [];
   for (const c of candidates) {
     const feasible = state.filter((a) => {
-      const m = a.models.get(c.model);
-      return m !== undefined && m.vram_mb + c.activationMb <= a.vramTotalMb;
+      const members = suite(c).map((name) => a.models.get(name));
+      return members.every((m) => m !== undefined) && members.reduce((s, m) => s + m!.vram_mb, 0) + c.activationMb <= a.vramTotalMb;
     });
     if (feasible.length === 0) {
       decisions.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
@@ -84,16 +87,19 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   }
 
   const demand = new Map<string, number>();
-  for (const c of remaining) demand.set(c.model, (demand.get(c.model) ?? 0) + 1);
+  for (const c of remaining) for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 0) + 1);
 
-  /** Models a load of `c` would push out of `a`'s VRAM, least recently used first. */
+  /** Models a load of `c`'s suite would push out of `a`'s VRAM, least recently used first. */
   const evictions = (a: AgentState, c: Candidate): string[] => {
-    if (a.resident.has(c.model)) return [];
-    const need = a.models.get(c.model)!.vram_mb + c.activationMb;
+    const members = suite(c);
+    const missing = members.filter((name) => !a.resident.has(name));
+    if (missing.length === 0) return [];
+    const need = missing.reduce((s, name) => s + a.models.get(name)!.vram_mb, 0) + c.activationMb;
     let used = [...a.resident].reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
     const out: string[] = [];
     for (const name of a.resident) {
       if (used + need <= a.vramTotalMb) break;
+      if (members.includes(name)) continue;
       used -= a.models.get(name)?.vram_mb ?? 0;
       out.push(name);
     }
@@ -101,11 +107,12 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   };
   const cost = (a: AgentState, c: Candidate): number => {
     if (fifo) return a.inflight;
-    if (a.resident.has(c.model)) return a.inflight * a.avgJobMs;
+    const loads = suite(c).filter((name) => !a.resident.has(name)).reduce((s, name) => s + a.models.get(name)!.load_ms, 0);
+    if (loads === 0) return a.inflight * a.avgJobMs;
     const evictPenalty = evictions(a, c)
       .filter((name) => (demand.get(name) ?? 0) > 0)
       .reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0), 0);
-    return a.inflight * a.avgJobMs + a.models.get(c.model)!.load_ms + evictPenalty;
+    return a.inflight * a.avgJobMs + loads + evictPenalty;
   };
 
   for (;;) {
@@ -128,23 +135,29 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     if (!best) break;
 
     const { c, a } = best;
-    const load = !a.resident.has(c.model);
+    const load = suite(c).some((name) => !a.resident.has(name));
     decisions.push({ jobId: c.jobId, kind: 'place', agentId: a.id, load });
     for (const name of evictions(a, c)) a.resident.delete(name);
-    a.resident.delete(c.model);
-    a.resident.add(c.model); // most recently used
+    for (const name of suite(c)) {
+      a.resident.delete(name);
+      a.resident.add(name); // most recently used
+    }
     a.free -= 1;
     a.inflight += 1;
     running.set(c.client, (running.get(c.client) ?? 0) + 1);
-    demand.set(c.model, (demand.get(c.model) ?? 1) - 1);
+    for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 1) - 1);
     remaining = remaining.filter((x) => x !== c);
   }
   for (const c of remaining) decisions.push({ jobId: c.jobId, kind: 'wait' });
   return decisions;
 }
 
+const suite = (c: Candidate): string[] => [c.model, ...(c.adapters ?? [])];
+
 function infeasibleReason(c: Candidate, agents: AgentState[]): string {
   if (agents.length === 0) return 'no live agent';
-  if (agents.some((a) => a.models.has(c.model))) return `no live agent has enough VRAM for ${c.model} with this request`;
-  return `no live agent can load model ${c.model}`;
+  const missing = suite(c).filter((name) => !agents.some((a) => a.models.has(name)));
+  if (missing.length) return `no live agent can load model ${missing.join(', ')}`;
+  if (!agents.some((a) => suite(c).every((name) => a.models.has(name)))) return `no live agent has every model of this request (${suite(c).join(', ')})`;
+  return `no live agent has enough VRAM for ${c.model} with this request`;
 }

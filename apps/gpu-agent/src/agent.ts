@@ -158,9 +158,10 @@ export class Agent {
       );
       if (!begun) return this.log.warn({ job: job.id }, 'job was taken back before it started');
       await mkdir(jobDir, { recursive: true });
+      const files = await this.downloadInputs(job, jobDir);
 
       let lastProgressHook = 0;
-      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, request: job.request }, (p) => {
+      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, files, request: job.request }, (p) => {
         const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
         void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async ({ ok, cancelRequested }) => {
           if (!ok) return this.stopCurrent('handback'); // the job was re-placed or finished under us
@@ -198,7 +199,8 @@ export class Agent {
         } catch (err) {
           throw new KilnError('storage_failed', `upload of ${key} failed: ${coerceError(err).message}`, { cause: err });
         }
-        outputs.push({ index: o.index, key, width: o.width, height: o.height, seed: o.seed, sha256: o.sha256, bytes: o.bytes, content_type: o.content_type });
+        const { path: _path, ...rest } = o;
+        outputs.push({ ...rest, key });
       }
       const finishedAt = new Date();
       const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {
@@ -239,6 +241,24 @@ export class Agent {
       await this.heartbeat().catch(() => {});
       await this.jobs.wake();
     }
+  }
+
+  /** Fetches the request's input images (stored by the API) into the job directory. */
+  private async downloadInputs(job: StoredJob, jobDir: string): Promise<Record<string, string>> {
+    const r = job.request;
+    const keys = [r.image?.init.s3_key, r.image?.mask?.s3_key, ...(r.controlnets ?? []).map((c) => c.image.s3_key)].filter((k): k is string => !!k);
+    const files: Record<string, string> = {};
+    if (keys.length) await mkdir(join(jobDir, 'inputs'), { recursive: true });
+    for (const [i, key] of keys.entries()) {
+      const path = join(jobDir, 'inputs', `${i}-${key.split('/').at(-1)}`);
+      try {
+        await this.storage.getFile(key, path);
+      } catch (err) {
+        throw new KilnError('storage_failed', `download of input ${key} failed: ${coerceError(err).message}`, { cause: err });
+      }
+      files[key] = path;
+    }
+    return files;
   }
 
   /** Ends an attempt that produced no result: canceled, failed, or back to placement. */

@@ -69,7 +69,7 @@ function request(opts: { steps?: number; prompt?: string } = {}) {
 }
 
 function generateMsg(opts: { steps?: number; prompt?: string } = {}) {
-  return { job_id: 'job-1', attempt: 1, job_dir: jobDir, request: request(opts) };
+  return { job_id: 'job-1', attempt: 1, job_dir: jobDir, files: {}, request: request(opts) };
 }
 
 /** Resolves with the first progress message of `stage`, so a test can act mid-request. */
@@ -82,7 +82,7 @@ function progressTracker() {
     firstRunning,
     onProgress: (m: ProgressMessage) => {
       seen.push(m);
-      if (m.stage === 'running') notify(m);
+      if (m.stage === 'base') notify(m);
     },
   };
 }
@@ -132,7 +132,7 @@ describe('WorkerProcess with the real synthetic worker', () => {
     const result = await done;
     expect(worker.state).toBe('ready');
 
-    const running = progress.seen.filter((p) => p.stage === 'running');
+    const running = progress.seen.filter((p) => p.stage === 'base');
     expect(running.map((p) => p.step)).toEqual([1, 2, 3, 4, 5]);
     expect(running.every((p) => p.total === 5)).toBe(true);
     expect(result.outputs).toHaveLength(1);
@@ -158,7 +158,7 @@ describe('WorkerProcess with the real synthetic worker', () => {
     const err = await rejection(done);
     expect(err.code).toBe('canceled');
     expect(err.retryable).toBe(false);
-    expect(progress.seen.filter((p) => p.stage === 'running').length).toBeLessThan(150);
+    expect(progress.seen.filter((p) => p.stage === 'base').length).toBeLessThan(150);
     expect(worker.state).toBe('ready');
     expect(isAlive(worker.pid!)).toBe(true);
 

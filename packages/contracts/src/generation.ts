@@ -126,7 +126,7 @@ const Fraction = z.number().min(0).max(1);
 
 function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.ZodType>(image: I, schedulerType: T, seed: Seed) {
   const Scheduler = z.strictObject({
-    type: schedulerType,
+    type: schedulerType.default('EulerDiscreteScheduler' as never),
     steps: z.number().int().min(1).max(LIMITS.maxSteps).default(30),
     use_karras_sigmas: z.boolean().optional(),
     algorithm_type: z.enum(ALGORITHM_TYPES).optional(),

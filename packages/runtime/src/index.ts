@@ -9,4 +9,5 @@ export * from './jobs.js';
 export * from './storage.js';
 export * from './registry.js';
 export * from './webhooks.js';
+export { guardedGet, publicOnlyLookup } from './net-guard.js';
 export * from './shutdown.js';

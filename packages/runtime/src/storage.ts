@@ -1,5 +1,6 @@
 import { Client } from 'minio';
 import type { StorageEnv } from './env.js';
+import { KilnError } from './errors.js';
 
 /**
  * S3-compatible storage through the minio client. Output keys are deterministic per job and
@@ -36,6 +37,26 @@ export class Storage {
   /** Uploads a file of known size (s3rver and some gateways lack multipart listing). */
   async putFile(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
     await this.client.fPutObject(this.bucket, key, path, { 'Content-Type': contentType, ...meta });
+  }
+
+  async putBuffer(key: string, body: Buffer, contentType: string): Promise<void> {
+    await this.client.putObject(this.bucket, key, body, body.length, { 'Content-Type': contentType });
+  }
+
+  /** Downloads an object to a local file. */
+  async getFile(key: string, path: string): Promise<void> {
+    await this.client.fGetObject(this.bucket, key, path);
+  }
+
+  /** Reads an object of at most `maxBytes` (checked before reading). */
+  async getBuffer(key: string, maxBytes: number): Promise<Buffer | null> {
+    const st = await this.stat(key);
+    if (!st) return null;
+    if (st.size > maxBytes) throw new KilnError('payload_too_large', `${key} is ${st.size} bytes; the limit is ${maxBytes}`);
+    const stream = await this.client.getObject(this.bucket, key);
+    const chunks: Buffer[] = [];
+    for await (const c of stream) chunks.push(c as Buffer);
+    return Buffer.concat(chunks);
   }
 
   async presign(key: string): Promise<string> {

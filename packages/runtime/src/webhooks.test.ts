@@ -33,7 +33,7 @@ describe('assertPublicTarget (webhook SSRF guard)', () => {
 
   it('names the host and the kind of address it refused', async () => {
     await expect(assertPublicTarget('http://169.254.169.254/latest/meta-data/')).rejects.toThrow(
-      'webhook target 169.254.169.254 resolves to 169.254.169.254, a linkLocal address',
+      'target 169.254.169.254 resolves to 169.254.169.254, a linkLocal address',
     );
   });
 

@@ -1,16 +1,16 @@
-import { lookup as dnsLookup, type LookupAddress, type LookupAllOptions } from 'node:dns';
-import { lookup } from 'node:dns/promises';
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { randomUUID } from 'node:crypto';
 import type { StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
-import ipaddr from 'ipaddr.js';
 import { Webhook } from 'standardwebhooks';
 import type { WebhookEnv } from './env.js';
 import { KilnError } from './errors.js';
 import type { JobStore } from './job-store.js';
 import { jobRecord } from './job-view.js';
+import { assertPublicTarget, publicOnlyLookup } from './net-guard.js';
+
+export { assertPublicTarget } from './net-guard.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -26,41 +26,6 @@ export interface DeliveryData {
   msg_id: string;
   url: string;
   body: string;
-}
-
-/** Why an address is no place to send a webhook, or null when it is a public unicast one. */
-function nonPublic(address: string): string | null {
-  let addr = ipaddr.parse(address);
-  if (addr.kind() === 'ipv6' && (addr as ipaddr.IPv6).isIPv4MappedAddress()) addr = (addr as ipaddr.IPv6).toIPv4Address();
-  const range = addr.range();
-  return range === 'unicast' ? null : range;
-}
-
-/** Refuses loopback, private, link-local and other non-public targets (SSRF). */
-export async function assertPublicTarget(rawUrl: string): Promise<void> {
-  const url = new URL(rawUrl);
-  const host = url.hostname.replace(/^\[|\]$/g, '');
-  const addresses = ipaddr.isValid(host) ? [host] : (await lookup(host, { all: true })).map((a) => a.address);
-  for (const address of addresses) {
-    const range = nonPublic(address);
-    if (range) {
-      throw new KilnError('validation_failed', `webhook target ${host} resolves to ${address}, a ${range} address; set WEBHOOK_ALLOW_PRIVATE=true to allow it`);
-    }
-  }
-}
-
-/**
- * A DNS lookup for the delivery socket itself that refuses non-public answers, so a name
- * that resolved to a public address at the check cannot rebind to a private one for the POST.
- */
-function publicOnlyLookup(hostname: string, options: LookupAllOptions | object, cb: (err: Error | null, address: string | LookupAddress[], family?: number) => void): void {
-  dnsLookup(hostname, { ...options, all: true }, (err, addresses) => {
-    if (err) return cb(err, '');
-    const bad = addresses.find((a) => nonPublic(a.address));
-    if (bad) return cb(new Error(`${hostname} resolves to ${bad.address}, a ${nonPublic(bad.address)} address`), '');
-    if ((options as LookupAllOptions).all) return cb(null, addresses);
-    cb(null, addresses[0]!.address, addresses[0]!.family);
-  });
 }
 
 /** POSTs the body; resolves with the status code (redirects are not followed). */

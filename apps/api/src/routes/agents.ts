@@ -1,12 +1,36 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { z } from 'zod';
-import type { ModelsResponse } from '@kiln/contracts';
+import { type ModelsResponse, SCHEDULER_ALIASES } from '@kiln/contracts';
 import type { ApiContext } from '../context.js';
 
 /** GET /v1/agents (live agents) and GET /v1/models (what the live agents can run). */
 export function agentRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   return async (app) => {
     app.get('/v1/agents', async () => ({ agents: await ctx.registry.live() }));
+
+    /** What the farm can do: per agent, and the union over live agents. */
+    app.get('/v1/capabilities', async () => {
+      const agents = (await ctx.registry.live()).filter((a) => a.capabilities);
+      const union = <T>(pick: (c: NonNullable<(typeof agents)[number]['capabilities']>) => T[]) =>
+        [...new Set(agents.flatMap((a) => pick(a.capabilities!)))].sort();
+      return {
+        aggregate: {
+          schedulers: union((c) => c.schedulers),
+          scheduler_aliases: SCHEDULER_ALIASES,
+          controlnet_types: union((c) => c.controlnet_types),
+          controlnet_preprocessors: union((c) => c.controlnet_preprocessors),
+          upscalers: ['lanczos', ...union((c) => c.upscalers)],
+          features: union((c) => c.features),
+          output_formats: union((c) => c.output_formats),
+          dtypes: union((c) => c.dtypes),
+          performance: union((c) => c.performance),
+          models: union((c) => c.models.map((m) => m.name)),
+          max_side: Math.max(0, ...agents.map((a) => a.capabilities!.max_side)),
+          max_images: Math.max(0, ...agents.map((a) => a.capabilities!.max_images)),
+        },
+        agents: agents.map((a) => ({ agent_id: a.agent_id, vram_total_mb: a.gpu.vram_total_mb, ...a.capabilities! })),
+      };
+    });
 
     app.get('/v1/models', async (): Promise<z.infer<typeof ModelsResponse>> => {
       const models = new Map<string, z.infer<typeof ModelsResponse>['models'][number]>();

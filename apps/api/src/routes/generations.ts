@@ -1,19 +1,39 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import { activationVramMb, GenerationRequest, MAX_SEED, type ParsedGenerationRequest, type StoredJob } from '@kiln/contracts';
+import { GenerationRequest, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob } from '@kiln/contracts';
 import { assertPublicTarget, jobRecord, KilnError } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
+import { checkFeasible } from '../feasibility.js';
+import { ingestImages } from '../images.js';
 
 const IdempotencyKey = z.string().min(1).max(200).regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces');
 
 /**
- * POST /v1/generations: validate, refuse what no live agent could ever run, record, enqueue.
- * The stored request is the parsed one (defaults filled, seed chosen), and it is exactly
- * what the worker receives.
+ * POST /v1/generations: validate, resolve (scheduler aliases, default models), refuse what no
+ * live agent could ever run, fetch and check input images, record, enqueue. The stored
+ * request is exactly what the worker receives.
+ *
+ * POST /v1/validate: the same checks, nothing stored or queued; says which agents could run it.
  */
 export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
+  const sources = { storage: ctx.storage, allowPrivate: ctx.env.INPUT_ALLOW_PRIVATE, fetchTimeoutMs: ctx.env.INPUT_FETCH_TIMEOUT_MS };
+
+  /** Every check short of storing; returns the resolved request (images still as given). */
+  async function prepare(body: ParsedGenerationRequest, id: string, store: boolean) {
+    await checkWebhook(ctx, body.webhook?.url);
+    const resolved = { ...body, scheduler: resolveScheduler(body.scheduler) };
+    const { request, agents } = checkFeasible(resolved, await ctx.registry.live());
+    const withImages = await ingestImages(request, id, sources, store);
+    return { request: withImages, agents };
+  }
+
   return async (app) => {
+    app.post('/v1/validate', { schema: { body: GenerationRequest } }, async (req) => {
+      const { request, agents } = await prepare(req.body, 'validate', false);
+      return { valid: true, request, agents };
+    });
+
     app.post(
       '/v1/generations',
       {
@@ -23,7 +43,6 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         },
       },
       async (req, reply) => {
-        const request = req.body;
         const idemKey = req.headers['idempotency-key'];
         const idemRedisKey = idemKey ? ctx.keys.idempotency(req.client, idemKey) : null;
         const id = randomUUID();
@@ -40,9 +59,9 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           }
         }
         try {
-          await checkWebhook(ctx, request.webhook?.url);
-          await checkFeasible(ctx, request);
+          const { request } = await prepare(req.body, id, true);
           const hp = { ...request.hyperparameters, seed: request.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
+          const stored = ResolvedGenerationRequest.parse({ ...request, hyperparameters: hp });
           const now = new Date().toISOString();
           const job: StoredJob = {
             id,
@@ -52,8 +71,8 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             stage: 'queued',
             attempt: 0,
             agent: null,
-            priority: request.priority,
-            request: { ...request, hyperparameters: hp },
+            priority: stored.priority,
+            request: stored,
             progress: null,
             outputs: [],
             error: null,
@@ -89,39 +108,5 @@ async function checkWebhook(ctx: ApiContext, url: string | undefined): Promise<v
   } catch (err) {
     const message = err instanceof Error ? err.message : String(err);
     throw new KilnError('validation_failed', `invalid request: webhook.url: ${message}`, { details: [{ field: 'webhook.url', rule: 'private_address', message }] });
-  }
-}
-
-/**
- * Feasibility at the door: when agents are live and none of them could ever run this request
- * (unknown model, more VRAM than any GPU has), refuse it now with 422. With no live agent at
- * all, accept it: the dispatcher fails it as unschedulable if none appears within its grace.
- */
-async function checkFeasible(ctx: ApiContext, request: ParsedGenerationRequest): Promise<void> {
-  const agents = (await ctx.registry.live()).filter((a) => a.capabilities);
-  if (agents.length === 0) return;
-  const model = request.model.base;
-  const withModel = agents.flatMap((a) => {
-    const m = a.capabilities!.models.find((x) => x.name === model);
-    return m ? [{ agent: a, model: m }] : [];
-  });
-  if (withModel.length === 0) {
-    const known = [...new Set(agents.flatMap((a) => a.capabilities!.models.map((m) => m.name)))].sort();
-    throw new KilnError('unschedulable', `no live agent can load model "${model}"`, {
-      details: [{ field: 'model.base', rule: 'unknown_model', message: `available models: ${known.join(', ')}` }],
-    });
-  }
-  const need = activationVramMb(request.hyperparameters);
-  if (!withModel.some(({ agent, model: m }) => m.vram_mb + need <= agent.gpu.vram_total_mb)) {
-    const biggest = Math.max(...withModel.map(({ agent }) => agent.gpu.vram_total_mb));
-    throw new KilnError('unschedulable', `this request needs about ${withModel[0]!.model.vram_mb + need} MB of VRAM; the largest GPU with this model has ${biggest} MB`, {
-      details: [{ field: 'hyperparameters', rule: 'exceeds_vram', message: 'reduce width, height or num_images' }],
-    });
-  }
-  const scheduler = request.scheduler.type;
-  if (!withModel.some(({ agent }) => agent.capabilities!.schedulers.includes(scheduler))) {
-    throw new KilnError('unschedulable', `no live agent with this model supports scheduler ${scheduler}`, {
-      details: [{ field: 'scheduler.type', rule: 'unsupported', message: 'see GET /v1/agents for what each agent supports' }],
-    });
   }
 }
