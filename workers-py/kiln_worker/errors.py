@@ -67,3 +67,13 @@ def coerce_error(exc: BaseException) -> WorkerError:
         return WorkerError("out_of_memory", f"host out of memory: {exc}")
     text = str(exc) or exc.__class__.__name__
     return WorkerError("internal", f"{exc.__class__.__name__}: {text}")
+
+
+def invalid_request(field: str, message: str) -> WorkerError:
+    """`invalid_request` naming the request field at fault (relative to the request, as the API names it)."""
+    return WorkerError("invalid_request", f"{field}: {message}")
+
+
+def model_not_found(field: str, message: str) -> WorkerError:
+    """`model_not_found` naming the request field that asked for the model."""
+    return WorkerError("model_not_found", f"{field}: {message}")

@@ -1,7 +1,7 @@
 """A deterministic PNG writer: numpy + zlib at a fixed level, no Pillow.
 
-The same pixels always give the same bytes (no timestamps, no text chunks, one IDAT, fixed
-filter and compression level), which is what lets a retried job reproduce its outputs exactly.
+The same pixels (and text) always give the same bytes (no timestamps, text chunks in the order
+given, one IDAT, fixed filter and compression level), which is what lets a retried job reproduce its outputs exactly.
 The compressed bytes depend on the zlib build, so workers meant to agree byte for byte should
 share one (they do within a Docker image or a venv on one host).
 """
@@ -25,8 +25,18 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def encode_png(pixels: np.ndarray) -> bytes:
-    """Encode an 8-bit image (H×W, H×W×1, H×W×3 or H×W×4, dtype uint8) as PNG bytes."""
+def _text_chunk(keyword: str, text: str) -> bytes:
+    """tEXt when the text is Latin-1 (what most readers look at first), else uncompressed UTF-8 iTXt."""
+    key = keyword.encode("latin-1")
+    try:
+        return _chunk(b"tEXt", key + b"\0" + text.encode("latin-1"))
+    except UnicodeEncodeError:
+        return _chunk(b"iTXt", key + b"\0\0\0" + b"\0" + b"\0" + text.encode("utf-8"))
+
+
+def encode_png(pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """Encode an 8-bit image (H×W, H×W×1, H×W×3 or H×W×4, dtype uint8) as PNG bytes, with
+    `text` as tEXt/iTXt chunks (keyword → text) in the order given."""
     if pixels.dtype != np.uint8:
         raise ValueError(f"pixels must be uint8, got {pixels.dtype}")
     if pixels.ndim == 2:
@@ -45,14 +55,21 @@ def encode_png(pixels: np.ndarray) -> bytes:
     np.subtract(rows[:, channels:], rows[:, :-channels], out=raw[:, 1 + channels :])
     ihdr = struct.pack(">IIBBBBB", width, height, 8, _COLOR_TYPES[channels], 0, 0, 0)
     idat = zlib.compress(raw.tobytes(), COMPRESSION_LEVEL)
-    return SIGNATURE + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+    texts = b"".join(_text_chunk(k, v) for k, v in (text or {}).items())
+    return SIGNATURE + _chunk(b"IHDR", ihdr) + texts + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
 
 
-def write_png(path: str, pixels: np.ndarray) -> bytes:
+def write_png(path: str, pixels: np.ndarray, text: dict[str, str] | None = None) -> bytes:
     """Write the PNG atomically (temp file + rename, so no reader sees half a file); return its bytes."""
-    data = encode_png(pixels)
+    data = encode_png(pixels, text)
+    write_atomically(path, data)
+    return data
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same directory and a rename."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -63,7 +80,6 @@ def write_png(path: str, pixels: np.ndarray) -> bytes:
         except FileNotFoundError:
             pass
         raise
-    return data
 
 
 def read_png_size(data: bytes) -> tuple[int, int]:
