@@ -6,11 +6,13 @@ Every bad variable is collected and reported together (ConfigError), so one rest
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
 BACKENDS = ("synthetic", "diffusers")
-MODEL_KINDS = ("base", "refiner", "vae")
+MODEL_KINDS = ("base", "refiner", "vae", "lora", "controlnet", "upscaler", "safety_checker")
+CONTROLNET_TYPES = ("canny", "depth", "openpose", "lineart", "scribble", "normal", "seg")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class ModelSpec:
     kind: str
     vram_mb: int
     disk_gb: float
+    controlnet_type: str | None = None  # kind controlnet: which control maps it takes
+    scale: int | None = None  # kind upscaler: its native factor
 
 
 # Realistic fp16 sizes, so placement sees the same load and eviction costs as on a real GPU.
@@ -31,6 +35,17 @@ DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("RunDiffusion/Juggernaut-XL-v9", "base", 7000, 6.6),
     ModelSpec("playgroundai/playground-v2.5-1024px-aesthetic", "base", 7000, 6.9),
     ModelSpec("madebyollin/sdxl-vae-fp16-fix", "vae", 170, 0.17),
+    ModelSpec("kiln/lora-pixel-art", "lora", 180, 0.17),
+    ModelSpec("kiln/lora-watercolor", "lora", 90, 0.09),
+    ModelSpec("diffusers/controlnet-canny-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="canny"),
+    ModelSpec("diffusers/controlnet-depth-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="depth"),
+    ModelSpec("thibaud/controlnet-openpose-sdxl-1.0", "controlnet", 2500, 5.0, controlnet_type="openpose"),
+    ModelSpec("xinsir/controlnet-lineart-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="lineart"),
+    ModelSpec("xinsir/controlnet-scribble-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="scribble"),
+    ModelSpec("kiln/controlnet-normal-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="normal"),
+    ModelSpec("kiln/controlnet-seg-sdxl-1.0", "controlnet", 2500, 2.5, controlnet_type="seg"),
+    ModelSpec("ai-forever/Real-ESRGAN-x4", "upscaler", 70, 0.07, scale=4),
+    ModelSpec("CompVis/stable-diffusion-safety-checker", "safety_checker", 1200, 1.2),
 )
 
 
@@ -42,6 +57,9 @@ class Config:
     synthetic_vram_mb: int = 24576
     synthetic_gpu_name: str = "Synthetic GPU"
     synthetic_models: tuple[ModelSpec, ...] = DEFAULT_MODELS
+    synthetic_lora_dir: str | None = None  # every *.safetensors there is one more LoRA, named by its stem
+    synthetic_nsfw_word: str = "nsfw-test"  # the synthetic safety checker flags prompts containing it
+    synthetic_no_bf16: bool = False  # advertise no bf16, like a pre-Ampere GPU
     # test-only fault hooks (see README): never set them in production
     synthetic_stray_print: bool = False
     synthetic_raise_on_prompt: str | None = None
@@ -76,7 +94,7 @@ def _models(raw: str, problems: list[str]) -> tuple[ModelSpec, ...]:
         problems.append(f"{name}: not JSON ({exc})")
         return DEFAULT_MODELS
     if not isinstance(data, list) or not data:
-        problems.append(f"{name}: must be a non-empty JSON list of {{name, kind, vram_mb, disk_gb}}")
+        problems.append(f"{name}: must be a non-empty JSON list of {{name, kind, vram_mb, disk_gb[, controlnet_type][, scale]}}")
         return DEFAULT_MODELS
     specs: list[ModelSpec] = []
     seen: set[str] = set()
@@ -85,7 +103,7 @@ def _models(raw: str, problems: list[str]) -> tuple[ModelSpec, ...]:
         if not isinstance(item, dict):
             problems.append(f"{where}: must be an object")
             continue
-        extra = set(item) - {"name", "kind", "vram_mb", "disk_gb"}
+        extra = set(item) - {"name", "kind", "vram_mb", "disk_gb", "controlnet_type", "scale"}
         if extra:
             problems.append(f"{where}: unknown keys {sorted(extra)}")
         n, kind, vram, disk = item.get("name"), item.get("kind"), item.get("vram_mb"), item.get("disk_gb")
@@ -105,9 +123,22 @@ def _models(raw: str, problems: list[str]) -> tuple[ModelSpec, ...]:
         if not isinstance(disk, (int, float)) or isinstance(disk, bool) or disk < 0:
             problems.append(f"{where}.disk_gb: must be a number >= 0")
             ok = False
+        cn_type, scale = item.get("controlnet_type"), item.get("scale")
+        if kind == "controlnet" and cn_type not in CONTROLNET_TYPES:
+            problems.append(f"{where}.controlnet_type: a controlnet needs one of {', '.join(CONTROLNET_TYPES)}")
+            ok = False
+        elif kind != "controlnet" and cn_type is not None:
+            problems.append(f"{where}.controlnet_type: only for kind controlnet")
+            ok = False
+        if kind == "upscaler" and scale not in (2, 4):
+            problems.append(f"{where}.scale: an upscaler needs its native factor, 2 or 4")
+            ok = False
+        elif kind != "upscaler" and scale is not None:
+            problems.append(f"{where}.scale: only for kind upscaler")
+            ok = False
         if ok:
             seen.add(n)
-            specs.append(ModelSpec(n, kind, vram, float(disk)))
+            specs.append(ModelSpec(n, kind, vram, float(disk), cn_type, scale))
     return tuple(specs)
 
 
@@ -127,6 +158,13 @@ def load_config(env: Mapping[str, str]) -> Config:
     if stray not in ("", "0", "1"):
         problems.append(f"KILN_SYNTHETIC_STRAY_PRINT={stray!r}: must be 0 or 1")
     raise_on = env.get("KILN_SYNTHETIC_RAISE_ON_PROMPT") or None
+    lora_dir = env.get("KILN_SYNTHETIC_LORA_DIR", "").strip() or None
+    if lora_dir is not None and not os.path.isdir(lora_dir):
+        problems.append(f"KILN_SYNTHETIC_LORA_DIR={lora_dir!r}: not a directory")
+    nsfw_word = env.get("KILN_SYNTHETIC_NSFW_WORD", "").strip() or "nsfw-test"
+    no_bf16 = env.get("KILN_SYNTHETIC_NO_BF16", "").strip()
+    if no_bf16 not in ("", "0", "1"):
+        problems.append(f"KILN_SYNTHETIC_NO_BF16={no_bf16!r}: must be 0 or 1")
     if problems:
         raise ConfigError(problems)
     return Config(
@@ -138,4 +176,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         synthetic_models=models,
         synthetic_stray_print=stray == "1",
         synthetic_raise_on_prompt=raise_on,
+        synthetic_lora_dir=lora_dir,
+        synthetic_nsfw_word=nsfw_word,
+        synthetic_no_bf16=no_bf16 == "1",
     )

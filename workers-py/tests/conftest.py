@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from jsonschema import Draft202012Validator
 
+from kiln_worker.protocol import validation_problems
+
 WORKERS_PY = Path(__file__).resolve().parents[1]
 SCHEMAS = WORKERS_PY / "kiln_worker" / "schemas"
 OUT_VALIDATOR = Draft202012Validator(json.loads((SCHEMAS / "worker-to-agent.json").read_text()))
@@ -33,21 +35,22 @@ def assert_valid_outgoing(message: dict) -> None:
 
 def generate_message(request_id: str, job_dir: str, *, model: str = SDXL, prompt: str = "a lighthouse at dawn",
                      seed: int = 1234, steps: int = 4, width: int = 256, height: int = 256, num_images: int = 1,
-                     **request_overrides) -> dict:
-    """A valid generate message, shaped exactly like the API's parsed GenerationRequest."""
+                     files: dict[str, str] | None = None, scheduler: dict | None = None, **request_overrides) -> dict:
+    """A valid generate message, shaped exactly like the API's resolved GenerationRequest."""
     request = {
-        "model": {"base": model},
-        "scheduler": {"type": "EulerDiscreteScheduler", "steps": steps},
+        "model": model if isinstance(model, dict) else {"base": model},
+        "scheduler": scheduler or {"type": "EulerDiscreteScheduler", "steps": steps},
         "hyperparameters": {"guidance_scale": 5, "seed": seed, "width": width, "height": height, "num_images": num_images},
         "conditioning": {"prompt": prompt, "negative_prompt": "blurry"},
-        "output": {"format": "png"},
+        "output": {"format": "png", "quality": 90, "embed_metadata": True},
         "priority": "normal",
         "timeout_s": 600,
     }
     request.update(request_overrides)
     msg = {"v": 1, "type": "generate", "id": request_id, "job_id": f"job-{request_id}", "attempt": 1,
-           "job_dir": job_dir, "request": request}
-    assert not list(IN_VALIDATOR.iter_errors(msg)), "test built an invalid generate message"
+           "job_dir": job_dir, "files": files or {}, "request": request}
+    problems = validation_problems("agent-to-worker", msg)
+    assert not problems, f"test built an invalid generate message: {problems}"
     return msg
 
 

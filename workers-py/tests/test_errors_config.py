@@ -67,7 +67,7 @@ def test_names_every_bad_variable_at_once():
     with pytest.raises(ConfigError) as info:
         load_config({
             "KILN_BACKEND": "tensorrt", "KILN_SYNTHETIC_STEP_MS": "fast", "KILN_SYNTHETIC_LOAD_MS_PER_GB": "-1",
-            "KILN_SYNTHETIC_VRAM_MB": "12.5", "KILN_SYNTHETIC_MODELS": '[{"name": "", "kind": "lora", "vram_mb": "x"}]',
+            "KILN_SYNTHETIC_VRAM_MB": "12.5", "KILN_SYNTHETIC_MODELS": '[{"name": "", "kind": "textual_inversion", "vram_mb": "x"}]',
         })
     text = str(info.value)
     for name in ["KILN_BACKEND", "KILN_SYNTHETIC_STEP_MS", "KILN_SYNTHETIC_LOAD_MS_PER_GB", "KILN_SYNTHETIC_VRAM_MB",

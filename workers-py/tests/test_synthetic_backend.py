@@ -104,7 +104,7 @@ def test_what_the_schema_cannot_check(tmp_path):
 def test_progress_reports_every_step(tmp_path):
     seen = []
     run(backend(), "m/a", tmp_path, steps=5, progress=lambda *a: seen.append(a))
-    assert seen == [("loading_model", 0, 1), ("loading_model", 1, 1)] + [("running", i, 5) for i in range(1, 6)]
+    assert seen == [("loading_model", 0, 1), ("loading_model", 1, 1)] + [("base", i, 5) for i in range(1, 6)]
 
 
 def test_images_depend_on_every_input_that_shapes_them():

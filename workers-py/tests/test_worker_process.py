@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kiln_worker.output import read_metadata
 from kiln_worker.png import read_png_size
 from conftest import SDXL, WORKERS_PY, generate_message
 from pngdecode import decode
@@ -26,7 +27,14 @@ def test_hello_gets_ready_with_capabilities_and_state(spawn):
     assert ready["device"] == {"name": "Test GPU", "vram_total_mb": 16000}
     caps = ready["capabilities"]
     assert caps["backend"] == "synthetic"
-    assert caps["output_formats"] == ["png"] and caps["max_side"] == 2048 and caps["max_images"] == 8
+    assert caps["output_formats"] == ["png", "jpeg", "webp"] and caps["max_side"] == 2048 and caps["max_images"] == 8
+    assert caps["features"] == ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata"]
+    assert caps["controlnet_types"] == ["canny", "depth", "openpose", "lineart", "scribble", "normal", "seg"]
+    assert caps["controlnet_preprocessors"] == ["canny"] and caps["upscalers"] == ["ai-forever/Real-ESRGAN-x4"]
+    assert caps["dtypes"] == ["fp16", "bf16", "fp32"] and len(caps["performance"]) == 7
+    by_name = {m["name"]: m for m in caps["models"]}
+    assert by_name["diffusers/controlnet-canny-sdxl-1.0"]["controlnet_type"] == "canny"
+    assert by_name["ai-forever/Real-ESRGAN-x4"]["scale"] == 4 and by_name["kiln/lora-pixel-art"]["kind"] == "lora"
     assert "EulerDiscreteScheduler" in caps["schedulers"] and len(caps["schedulers"]) == 10
     sdxl = next(m for m in caps["models"] if m["name"] == SDXL)
     assert sdxl["kind"] == "base" and sdxl["load_ms"] == 2760
@@ -38,7 +46,7 @@ def test_generate_streams_progress_then_one_result_with_the_png(spawn, tmp_path)
     worker.hello()
     before, result = worker.run(generate_message("g1", str(tmp_path), steps=5, width=320, height=192))
     assert [(m["stage"], m["step"], m["total"]) for m in before if m["type"] == "progress"] == (
-        [("loading_model", 0, 1), ("loading_model", 1, 1)] + [("running", i, 5) for i in range(1, 6)])
+        [("loading_model", 0, 1), ("loading_model", 1, 1)] + [("base", i, 5) for i in range(1, 6)])
     assert result["type"] == "result"
     assert result["loaded_models"] == [SDXL]
     assert result["timings"]["model_load_ms"] > 0 and result["timings"]["inference_ms"] > 0
@@ -49,8 +57,14 @@ def test_generate_streams_progress_then_one_result_with_the_png(spawn, tmp_path)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert read_png_size(data) == (320, 192)
     assert decode(data).shape == (192, 320, 3)
+    metadata = out.pop("metadata")
     assert out == {"index": 0, "path": str(path), "width": 320, "height": 192, "seed": 1234,
-                   "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "content_type": "image/png"}
+                   "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "content_type": "image/png",
+                   "upscaled": None, "safety": None}
+    timings = metadata.pop("timings")
+    assert timings["base_ms"] > 0 and timings["model_load_ms"] > 0 and "refiner_ms" not in timings
+    assert metadata["prompt"] == "a lighthouse at dawn" and metadata["seed"] == 1234
+    assert metadata == read_metadata(str(path))  # the same dict is in the file, without timings
     [resident] = result["state"]["resident"]
     assert resident["name"] == SDXL and resident["location"] == "vram" and resident["last_used_at"]
     assert result["state"]["vram_used_mb"] == 7000
@@ -92,7 +106,7 @@ def test_cancel_mid_run_stops_within_a_step_and_the_worker_keeps_serving(spawn, 
     worker.send(generate_message("long", str(tmp_path / "long"), steps=150, width=512, height=512))
     while True:
         msg = worker.recv()
-        if msg["type"] == "progress" and msg["stage"] == "running" and msg["step"] == 3:
+        if msg["type"] == "progress" and msg["stage"] == "base" and msg["step"] == 3:
             break
     sent = time.monotonic()
     worker.send({"v": 1, "type": "cancel", "id": "long"})

@@ -1,28 +1,43 @@
 """The synthetic backend: a stand-in GPU that behaves like the diffusers backend wherever the
-farm can observe it — model load costs, VRAM accounting with LRU eviction, per-step progress,
-cancellation between steps, the same errors — and writes deterministic images.
+farm can observe it — the same validation and errors, suite residency with load costs and LRU
+eviction in simulated VRAM, per-stage progress with the step counts diffusers would run, costs
+that grow like the real ones, cancellation between steps — and writes deterministic images.
 
-An image depends only on (model, prompt, negative prompt, scheduler, steps, guidance, size,
-seed): the same request and seed give byte-identical PNGs in any process.
+An image depends on everything that would change a real one (models, scheduler and options,
+steps, guidance, size, seed, prompts, LoRAs and weights, ControlNets and their control images,
+the init image, strength and mask, the refiner switch, dtype, upscaling): the same request and
+seed give byte-identical files in any process, and changing any of those changes the pixels.
+Where the real effect is visible (img2img, inpainting, ControlNet structure, upscaling), the
+synthetic one is too: outputs are blended from the inputs the way a user would expect.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Mapping
 
 import numpy as np
+from PIL import Image
 
+from .. import images
 from ..config import Config, ModelSpec
-from ..errors import WorkerError
-from ..png import write_png
+from ..errors import WorkerError, invalid_request, model_not_found
+from ..output import build_metadata, file_digest, save_image
+from ..safety import SyntheticSafetyChecker
+from ..schedulers import scheduler_kwargs
+from ..tables import controlnet_types, preprocessable
+from ..upscale import LANCZOS, lanczos, simulated_model
+from ..validation import check_capabilities, check_request, stage_steps
 from ..protocol import scheduler_names
 from .base import Backend, GenerateResult, LogCallback, ProgressCallback
 
@@ -31,8 +46,24 @@ log = logging.getLogger("kiln_worker.synthetic")
 MAX_SIDE = 2048
 MAX_IMAGES = 8
 REFERENCE_PIXELS = 1024 * 1024
-ACTIVATION_MB_PER_MEGAPIXEL = 1200  # working VRAM of one 1024×1024 image in flight
+ACTIVATION_MB_PER_MEGAPIXEL = 1200  # working VRAM of one 1024×1024 image in flight (contracts: activationVramMb)
 GRID = 6  # the random colour grid each image is smoothly upscaled from
+
+FEATURES_ALWAYS = ("img2img", "inpaint", "upscale", "metadata")
+DTYPES = ("fp16", "bf16", "fp32")
+PERFORMANCE = ("attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload_model", "cpu_offload_sequential", "channels_last", "compile")
+
+# Relative costs, in units of one base step of the same size (what a real SDXL run shows):
+CONTROLNET_STEP_COST = 0.4  # each ControlNet adds ~40% to a denoising step
+OFFLOAD_FACTOR = {"none": 1.0, "model": 1.5, "sequential": 4.0}
+ATTENTION_SLICING_FACTOR = 1.1
+FP32_FACTOR = 2.0
+COMPILE_STEPS = 100  # torch.compile's one-time cost per base model, in 1024² steps
+UPSCALE_COST = {"resample": 0.05, "model": 0.6}  # per output megapixel, in 1024² steps
+SAFETY_COST = 0.3  # per image, in 1024² steps
+
+WHAT = {"base": "base model", "refiner": "refiner", "vae": "VAE", "lora": "LoRA", "controlnet": "ControlNet",
+        "upscaler": "upscaler", "safety_checker": "safety checker"}
 
 
 def _now_iso() -> str:
@@ -45,26 +76,19 @@ class _Resident:
     last_used_at: str | None = None
 
 
+@dataclass
+class _Plan:
+    """What one request needs: its suite (field → model) and the choices made for it."""
+
+    suite: list[tuple[str, ModelSpec]]
+    controlnet_models: list[str]
+    upscale: dict | None  # {factor, upscaler, kind} when upscaling
+    safety_checker: str | None
+
+
 def activation_mb(width: int, height: int, num_images: int) -> int:
-    """Working VRAM a request needs on top of its model: ~1200 MB per 1024² image."""
-    return int(round(ACTIVATION_MB_PER_MEGAPIXEL * width * height * num_images / REFERENCE_PIXELS))
-
-
-def _seed_key(request: dict, seed: int) -> int:
-    hp = request["hyperparameters"]
-    identity = {
-        "model": request["model"]["base"],
-        "prompt": request["conditioning"]["prompt"],
-        "negative_prompt": request["conditioning"].get("negative_prompt", ""),
-        "scheduler": request["scheduler"]["type"],
-        "steps": request["scheduler"]["steps"],
-        "guidance_scale": float(hp["guidance_scale"]),
-        "width": hp["width"],
-        "height": hp["height"],
-        "seed": seed,
-    }
-    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest(), "big")
+    """Working VRAM a request needs on top of its models: ~1200 MB per 1024² image."""
+    return math.ceil(ACTIVATION_MB_PER_MEGAPIXEL * width * height * num_images / REFERENCE_PIXELS)
 
 
 def _axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -75,20 +99,87 @@ def _axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return i0, i0 + 1, (t * t * (3.0 - 2.0 * t)).astype(np.float32)
 
 
-def render_image(request: dict, seed: int) -> np.ndarray:
-    """A deterministic H×W×3 uint8 image for this request and seed."""
+def _colour(text: str) -> np.ndarray:
+    return np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest()[:3], dtype=np.uint8).astype(np.float32) / 255.0
+
+
+def _identity(request: dict, seed: int, controlnet_models: list[str] | None, digests: dict) -> dict:
+    """Everything that would change a real image, as plain data."""
+    hp = request["hyperparameters"]
+    sched = request["scheduler"]
+    cns = request.get("controlnets") or []
+    cn_models = controlnet_models or [c.get("model") for c in cns]
+    image = request.get("image")
+    ident = {
+        "model": request["model"]["base"],
+        "refiner": request["model"].get("refiner"),
+        "vae": request["model"].get("vae"),
+        "prompt": request["conditioning"]["prompt"],
+        "negative_prompt": request["conditioning"].get("negative_prompt", ""),
+        "scheduler": sched["type"],
+        "scheduler_options": scheduler_kwargs(sched),
+        "steps": sched["steps"],
+        "guidance_scale": float(hp["guidance_scale"]),
+        "width": hp["width"],
+        "height": hp["height"],
+        "seed": seed,
+        "loras": [[l["name"], float(l["weight"])] for l in request.get("loras") or []],
+        "controlnets": [
+            [c["type"], cn_models[i], float(c["conditioning_scale"]), float(c["guidance_start"]), float(c["guidance_end"]),
+             bool(c["preprocess"]), digests.get(f"controlnets.{i}")]
+            for i, c in enumerate(cns)
+        ],
+        "init": digests.get("image.init"),
+        "mask": digests.get("image.mask"),
+        "strength": float(image["strength"]) if image else None,
+        "refiner_options": request.get("refiner") if request["model"].get("refiner") else None,
+        "dtype": (request.get("performance") or {}).get("dtype", "fp16"),
+    }
+    # keep the identity of a plain text-to-image request what it was before these features
+    return {k: v for k, v in ident.items() if v not in (None, [], {}, "fp16")}
+
+
+def _seed_key(identity: dict) -> int:
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest(), "big")
+
+
+def render_image(request: dict, seed: int, inputs: dict | None = None, controlnet_models: list[str] | None = None) -> np.ndarray:
+    """A deterministic H×W×3 uint8 image for this request and seed, before upscaling.
+
+    `inputs` holds the loaded input images at width × height: "image.init" and "image.mask"
+    (PIL), "controlnets.<i>" (the control image after preprocessing).
+    """
+    inputs = inputs or {}
     hp = request["hyperparameters"]
     width, height = hp["width"], hp["height"]
-    rng = np.random.Generator(np.random.PCG64(_seed_key(request, seed)))
+    digests = {k: images.pixel_digest(v) for k, v in inputs.items()}
+    rng = np.random.Generator(np.random.PCG64(_seed_key(_identity(request, seed, controlnet_models, digests))))
     grid = rng.random((GRID, GRID, 3), dtype=np.float32)
-    prompt_digest = hashlib.sha256(request["conditioning"]["prompt"].encode("utf-8")).digest()
-    tint = np.frombuffer(prompt_digest[:3], dtype=np.uint8).astype(np.float32) / 255.0
-    grid = 0.65 * grid + 0.35 * tint
+    grid = 0.65 * grid + 0.35 * _colour(request["conditioning"]["prompt"])
     y0, y1, ty = _axis(height, GRID)
     x0, x1, tx = _axis(width, GRID)
     rows = grid[y0] * (1.0 - ty)[:, None, None] + grid[y1] * ty[:, None, None]  # H × GRID × 3
-    image = rows[:, x0] * (1.0 - tx)[None, :, None] + rows[:, x1] * tx[None, :, None]
-    return (image * 255.0 + 0.5).astype(np.uint8)
+    out = rows[:, x0] * (1.0 - tx)[None, :, None] + rows[:, x1] * tx[None, :, None]
+    for lora in request.get("loras") or []:  # a LoRA pulls the palette toward its style
+        a = min(0.3, 0.15 * abs(float(lora["weight"])))
+        out = out * (1.0 - a) + _colour(lora["name"]) * a
+    for i, cn in enumerate(request.get("controlnets") or []):  # the control map shows through
+        control = np.asarray(inputs[f"controlnets.{i}"], dtype=np.float32) / 255.0
+        a = min(0.6, 0.3 * float(cn["conditioning_scale"]) * (float(cn["guidance_end"]) - float(cn["guidance_start"])))
+        out = out * (1.0 - a) + control * a
+    pixels = (np.clip(out, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    image = request.get("image")
+    if image and "image.init" in inputs:
+        init = np.asarray(inputs["image.init"], dtype=np.uint8)
+        strength = float(image["strength"])  # 0 keeps the init, 1 replaces it
+        blended = (init.astype(np.float32) * (1.0 - strength) + pixels.astype(np.float32) * strength + 0.5).astype(np.uint8)
+        if "image.mask" in inputs:  # inpainting: only white mask pixels change
+            mask = np.asarray(inputs["image.mask"], dtype=np.uint8)[:, :, None] >= 128
+            pixels = np.where(mask, blended, init)
+        else:
+            pixels = blended
+    return pixels
 
 
 class SyntheticBackend(Backend):
@@ -99,6 +190,8 @@ class SyntheticBackend(Backend):
         self._catalog: dict[str, ModelSpec] = {m.name: m for m in config.synthetic_models}
         self._vram_total = config.synthetic_vram_mb
         self._resident: "OrderedDict[str, _Resident]" = OrderedDict()  # least recently used first
+        self._compiled: set[str] = set()  # base models torch.compile has already run for
+        self._safety = SyntheticSafetyChecker(config.synthetic_nsfw_word)
         self._lock = threading.Lock()  # state() may be read while a request runs
 
     # -- interface ---------------------------------------------------------------------------
@@ -107,16 +200,28 @@ class SyntheticBackend(Backend):
         return {"name": self._config.synthetic_gpu_name, "vram_total_mb": self._vram_total}
 
     def capabilities(self) -> dict:
+        models = self._models()
+        kinds = {m.kind for m in models.values()}
+        features = [f for f, kind in (("refiner", "refiner"), ("vae", "vae"), ("lora", "lora"), ("controlnet", "controlnet"))
+                    if kind in kinds or (f == "lora" and self._config.synthetic_lora_dir)]
+        features += list(FEATURES_ALWAYS)
+        if "safety_checker" in kinds:
+            features.append("safety_check")
+        order = ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata"]
+        cn_types = {m.controlnet_type for m in models.values() if m.kind == "controlnet"}
         return {
             "backend": self.name,
-            "models": [
-                {"name": m.name, "kind": m.kind, "vram_mb": m.vram_mb, "load_ms": self._load_ms(m)}
-                for m in self._catalog.values()
-            ],
+            "models": [self._model_info(m) for m in models.values()],
             "schedulers": scheduler_names(),
-            "output_formats": ["png"],
+            "output_formats": ["png", "jpeg", "webp"],
             "max_side": MAX_SIDE,
             "max_images": MAX_IMAGES,
+            "features": sorted(features, key=order.index),
+            "controlnet_types": [t for t in controlnet_types() if t in cn_types],
+            "controlnet_preprocessors": preprocessable(),
+            "upscalers": sorted(m.name for m in models.values() if m.kind == "upscaler"),
+            "dtypes": [d for d in DTYPES if not (d == "bf16" and self._config.synthetic_no_bf16)],
+            "performance": list(PERFORMANCE),
         }
 
     def state(self) -> dict:
@@ -138,36 +243,28 @@ class SyntheticBackend(Backend):
         progress_cb: ProgressCallback,
         cancel_event: threading.Event,
         log_cb: LogCallback | None = None,
+        files: Mapping[str, str] | None = None,
     ) -> GenerateResult:
         log_cb = log_cb or (lambda level, message: None)
         hp = request["hyperparameters"]
         width, height, num_images = hp["width"], hp["height"], hp["num_images"]
-        self._check_request(request, job_dir)
-        spec = self._model(request["model"]["base"])
+
+        # 1. everything that can be wrong with the request, before any cost is paid
+        check_request(request, job_dir)
+        check_capabilities(request, self.capabilities())
+        plan = self._plan(request)
+        inputs = self._load_inputs(request, files)
         need_activation = activation_mb(width, height, num_images)
-        if spec.vram_mb > self._vram_total:
-            raise WorkerError(
-                "out_of_memory",
-                f"{spec.name} needs {spec.vram_mb} MB of VRAM; this GPU has {self._vram_total} MB",
-            )
-        if spec.vram_mb + need_activation > self._vram_total:
-            raise WorkerError(
-                "out_of_memory",
-                f"{spec.name} ({spec.vram_mb} MB) plus {num_images}×{width}×{height} activations "
-                f"({need_activation} MB) exceed this GPU's {self._vram_total} MB of VRAM",
-            )
+        self._check_fits(plan, need_activation, num_images, width, height)
 
-        loaded: list[str] = []
-        load_started = time.perf_counter()
-        if spec.name not in self._resident:
-            self._make_room(spec.vram_mb + need_activation, keep=spec.name, log_cb=log_cb)
-            self._load(spec, progress_cb, cancel_event)
-            loaded.append(spec.name)
-        else:
-            self._make_room(need_activation, keep=spec.name, log_cb=log_cb)
-        model_load_ms = (time.perf_counter() - load_started) * 1000.0
-        self._touch(spec.name)
+        # 2. make the whole suite resident
+        timings: dict[str, float] = {}
+        started = time.perf_counter()
+        loaded = self._make_resident(plan, need_activation, progress_cb, cancel_event, log_cb)
+        model_load_ms = (time.perf_counter() - started) * 1000.0
+        timings["model_load_ms"] = model_load_ms
 
+        # 3. denoise, refine, upscale, check, encode
         inference_started = time.perf_counter()
         if self._config.synthetic_stray_print:
             # test hook: what a chatty library does; must end up on stderr, not in the protocol
@@ -177,34 +274,76 @@ class SyntheticBackend(Backend):
         if raise_on and raise_on in request["conditioning"]["prompt"]:
             raise RuntimeError(f"synthetic fault injected for prompt containing {raise_on!r}")
 
-        steps = request["scheduler"]["steps"]
-        step_s = self._config.synthetic_step_ms / 1000.0 * (width * height * num_images) / REFERENCE_PIXELS
-        for step in range(1, steps + 1):
-            self._check_cancel(cancel_event)
-            if step_s > 0 and cancel_event.wait(step_s):
-                self._check_cancel(cancel_event)
-            progress_cb("running", step, steps)
-        self._check_cancel(cancel_event)
+        perf = request.get("performance") or {}
+        unit_s = self._config.synthetic_step_ms / 1000.0  # one step of one 1024² image
+        pixels = width * height * num_images / REFERENCE_PIXELS
+        step_s = unit_s * pixels * self._perf_factor(perf)
+        base = request["model"]["base"]
+        if perf.get("compile") and base not in self._compiled:
+            t = time.perf_counter()
+            log_cb("info", f"compiling the UNet of {base} (once per model)")
+            self._sleep(unit_s * COMPILE_STEPS, cancel_event)
+            self._compiled.add(base)
+            timings["compile_ms"] = (time.perf_counter() - t) * 1000.0
 
+        counts = stage_steps(request)
+        n_cn = len(request.get("controlnets") or [])
+        t = time.perf_counter()
+        self._denoise("base", counts["base"], step_s * (1.0 + CONTROLNET_STEP_COST * n_cn), progress_cb, cancel_event)
+        timings["base_ms"] = (time.perf_counter() - t) * 1000.0
+        if counts["refiner"]:
+            t = time.perf_counter()
+            self._denoise("refiner", counts["refiner"], step_s, progress_cb, cancel_event)
+            timings["refiner_ms"] = (time.perf_counter() - t) * 1000.0
+
+        rendered = [Image.fromarray(render_image(request, hp["seed"] + i, inputs, plan.controlnet_models)) for i in range(num_images)]
+
+        if plan.upscale:
+            t = time.perf_counter()
+            progress_cb("upscale", 0, 1)
+            factor = plan.upscale["factor"]
+            self._sleep(unit_s * UPSCALE_COST[plan.upscale["kind"]] * pixels * factor * factor, cancel_event)
+            resize = simulated_model if plan.upscale["kind"] == "model" else lanczos
+            rendered = [resize(img, factor) for img in rendered]
+            self._check_cancel(cancel_event)
+            progress_cb("upscale", 1, 1)
+            timings["upscale_ms"] = (time.perf_counter() - t) * 1000.0
+
+        verdicts: list[dict | None] = [None] * num_images
+        if plan.safety_checker:
+            t = time.perf_counter()
+            progress_cb("safety", 0, 1)
+            self._sleep(unit_s * SAFETY_COST * num_images, cancel_event)
+            verdicts = [self._safety.check(request["conditioning"]["prompt"]) for _ in rendered]
+            progress_cb("safety", 1, 1)
+            timings["safety_ms"] = (time.perf_counter() - t) * 1000.0
+
+        self._check_cancel(cancel_event)
+        t = time.perf_counter()
         os.makedirs(job_dir, exist_ok=True)
-        outputs = []
-        for index in range(num_images):
+        out_spec = request["output"]
+        written = []
+        for index, img in enumerate(rendered):
             seed = hp["seed"] + index
-            path = os.path.join(os.path.abspath(job_dir), f"{index}.png")
-            data = write_png(path, render_image(request, seed))
-            outputs.append(
-                {
-                    "index": index,
-                    "path": path,
-                    "width": width,
-                    "height": height,
-                    "seed": seed,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "bytes": len(data),
-                    "content_type": "image/png",
-                }
-            )
-        self._touch(spec.name)
+            meta = build_metadata(request, seed, controlnet_models=plan.controlnet_models, upscale=plan.upscale)
+            path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(index)), out_spec["format"],
+                                            out_spec["quality"], meta if out_spec["embed_metadata"] else None)
+            written.append((index, seed, img, path, content_type, meta))
+        timings["encode_ms"] = (time.perf_counter() - t) * 1000.0
+
+        stage_timings = {k: round(v, 3) for k, v in timings.items()}
+        outputs = []
+        for index, seed, img, path, content_type, meta in written:
+            sha256, size = file_digest(path)
+            outputs.append({
+                "index": index, "path": path, "width": img.width, "height": img.height, "seed": seed,
+                "sha256": sha256, "bytes": size, "content_type": content_type,
+                "upscaled": dict(plan.upscale) if plan.upscale else None,
+                "safety": verdicts[index],
+                "metadata": {**meta, "timings": stage_timings},
+            })
+        for _, spec in plan.suite:
+            self._touch(spec.name)
         inference_ms = (time.perf_counter() - inference_started) * 1000.0
         return GenerateResult(
             outputs=outputs,
@@ -212,37 +351,142 @@ class SyntheticBackend(Backend):
             loaded_models=loaded,
         )
 
-    # -- internals ---------------------------------------------------------------------------
+    # -- the catalog -------------------------------------------------------------------------
+
+    def _models(self) -> dict[str, ModelSpec]:
+        """The catalog plus every LoRA in KILN_SYNTHETIC_LORA_DIR (read each time: training adds some)."""
+        models = dict(self._catalog)
+        lora_dir = self._config.synthetic_lora_dir
+        if lora_dir:
+            for path in sorted(glob.glob(os.path.join(lora_dir, "*.safetensors"))):
+                name = os.path.splitext(os.path.basename(path))[0]
+                if name in models:
+                    continue
+                try:
+                    size = os.path.getsize(path)
+                except OSError:
+                    continue
+                models[name] = ModelSpec(name, "lora", max(1, math.ceil(size / 2**20)), size / 1e9)
+        return models
+
+    def _model_info(self, m: ModelSpec) -> dict:
+        info = {"name": m.name, "kind": m.kind, "vram_mb": m.vram_mb, "load_ms": self._load_ms(m)}
+        if m.controlnet_type:
+            info["controlnet_type"] = m.controlnet_type
+        if m.scale:
+            info["scale"] = m.scale
+        return info
 
     def _load_ms(self, spec: ModelSpec) -> int:
         return int(round(spec.disk_gb * self._config.synthetic_load_ms_per_gb))
 
-    def _check_request(self, request: dict, job_dir: str) -> None:
-        """What the JSON Schema cannot say but the API's zod schema does."""
-        if not os.path.isabs(job_dir):
-            raise WorkerError("invalid_request", f"job_dir: absolute — {job_dir!r} is not an absolute path")
-        if not request["conditioning"]["prompt"].strip():
-            raise WorkerError("invalid_request", "request.conditioning.prompt: too_small — must not be empty")
-        hp = request["hyperparameters"]
-        if hp["width"] * hp["height"] > MAX_SIDE * MAX_SIDE:
-            raise WorkerError("invalid_request", f"request.hyperparameters.width: too_big — width × height must be at most {MAX_SIDE * MAX_SIDE} pixels")
-
-    def _model(self, name: str) -> ModelSpec:
-        spec = self._catalog.get(name)
+    @staticmethod
+    def _lookup(models: dict[str, ModelSpec], name: str, field: str, kind: str) -> ModelSpec:
+        spec = models.get(name)
         if spec is None:
-            raise WorkerError("model_not_found", f"model {name!r} is not available on this worker")
-        if spec.kind != "base":
-            raise WorkerError("invalid_request", f"request.model.base: kind — {name!r} is a {spec.kind} model, not a base model")
+            raise model_not_found(field, f"no {WHAT[kind]} named {name!r} on this worker")
+        if spec.kind != kind:
+            raise invalid_request(field, f"{name!r} is a {WHAT[spec.kind]}, not a {WHAT[kind]}")
         return spec
 
-    def _make_room(self, needed_mb: int, keep: str, log_cb: LogCallback) -> None:
-        """Evict least recently used models (never `keep`) until `needed_mb` more is free."""
+    def _plan(self, request: dict) -> _Plan:
+        """Resolve every model the request names or implies, as the diffusers backend does
+        (defaults as the API's fillDefaults chooses them: the first name in sort order)."""
+        models = self._models()
+        suite: list[tuple[str, ModelSpec]] = [("model.base", self._lookup(models, request["model"]["base"], "model.base", "base"))]
+        for key in ("refiner", "vae"):
+            if request["model"].get(key):
+                suite.append((f"model.{key}", self._lookup(models, request["model"][key], f"model.{key}", key)))
+        for i, lora in enumerate(request.get("loras") or []):
+            suite.append((f"loras.{i}.name", self._lookup(models, lora["name"], f"loras.{i}.name", "lora")))
+        cn_models: list[str] = []
+        for i, cn in enumerate(request.get("controlnets") or []):
+            field = f"controlnets.{i}.model"
+            if cn.get("model"):
+                spec = self._lookup(models, cn["model"], field, "controlnet")
+                if spec.controlnet_type != cn["type"]:
+                    raise invalid_request(field, f"{spec.name!r} is a {spec.controlnet_type} ControlNet, not {cn['type']}")
+            else:
+                candidates = sorted(m.name for m in models.values() if m.kind == "controlnet" and m.controlnet_type == cn["type"])
+                if not candidates:
+                    raise model_not_found(f"controlnets.{i}.type", f"no {cn['type']} ControlNet on this worker")
+                spec = models[candidates[0]]
+            cn_models.append(spec.name)
+            suite.append((field, spec))
+        post = request.get("postprocess") or {}
+        upscale = None
+        if post.get("upscale"):
+            factor = post["upscale"]["factor"]
+            name = post["upscale"].get("upscaler")
+            if name is None:
+                fitting = sorted(m.name for m in models.values() if m.kind == "upscaler" and (m.scale or factor) == factor)
+                name = fitting[0] if fitting else LANCZOS
+            if name == LANCZOS:
+                upscale = {"factor": factor, "upscaler": LANCZOS, "kind": "resample"}
+            else:
+                field = "postprocess.upscale.upscaler"
+                suite.append((field, self._lookup(models, name, field, "upscaler")))
+                upscale = {"factor": factor, "upscaler": name, "kind": "model"}
+        checker = None
+        if post.get("safety_check"):
+            checkers = sorted(m.name for m in models.values() if m.kind == "safety_checker")
+            if not checkers:
+                raise model_not_found("postprocess.safety_check", "no safety checker model on this worker")
+            checker = checkers[0]
+            suite.append(("postprocess.safety_check", models[checker]))
+        return _Plan(suite, cn_models, upscale, checker)
+
+    @staticmethod
+    def _load_inputs(request: dict, files: Mapping[str, str] | None) -> dict:
+        hp = request["hyperparameters"]
+        size = (hp["width"], hp["height"])
+        inputs: dict = {}
+        for i, cn in enumerate(request.get("controlnets") or []):
+            inputs[f"controlnets.{i}"] = images.control_image(cn, files, size, field=f"controlnets.{i}")
+        image = request.get("image")
+        if image:
+            inputs["image.init"] = images.load_image(images.resolve_file(files, image["init"], "image.init"), size, field="image.init")
+            if image.get("mask"):
+                inputs["image.mask"] = images.load_mask(images.resolve_file(files, image["mask"], "image.mask"), size, field="image.mask")
+        return inputs
+
+    # -- VRAM and residency -------------------------------------------------------------------
+
+    def _check_fits(self, plan: _Plan, need_activation: int, num_images: int, width: int, height: int) -> None:
+        members = list({spec.name: spec for _, spec in plan.suite}.values())
+        for spec in members:
+            if spec.vram_mb > self._vram_total:
+                raise WorkerError("out_of_memory", f"{spec.name} needs {spec.vram_mb} MB of VRAM; this GPU has {self._vram_total} MB")
+        suite_mb = sum(spec.vram_mb for spec in members)
+        if suite_mb + need_activation > self._vram_total:
+            what = members[0].name if len(members) == 1 else f"the suite of {len(members)} models"
+            raise WorkerError(
+                "out_of_memory",
+                f"{what} ({suite_mb} MB) plus {num_images}×{width}×{height} activations "
+                f"({need_activation} MB) exceed this GPU's {self._vram_total} MB of VRAM",
+            )
+
+    def _make_resident(self, plan: _Plan, need_activation: int, progress_cb: ProgressCallback,
+                       cancel_event: threading.Event, log_cb: LogCallback) -> list[str]:
+        members = list({spec.name: spec for _, spec in plan.suite}.values())
+        keep = {spec.name for spec in members}
+        with self._lock:
+            missing = [spec for spec in members if spec.name not in self._resident]
+        self._make_room(sum(spec.vram_mb for spec in missing) + need_activation, keep, log_cb)
+        for spec in missing:
+            self._load(spec, progress_cb, cancel_event)
+        for spec in members:
+            self._touch(spec.name)
+        return [spec.name for spec in missing]
+
+    def _make_room(self, needed_mb: int, keep: set[str], log_cb: LogCallback) -> None:
+        """Evict least recently used models (never those in `keep`) until `needed_mb` more is free."""
         with self._lock:
             used = sum(r.spec.vram_mb for r in self._resident.values())
             for name in list(self._resident):
                 if self._vram_total - used >= needed_mb:
                     break
-                if name == keep:
+                if name in keep:
                     continue
                 evicted = self._resident.pop(name)
                 used -= evicted.spec.vram_mb
@@ -251,13 +495,10 @@ class SyntheticBackend(Backend):
 
     def _load(self, spec: ModelSpec, progress_cb: ProgressCallback, cancel_event: threading.Event) -> None:
         progress_cb("loading_model", 0, 1)
-        load_s = self._load_ms(spec) / 1000.0
-        if load_s > 0 and cancel_event.wait(load_s):
-            self._check_cancel(cancel_event)
-        self._check_cancel(cancel_event)
+        self._sleep(self._load_ms(spec) / 1000.0, cancel_event)
         with self._lock:
             self._resident[spec.name] = _Resident(spec)
-        log.info("loaded %s (%d MB) in %.0f ms", spec.name, spec.vram_mb, load_s * 1000)
+        log.info("loaded %s (%d MB) in %d ms", spec.name, spec.vram_mb, self._load_ms(spec))
         progress_cb("loading_model", 1, 1)
 
     def _touch(self, name: str) -> None:
@@ -266,6 +507,30 @@ class SyntheticBackend(Backend):
             if resident is not None:
                 resident.last_used_at = _now_iso()
                 self._resident.move_to_end(name)
+
+    # -- time ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _perf_factor(perf: dict) -> float:
+        factor = OFFLOAD_FACTOR[perf.get("cpu_offload", "none")]
+        if perf.get("attention_slicing"):
+            factor *= ATTENTION_SLICING_FACTOR
+        if perf.get("dtype") == "fp32":
+            factor *= FP32_FACTOR
+        return factor
+
+    def _denoise(self, stage: str, steps: int, step_s: float, progress_cb: ProgressCallback, cancel_event: threading.Event) -> None:
+        for step in range(1, steps + 1):
+            self._sleep(step_s, cancel_event)
+            progress_cb(stage, step, steps)
+        self._check_cancel(cancel_event)
+
+    def _sleep(self, seconds: float, cancel_event: threading.Event) -> None:
+        """Spend `seconds` as the GPU would, returning early (canceled) when asked to stop."""
+        self._check_cancel(cancel_event)
+        if seconds > 0 and cancel_event.wait(seconds):
+            self._check_cancel(cancel_event)
+        self._check_cancel(cancel_event)
 
     @staticmethod
     def _check_cancel(cancel_event: threading.Event) -> None:
