@@ -1,9 +1,11 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import sharp from 'sharp';
 import { basicRequest, Farm } from './support/farm.js';
+import { b64, gradientPng, maskPng } from './support/images.js';
 
 /** Bad input a client can send: every case a clear 4xx naming the field and rule. */
 describe('the API refuses bad requests clearly', () => {
-  const farm = new Farm({ agents: 1, env: { WEBHOOK_ALLOW_PRIVATE: 'false' } });
+  const farm = new Farm({ agents: 1, env: { WEBHOOK_ALLOW_PRIVATE: 'false', KILN_SYNTHETIC_NO_BF16: '1', BODY_LIMIT_BYTES: String(2 * 1024 * 1024) } });
   beforeAll(() => farm.start());
   afterAll(() => farm.close());
 
@@ -17,9 +19,35 @@ describe('the API refuses bad requests clearly', () => {
     ['missing prompt', basicRequest({ conditioning: {} }), 'conditioning.prompt', 'invalid_type'],
     ['missing model', { conditioning: { prompt: 'x' } }, 'model', 'invalid_type'],
     ['unknown scheduler', basicRequest({ scheduler: { type: 'MagicScheduler', steps: 4 } }), 'scheduler.type', 'invalid_value'],
-    ['a feature not built yet (loras)', basicRequest({ loras: [{ name: 'x', weight: 1 }] }), 'loras', 'unrecognized_keys'],
-    ['a nested unknown field', basicRequest({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: 'r' } }), 'model.refiner', 'unrecognized_keys'],
-    ['jpeg output (not yet)', basicRequest({ output: { format: 'jpeg' } }), 'output.format', 'invalid_value'],
+    ['an unknown top-level field', basicRequest({ styles: ['x'] }), 'styles', 'unrecognized_keys'],
+    ['a nested unknown field', basicRequest({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', unet: 'r' } }), 'model.unet', 'unrecognized_keys'],
+    ['gif output', basicRequest({ output: { format: 'gif' } }), 'output.format', 'invalid_value'],
+    ['jpeg quality 0', basicRequest({ output: { format: 'jpeg', quality: 0 } }), 'output.quality', 'too_small'],
+    ['Karras sigmas on Euler a', basicRequest({ scheduler: { type: 'Euler a', use_karras_sigmas: true } }), 'scheduler.use_karras_sigmas', 'unsupported_option'],
+    ['Karras sigmas on DDIM', basicRequest({ scheduler: { type: 'DDIMScheduler', use_karras_sigmas: true } }), 'scheduler.use_karras_sigmas', 'unsupported_option'],
+    ['an algorithm type on Euler', basicRequest({ scheduler: { type: 'EulerDiscreteScheduler', algorithm_type: 'dpmsolver++' } }), 'scheduler.algorithm_type', 'unsupported_option'],
+    ['an SDE algorithm the singlestep solver lacks', basicRequest({ scheduler: { type: 'DPMSolverSinglestepScheduler', algorithm_type: 'sde-dpmsolver' } }), 'scheduler.algorithm_type', 'unsupported_option'],
+    ['timestep spacing on DPM++ SDE', basicRequest({ scheduler: { type: 'DPM++ SDE', timestep_spacing: 'trailing' } }), 'scheduler.timestep_spacing', 'unsupported_option'],
+    ['solver order on Heun', basicRequest({ scheduler: { type: 'HeunDiscreteScheduler', solver_order: 2 } }), 'scheduler.solver_order', 'unsupported_option'],
+    ['an unknown alias', basicRequest({ scheduler: { type: 'DPM fast' } }), 'scheduler.type', 'invalid_value'],
+    ['refiner options without a refiner', basicRequest({ refiner: { denoising_switch: 0.8 } }), 'refiner', 'requires_model_refiner'],
+    ['refiner switch too early', basicRequest({ model: { base: 'b', refiner: 'r' }, refiner: { denoising_switch: 0.2 } }), 'refiner.denoising_switch', 'too_small'],
+    ['refiner with ControlNets', basicRequest({ model: { base: 'b', refiner: 'r' }, controlnets: [{ type: 'canny', image: { s3_key: 'x.png' } }] }), 'model.refiner', 'unsupported_combination'],
+    ['LoRA weight above 2', basicRequest({ loras: [{ name: 'l', weight: 2.5 }] }), 'loras.0.weight', 'too_big'],
+    ['the same LoRA twice', basicRequest({ loras: [{ name: 'l' }, { name: 'l' }] }), 'loras', 'custom'],
+    ['nine LoRAs', basicRequest({ loras: Array.from({ length: 9 }, (_, i) => ({ name: `l${i}` })) }), 'loras', 'too_big'],
+    ['an unknown ControlNet type', basicRequest({ controlnets: [{ type: 'pose3d', image: { s3_key: 'x.png' } }] }), 'controlnets.0.type', 'invalid_value'],
+    ['a ControlNet guidance window that ends before it starts', basicRequest({ controlnets: [{ type: 'canny', image: { s3_key: 'x.png' }, guidance_start: 0.6, guidance_end: 0.4 }] }), 'controlnets.0.guidance_end', 'must_exceed_start'],
+    ['preprocessing a depth map', basicRequest({ controlnets: [{ type: 'depth', image: { s3_key: 'x.png' }, preprocess: true }] }), 'controlnets.0.preprocess', 'preprocess_unsupported'],
+    ['five ControlNets', basicRequest({ controlnets: Array.from({ length: 5 }, () => ({ type: 'canny', image: { s3_key: 'x.png' } })) }), 'controlnets', 'too_big'],
+    ['an image given two ways', basicRequest({ image: { init: { s3_key: 'a.png', url: 'https://example.com/a.png' } } }), 'image.init', 'exactly_one'],
+    ['an image given no way', basicRequest({ image: { init: {} } }), 'image.init', 'exactly_one'],
+    ['a mask without an init image', basicRequest({ image: { mask: { s3_key: 'm.png' } } }), 'image.init', 'invalid_type'],
+    ['strength 0', basicRequest({ image: { init: { s3_key: 'a.png' }, strength: 0 } }), 'image.strength', 'too_small'],
+    ['an S3 key with odd characters', basicRequest({ image: { init: { s3_key: 'a b.png' } } }), 'image.init.s3_key', 'invalid_format'],
+    ['upscale ×3', basicRequest({ postprocess: { upscale: { factor: 3 } } }), 'postprocess.upscale.factor', 'invalid_value'],
+    ['an unknown dtype', basicRequest({ performance: { dtype: 'int8' } }), 'performance.dtype', 'invalid_value'],
+    ['an unknown offload mode', basicRequest({ performance: { cpu_offload: 'disk' } }), 'performance.cpu_offload', 'invalid_value'],
     ['bad priority', basicRequest({ priority: 'urgent' }), 'priority', 'invalid_value'],
     ['timeout too long', basicRequest({ timeout_s: 10 ** 7 }), 'timeout_s', 'too_big'],
     ['webhook not http', basicRequest({ webhook: { url: 'ftp://example.com/x' } }), 'webhook.url', 'invalid_format'],
@@ -35,6 +63,45 @@ describe('the API refuses bad requests clearly', () => {
     expect(res.body.error.message).toContain(field);
   });
 
+  it.each([
+    ['not base64', { base64: '###not-base64###' }, 'image.init.base64', 'invalid_base64', 400],
+    ['corrupt bytes', { base64: Buffer.from('this is not an image at all').toString('base64') }, 'image.init.base64', 'image_unreadable', 400],
+    ['a truncated PNG', 'truncated', 'image.init.base64', 'image_unreadable', 400],
+    ['a GIF', 'gif', 'image.init.base64', 'image_format', 400],
+    ['a 5000-pixel-wide image', 'huge', 'image.init.base64', 'image_too_large', 413],
+    ['a missing S3 key', { s3_key: 'uploads/none.png' }, 'image.init.s3_key', 'image_not_found', 400],
+    ['a private URL', { url: 'http://127.0.0.1:9/x.png' }, 'image.init.url', 'image_fetch_failed', 400],
+  ])('an input image that is %s → %s naming the field', async (_what, ref, field, rule, status) => {
+    let init: unknown = ref;
+    if (ref === 'truncated') init = { base64: (await gradientPng(128, 128)).subarray(0, 200).toString('base64') };
+    if (ref === 'gif') init = { base64: (await sharp({ create: { width: 8, height: 8, channels: 3, background: '#000' } }).gif().toBuffer()).toString('base64') };
+    if (ref === 'huge') init = { base64: (await sharp({ create: { width: 5000, height: 8, channels: 3, background: '#000' } }).png().toBuffer()).toString('base64') };
+    const res = await farm.request('POST', '/v1/generations', basicRequest({ image: { init } }));
+    expect(res.status).toBe(status);
+    expect(res.body.error.details).toEqual(expect.arrayContaining([expect.objectContaining({ field, rule })]));
+  });
+
+  it('a mask of another size than the init image → 400', async () => {
+    const res = await farm.request('POST', '/v1/generations', basicRequest({ image: { init: { base64: b64(await gradientPng(128, 128)) }, mask: { base64: b64(await maskPng(64, 64)) } } }));
+    expect(res.status).toBe(400);
+    expect(res.body.error.details[0]).toMatchObject({ field: 'image.mask', rule: 'mask_size_mismatch' });
+  });
+
+  it.each([
+    ['an unknown LoRA', { loras: [{ name: 'nobody/lora' }] }, 'loras.0.name', 'unknown_model'],
+    ['an unknown refiner', { model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: 'nobody/refiner' } }, 'model.refiner', 'unknown_model'],
+    ['a base model given as the refiner', { model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: 'stabilityai/sdxl-turbo' } }, 'model.refiner', 'unknown_model'],
+    ['an unknown VAE', { model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', vae: 'nobody/vae' } }, 'model.vae', 'unknown_model'],
+    ['a depth ControlNet named for canny', { controlnets: [{ type: 'canny', model: 'diffusers/controlnet-depth-sdxl-1.0', image: { s3_key: 'x.png' } }] }, 'controlnets.0.model', 'unknown_model'],
+    ['an unknown upscaler', { postprocess: { upscale: { factor: 2, upscaler: 'nobody/esrgan' } } }, 'postprocess.upscale.upscaler', 'unknown_model'],
+    ['bf16 where no worker has it', { performance: { dtype: 'bf16' } }, 'performance.dtype', 'unsupported_dtype'],
+  ])('%s → 422 naming the field', async (_what, over, field, rule) => {
+    const res = await farm.request('POST', '/v1/generations', basicRequest(over));
+    expect(res.status).toBe(422);
+    expect(res.body.error.code).toBe('unschedulable');
+    expect(res.body.error.details[0]).toMatchObject({ field, rule });
+  });
+
   it('a body that is not JSON → 400', async () => {
     const res = await farm.request('POST', '/v1/generations', '{"model": ');
     expect(res.status).toBe(400);
@@ -42,7 +109,7 @@ describe('the API refuses bad requests clearly', () => {
   });
 
   it('a body over the size limit → 413', async () => {
-    const res = await farm.request('POST', '/v1/generations', basicRequest({ conditioning: { prompt: 'x'.repeat(2 * 1024 * 1024) } }));
+    const res = await farm.request('POST', '/v1/generations', basicRequest({ conditioning: { prompt: 'x'.repeat(3 * 1024 * 1024) } }));
     expect(res.status).toBe(413);
     expect(res.body.error.code).toBe('payload_too_large');
   });

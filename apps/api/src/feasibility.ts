@@ -14,6 +14,8 @@ type Req = ParsedGenerationRequest;
 type Agent = AgentHeartbeat & { capabilities: NonNullable<AgentHeartbeat['capabilities']> };
 
 interface Requirement {
+  /** for unknown models: the kind, so the error can list what is available */
+  available?: ModelInfo['kind'];
   field: string;
   rule: string;
   message: string;
@@ -34,6 +36,7 @@ export function requirements(r: Req): Requirement[] {
       field,
       rule: 'unknown_model',
       message: `no live agent has the ${what} "${name}"`,
+      available: kind,
       ok: (a) => {
         const m = findModel(a, name);
         return !!m && m.kind === kind && (!extra || extra(m));
@@ -125,7 +128,11 @@ export function checkFeasible(r: Req, live: AgentHeartbeat[]): { request: Req; a
   const request = fillDefaults(r, agents);
   if (agents.length === 0) return { request, agents: [] };
   const reqs = requirements(request);
-  for (const q of reqs) if (!agents.some(q.ok)) throw unschedulable(q.field, q.rule, q.message);
+  for (const q of reqs) {
+    if (agents.some(q.ok)) continue;
+    const known = q.available ? [...new Set(agents.flatMap((a) => a.capabilities.models.filter((m) => m.kind === q.available).map((m) => m.name)))].sort() : [];
+    throw unschedulable(q.field, q.rule, known.length ? `${q.message}; available: ${known.join(', ')}` : q.message);
+  }
   const capable = agents.filter((a) => reqs.every((q) => q.ok(a)));
   if (capable.length === 0) throw unschedulable('', 'no_single_agent', 'each part of this request is available somewhere, but no one agent has all of it');
   const fits = capable.filter((a) => suiteVramMb(request, a) <= a.gpu.vram_total_mb);

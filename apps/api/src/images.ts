@@ -27,12 +27,12 @@ const bad = (field: string, rule: string, message: string, code: 'validation_fai
 
 export async function loadImage(ref: ImageRefInput, field: string, src: ImageSources): Promise<LoadedImage> {
   let bytes: Buffer;
-  if ('base64' in ref) {
+  if (ref.base64 !== undefined) {
     const b64 = ref.base64.replace(/^data:[^;,]+;base64,/, '').replace(/\s+/g, '');
     if (!/^[A-Za-z0-9+/]*={0,2}$/.test(b64)) throw bad(`${field}.base64`, 'invalid_base64', 'is not valid base64');
     bytes = Buffer.from(b64, 'base64');
     field = `${field}.base64`;
-  } else if ('url' in ref) {
+  } else if (ref.url !== undefined) {
     field = `${field}.url`;
     let res;
     try {
@@ -48,7 +48,7 @@ export async function loadImage(ref: ImageRefInput, field: string, src: ImageSou
     field = `${field}.s3_key`;
     let got: Buffer | null;
     try {
-      got = await src.storage.getBuffer(ref.s3_key, IMAGE_LIMITS.maxBytes);
+      got = await src.storage.getBuffer(ref.s3_key!, IMAGE_LIMITS.maxBytes);
     } catch (err) {
       if (err instanceof KilnError && err.code === 'payload_too_large') throw bad(field, 'image_too_large', err.message, 'payload_too_large');
       throw bad(field, 'image_fetch_failed', `could not read ${ref.s3_key}: ${err instanceof Error ? err.message : String(err)}`);

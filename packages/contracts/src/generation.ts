@@ -91,17 +91,21 @@ export const IMAGE_LIMITS = { maxBytes: 10 * 1024 * 1024, maxSide: 4096, maxPixe
 const S3Key = z.string().min(1).max(512).regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only');
 
 /** An input image as a client may give it; the API fetches, validates and stores it. */
-export const ImageRefInput = z.union([
-  z.strictObject({ url: z.url({ protocol: /^https?$/, error: 'must be an http(s) URL' }).max(2048) }),
-  z.strictObject({ s3_key: S3Key.describe('object key in S3_BUCKET') }),
-  z.strictObject({
+export const ImageRefInput = z
+  .strictObject({
+    url: z.url({ protocol: /^https?$/, error: 'must be an http(s) URL' }).max(2048).optional(),
+    s3_key: S3Key.optional().describe('object key in S3_BUCKET'),
     base64: z
       .string()
       .min(1)
       .max(Math.ceil((IMAGE_LIMITS.maxBytes * 4) / 3) + 64, `must decode to at most ${IMAGE_LIMITS.maxBytes} bytes`)
+      .optional()
       .describe('the image file, base64 (a data: URI prefix is allowed)'),
-  }),
-]);
+  })
+  .refine((r) => [r.url, r.s3_key, r.base64].filter((v) => v !== undefined).length === 1, {
+    message: 'give the image exactly one way: url, s3_key or base64',
+    params: { rule: 'exactly_one' },
+  });
 export type ImageRefInput = z.infer<typeof ImageRefInput>;
 /** An input image as the worker receives it: stored by the API, fetched by the agent. */
 export const StoredImageRef = z.strictObject({ s3_key: S3Key });
@@ -238,9 +242,6 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
         if (c.preprocess && !PREPROCESSABLE.includes(c.type))
           issue(['controlnets', i, 'preprocess'], 'preprocess_unsupported', `the worker preprocesses ${PREPROCESSABLE.join(', ')} only; send an already processed ${c.type} map`);
       });
-      const up = r.postprocess?.upscale;
-      const h = r.hyperparameters as { width: number; height: number };
-      if (up && Math.max(h.width, h.height) * up.factor > 8192) issue(['postprocess', 'upscale', 'factor'], 'too_big', 'the upscaled image may be at most 8192 pixels on a side');
     });
 }
 
