@@ -1,0 +1,589 @@
+"""The diffusers backend: Stable Diffusion XL on the GPU (or CPU) this worker drives.
+
+One generate request, in order:
+1. Check it (validation.check_request, check_capabilities) and resolve every model it names
+   against the catalog (model_not_found / invalid_request naming the field).
+2. Make its suite resident (residency.py: LRU eviction to host RAM or out), reporting
+   `loading_model` progress per model loaded.
+3. Build the pipeline for the mode from the resident base with `from_pipe` (text-to-image,
+   img2img, inpaint, each with or without ControlNets), swap in the VAE, scheduler, LoRA adapters
+   and performance options, and run it with one CPU generator per image (seed + i), reporting
+   each denoising step (`base`, then `refiner` for the ensemble of experts). A cancel sets
+   `pipe._interrupt`; the images of an interrupted run are discarded.
+4. Upscale, safety-check and write each image (output.save_image) with its metadata.
+
+torch and diffusers are imported when the backend is constructed, so a worker without them
+fails at start with a clear message (BackendUnavailable, exit 3) instead of at the first job.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import threading
+import time
+from typing import Any, Mapping
+
+from ..config import Config
+from ..errors import WorkerError, invalid_request, model_not_found
+from ..images import control_image, load_image, load_mask, resolve_file
+from ..output import build_metadata, file_digest, save_image
+from ..protocol import scheduler_names
+from ..safety import verdict
+from ..schedulers import build_scheduler
+from ..tables import controlnet_types, preprocessable
+from ..upscale import upscale as run_upscale
+from ..validation import check_capabilities, check_request
+from . import BackendUnavailable
+from .base import Backend, GenerateResult, LogCallback, ProgressCallback
+from .diffusers_parts.catalog import ModelEntry, discover
+from .diffusers_parts.residency import RefinerParts, Residency, Resident, adapter_name, load_lora, load_model, move
+from .diffusers_parts.settings import DiffusersSettings, SettingsError, load_settings, physical_ram_mb
+
+log = logging.getLogger("kiln_worker.diffusers")
+
+MAX_SIDE = 2048
+MAX_IMAGES = 8
+FEATURE_ORDER = ("refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata")
+ACTIVATION_MB_PER_MEGAPIXEL = 1200  # fp16, as the contracts' activationVramMb; doubled at fp32
+
+
+class DiffusersConfigError(BackendUnavailable):
+    """Bad diffusers backend settings: the worker exits at start naming every bad variable."""
+
+
+def _import_runtime():
+    try:
+        import diffusers  # noqa: F401
+        import torch
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the diffusers backend needs torch, diffusers and transformers ({exc}); "
+            "pip install -r workers-py/requirements-gpu.txt, or set KILN_BACKEND=synthetic"
+        ) from exc
+    return torch
+
+
+def _quiet_loading_bars() -> None:
+    """Loading bars are noise in a worker's log (stderr); our own loading_model progress replaces them."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        tlog.disable_progress_bar()
+    except (ImportError, AttributeError):
+        pass
+
+
+def is_oom(exc: BaseException) -> bool:
+    import torch
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class DiffusersBackend(Backend):
+    name = "diffusers"
+
+    def __init__(self, config: Config | None = None, settings: DiffusersSettings | None = None):
+        torch = _import_runtime()
+        try:
+            self._settings = settings or load_settings()
+        except SettingsError as exc:
+            raise DiffusersConfigError(str(exc)) from exc
+        self._torch = torch
+        _quiet_loading_bars()
+        self._device = self._pick_device(self._settings.device)
+        cuda = self._device.startswith("cuda")
+        if cuda:
+            props = torch.cuda.get_device_properties(torch.device(self._device))
+            self._device_name = props.name
+            self._vram_total = int(props.total_memory // (1024 * 1024))
+            self._dtypes = ["fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp32"]
+            self._default_dtype = "fp16"
+        else:
+            self._device_name = "cpu"
+            self._vram_total = self._settings.cpu_memory_mb
+            self._dtypes = ["fp32"]
+            self._default_dtype = "fp32"
+        ram_budget = self._settings.ram_cache_mb if self._settings.ram_cache_mb is not None else physical_ram_mb() // 2
+        self._residency = Residency(self._device, self._vram_total, ram_budget)
+        self._catalog: dict[str, ModelEntry] = discover(self._settings.models_dir, self._settings.scan_hf_cache)
+        self._capabilities = self._build_capabilities()
+        log.info(
+            "diffusers backend on %s (%d MB); %d models from %s%s",
+            self._device_name, self._vram_total, len(self._catalog), self._settings.models_dir,
+            " and the Hugging Face cache" if self._settings.scan_hf_cache else "",
+        )
+
+    @staticmethod
+    def _pick_device(wanted: str) -> str:
+        import torch
+
+        if wanted == "cpu":
+            return "cpu"
+        if torch.cuda.is_available():
+            return "cuda" if wanted == "auto" else wanted
+        if wanted == "auto":
+            return "cpu"
+        raise DiffusersConfigError(f"KILN_DIFFUSERS_DEVICE={wanted!r}: CUDA is not available on this machine")
+
+    # -- interface ---------------------------------------------------------------------------
+
+    def device(self) -> dict:
+        return {"name": self._device_name, "vram_total_mb": self._vram_total}
+
+    def capabilities(self) -> dict:
+        return self._capabilities
+
+    def state(self) -> dict:
+        resident = self._residency.wire()
+        return {
+            "vram_total_mb": self._vram_total,
+            "vram_used_mb": sum(r["vram_mb"] for r in resident if r["location"] == "vram"),
+            "resident": resident,
+        }
+
+    def _build_capabilities(self) -> dict:
+        kinds = {e.kind for e in self._catalog.values()}
+        has_base = "base" in kinds
+        features = ["metadata", "upscale"]
+        if has_base:
+            features += ["img2img", "inpaint"]
+            features += [k for k in ("refiner", "vae", "lora", "controlnet") if k in kinds]
+        if "safety_checker" in kinds:
+            features.append("safety_check")
+        cn_types = {e.controlnet_type for e in self._catalog.values() if e.kind == "controlnet"}
+        perf = ["attention_slicing", "vae_slicing", "vae_tiling", "channels_last"]
+        if self._device.startswith("cuda"):
+            perf += ["cpu_offload_model", "cpu_offload_sequential", "compile"]
+        return {
+            "backend": self.name,
+            "models": [e.info(self._default_dtype) for e in self._catalog.values()],
+            "schedulers": scheduler_names(),
+            "output_formats": ["png", "jpeg", "webp"],
+            "max_side": MAX_SIDE,
+            "max_images": MAX_IMAGES,
+            "features": [f for f in FEATURE_ORDER if f in features],
+            "controlnet_types": [t for t in controlnet_types() if t in cn_types],
+            "controlnet_preprocessors": preprocessable(),
+            "upscalers": sorted(e.name for e in self._catalog.values() if e.kind == "upscaler"),
+            "dtypes": self._dtypes,
+            "performance": perf,
+        }
+
+    # -- generate ----------------------------------------------------------------------------
+
+    def generate(
+        self,
+        request: dict,
+        job_dir: str,
+        progress_cb: ProgressCallback,
+        cancel_event: threading.Event,
+        log_cb: LogCallback | None = None,
+        files: Mapping[str, str] | None = None,
+    ) -> GenerateResult:
+        log_cb = log_cb or (lambda level, message: None)
+        check_request(request, job_dir)
+        check_capabilities(request, self._capabilities)
+        plan = self._plan(request, files)
+        _check_cancel(cancel_event)
+        try:
+            return self._run(request, plan, job_dir, progress_cb, cancel_event, log_cb)
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            # free what the failed call held, then everything resident, so the next job starts clean
+            del exc
+            gc.collect()
+            self._residency.evict_all(log_cb)
+            raise WorkerError(
+                "out_of_memory",
+                f"{self._device_name} ran out of memory on {request['hyperparameters']['num_images']}×"
+                f"{request['hyperparameters']['width']}×{request['hyperparameters']['height']}; resident models were evicted",
+            ) from None
+
+    # -- planning: everything that can fail because of the request, before any model loads ----
+
+    def _entry(self, name: str, kind: str, field: str) -> ModelEntry:
+        entry = self._catalog.get(name)
+        if entry is None:
+            raise model_not_found(field, f"{name!r} is not available on this worker")
+        if entry.kind != kind:
+            raise invalid_request(field, f"{name!r} is a {entry.kind} model, not a {kind} model")
+        return entry
+
+    def _plan(self, request: dict, files: Mapping[str, str] | None) -> dict:
+        hp = request["hyperparameters"]
+        size = (hp["width"], hp["height"])
+        perf = request.get("performance") or {}
+        dtype = perf.get("dtype", self._default_dtype) if perf else self._default_dtype
+        plan: dict[str, Any] = {"dtype": dtype, "perf": perf, "size": size}
+        plan["base"] = self._entry(request["model"]["base"], "base", "model.base")
+        plan["refiner"] = self._entry(request["model"]["refiner"], "refiner", "model.refiner") if request["model"].get("refiner") else None
+        plan["vae"] = self._entry(request["model"]["vae"], "vae", "model.vae") if request["model"].get("vae") else None
+        plan["loras"] = [(self._entry(l["name"], "lora", f"loras.{i}.name"), float(l["weight"])) for i, l in enumerate(request.get("loras") or [])]
+        cns = []
+        for i, cn in enumerate(request.get("controlnets") or []):
+            field = f"controlnets.{i}"
+            if cn.get("model"):
+                entry = self._entry(cn["model"], "controlnet", f"{field}.model")
+                if entry.controlnet_type != cn["type"]:
+                    raise invalid_request(f"{field}.model", f"{entry.name!r} is a {entry.controlnet_type} ControlNet, not {cn['type']}")
+            else:
+                choices = sorted(n for n, e in self._catalog.items() if e.kind == "controlnet" and e.controlnet_type == cn["type"])
+                if not choices:
+                    raise model_not_found(f"{field}.type", f"no {cn['type']} ControlNet on this worker")
+                entry = self._catalog[choices[0]]
+            cns.append((entry, control_image(cn, files, size, field=field), cn))
+        plan["controlnets"] = cns
+        image = request.get("image")
+        plan["init"] = plan["mask"] = None
+        if image:
+            plan["init"] = load_image(resolve_file(files, image["init"], "image.init"), size, field="image.init")
+            if image.get("mask"):
+                plan["mask"] = load_mask(resolve_file(files, image["mask"], "image.mask"), size)
+        post = request.get("postprocess") or {}
+        up = post.get("upscale")
+        plan["upscale"] = up
+        if up and up.get("upscaler") and up["upscaler"] != "lanczos":
+            self._entry(up["upscaler"], "upscaler", "postprocess.upscale.upscaler")
+        plan["safety"] = None
+        if post.get("safety_check"):
+            checkers = sorted(n for n, e in self._catalog.items() if e.kind == "safety_checker")
+            if not checkers:
+                raise invalid_request("postprocess.safety_check", "no safety checker on this worker")
+            plan["safety"] = self._catalog[checkers[0]]
+        return plan
+
+    # -- residency ---------------------------------------------------------------------------
+
+    def _activation_mb(self, request: dict, dtype: str) -> int:
+        hp = request["hyperparameters"]
+        mb = ACTIVATION_MB_PER_MEGAPIXEL * hp["width"] * hp["height"] * hp["num_images"] / (1024 * 1024)
+        return math.ceil(mb * (2 if dtype == "fp32" else 1))
+
+    def _ensure(self, plan: dict, request: dict, progress_cb, cancel_event, log_cb) -> list[str]:
+        """Make the plan's models resident at its dtype; return the ones that had to be loaded."""
+        dtype = plan["dtype"]
+        offload = plan["perf"].get("cpu_offload", "none") != "none"
+        target = "cpu" if offload else self._device
+        suite: list[ModelEntry] = [plan["base"]]
+        suite += [e for e in (plan["refiner"], plan["vae"]) if e is not None]
+        suite += [e for e, _, _ in plan["controlnets"]]
+        if plan["safety"] is not None:
+            suite.append(plan["safety"])
+        lora_entries = [e for e, _ in plan["loras"]]
+        names = {e.name for e in suite + lora_entries}
+        suite_mb = sum(e.vram_mb(dtype) for e in suite + lora_entries)
+        self._residency.check_fits(suite_mb, self._activation_mb(request, dtype), offload)
+        loaded: list[str] = []
+        for entry in suite + lora_entries:
+            _check_cancel(cancel_event)
+            r = self._residency.get(entry.name)
+            if r is not None and r.dtype != dtype:
+                self._residency.drop(entry.name, log_cb, f"reloading at {dtype}")
+                r = None
+            if r is not None and r.location == ("ram" if offload else "vram"):
+                continue
+            size = entry.vram_mb(dtype) + (sum(c.vram_mb for c in self._residency.loras_of(entry.name)) if r else 0)
+            if not offload:
+                self._residency.make_room(size + self._activation_mb(request, dtype), names, log_cb)
+            progress_cb("loading_model", 0, 1)
+            started = time.perf_counter()
+            if r is not None:  # warm in RAM (or offloaded), move it
+                move(r.obj, target)
+                self._residency.set_location([entry.name], "ram" if offload else "vram")
+                how = "from host RAM"
+            elif entry.kind == "lora":
+                base = self._residency.get(plan["base"].name)
+                adapter = load_lora(base.obj, entry)
+                self._residency.add(Resident(entry, base.obj, dtype, entry.vram_mb(dtype), base.location, parent=base.entry.name, extras={"adapter": adapter}))
+                how = "from disk"
+            else:
+                base = self._residency.get(plan["base"].name)
+                obj = load_model(entry, dtype, target, base.obj if base is not None else None)
+                resident = Resident(entry, obj, dtype, entry.vram_mb(dtype), "ram" if offload else "vram")
+                if entry.kind == "base":
+                    resident.extras["scheduler_config"] = dict(obj.scheduler.config)
+                    resident.extras["unet"] = obj.unet
+                self._residency.add(resident)
+                how = "from disk"
+            loaded.append(entry.name)
+            ms = (time.perf_counter() - started) * 1000
+            log.info("loaded %s %s in %.0f ms", entry.name, how, ms)
+            log_cb("info", f"loaded {entry.name} {how} in {ms:.0f} ms")
+            progress_cb("loading_model", 1, 1)
+        self._residency.touch([e.name for e in suite + lora_entries])
+        return loaded
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _pipeline(self, plan: dict, request: dict):
+        """The pipeline object for this request's mode, sharing the resident base's modules."""
+        import diffusers
+
+        torch = self._torch
+        base_r = self._residency.get(plan["base"].name)
+        base = base_r.obj
+        perf = plan["perf"]
+        overrides: dict[str, Any] = {}
+        if plan["vae"] is not None:
+            overrides["vae"] = self._residency.get(plan["vae"].name).obj
+        unet = base_r.extras["unet"]
+        if perf.get("compile"):
+            if "compiled_unet" not in base_r.extras:
+                base_r.extras["compiled_unet"] = torch.compile(unet)
+            unet = base_r.extras["compiled_unet"]
+        overrides["unet"] = unet
+        cns = [self._residency.get(e.name).obj for e, _, _ in plan["controlnets"]]
+        mode = "inpaint" if plan["mask"] is not None else "img2img" if plan["init"] is not None else "txt2img"
+        if cns:
+            cls = {
+                "txt2img": diffusers.StableDiffusionXLControlNetPipeline,
+                "img2img": diffusers.StableDiffusionXLControlNetImg2ImgPipeline,
+                "inpaint": diffusers.StableDiffusionXLControlNetInpaintPipeline,
+            }[mode]
+            overrides["controlnet"] = cns[0] if len(cns) == 1 else cns
+        else:
+            cls = {
+                "txt2img": diffusers.StableDiffusionXLPipeline,
+                "img2img": diffusers.StableDiffusionXLImg2ImgPipeline,
+                "inpaint": diffusers.StableDiffusionXLInpaintPipeline,
+            }[mode]
+        # from_pipe casts to its dtype argument (float32 when absent): always pass the resident one
+        pipe = base if cls is type(base) and not overrides.keys() - {"unet"} and unet is base.unet else cls.from_pipe(base, dtype=base.dtype, **overrides)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.scheduler = build_scheduler(request["scheduler"], base_r.extras["scheduler_config"])
+        self._apply_loras(base, plan)
+        self._apply_performance(pipe, perf)
+        return pipe, mode
+
+    def _apply_loras(self, base, plan: dict) -> None:
+        if not plan["loras"]:
+            if self._residency.loras_of(plan["base"].name):
+                base.disable_lora()
+            return
+        base.enable_lora()
+        base.set_adapters([adapter_name(e.name) for e, _ in plan["loras"]], adapter_weights=[w for _, w in plan["loras"]])
+
+    def _apply_performance(self, pipe, perf: dict) -> None:
+        """Options are set both ways on every request: modules are shared across requests."""
+        torch = self._torch
+        if perf.get("attention_slicing"):
+            pipe.enable_attention_slicing()
+        else:
+            pipe.disable_attention_slicing()
+        (pipe.vae.enable_slicing if perf.get("vae_slicing") else pipe.vae.disable_slicing)()
+        (pipe.vae.enable_tiling if perf.get("vae_tiling") else pipe.vae.disable_tiling)()
+        fmt = torch.channels_last if perf.get("channels_last") else torch.contiguous_format
+        pipe.unet.to(memory_format=fmt)
+        offload = perf.get("cpu_offload", "none")
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=self._device)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self._device)
+
+    def _run(self, request: dict, plan: dict, job_dir: str, progress_cb, cancel_event, log_cb) -> GenerateResult:
+        torch = self._torch
+        load_started = time.perf_counter()
+        loaded = self._ensure(plan, request, progress_cb, cancel_event, log_cb)
+        model_load_ms = (time.perf_counter() - load_started) * 1000
+        _check_cancel(cancel_event)
+
+        infer_started = time.perf_counter()
+        hp = request["hyperparameters"]
+        n, seed = hp["num_images"], hp["seed"]
+        stage_ms: dict[str, float] = {}
+        pipe, mode = self._pipeline(plan, request)
+        offload = plan["perf"].get("cpu_offload", "none") != "none"
+        try:
+            kwargs: dict[str, Any] = {
+                "prompt": request["conditioning"]["prompt"],
+                "negative_prompt": request["conditioning"].get("negative_prompt") or None,
+                "guidance_scale": float(hp["guidance_scale"]),
+                "num_inference_steps": request["scheduler"]["steps"],
+                "num_images_per_prompt": n,
+                "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+                "output_type": "pil",
+            }
+            if mode == "txt2img":
+                kwargs.update(width=hp["width"], height=hp["height"])
+            else:
+                kwargs.update(image=plan["init"], strength=float(request["image"]["strength"]))
+            if mode == "inpaint":
+                kwargs.update(mask_image=plan["mask"], width=hp["width"], height=hp["height"])
+            if plan["controlnets"]:
+                specs = [c for _, _, c in plan["controlnets"]]
+                images = [img for _, img, _ in plan["controlnets"]]
+                one = len(specs) == 1
+                key = "image" if mode == "txt2img" else "control_image"
+                kwargs[key] = images[0] if one else images
+                kwargs["controlnet_conditioning_scale"] = float(specs[0]["conditioning_scale"]) if one else [float(c["conditioning_scale"]) for c in specs]
+                kwargs["control_guidance_start"] = float(specs[0]["guidance_start"]) if one else [float(c["guidance_start"]) for c in specs]
+                kwargs["control_guidance_end"] = float(specs[0]["guidance_end"]) if one else [float(c["guidance_end"]) for c in specs]
+            refiner = plan["refiner"]
+            if refiner is not None:
+                switch = float((request.get("refiner") or {}).get("denoising_switch", 0.8))
+                kwargs.update(denoising_end=switch, output_type="latent")
+            started = time.perf_counter()
+            with torch.inference_mode():
+                out = pipe(**kwargs, callback_on_step_end=_stepper("base", progress_cb, cancel_event))
+            stage_ms["base"] = (time.perf_counter() - started) * 1000
+            _check_cancel(cancel_event)
+            images = out.images
+            if refiner is not None:
+                started = time.perf_counter()
+                images = self._refine(request, plan, pipe, images, switch, progress_cb, cancel_event)
+                stage_ms["refiner"] = (time.perf_counter() - started) * 1000
+                _check_cancel(cancel_event)
+        finally:
+            if offload:
+                pipe.remove_all_hooks()
+                for m in pipe.components.values():
+                    if isinstance(m, torch.nn.Module):
+                        m.to("cpu")
+                self._residency.set_location([e.name for e in self._suite_names(plan)], "ram")
+
+        outputs = self._finish(request, plan, images, job_dir, progress_cb, cancel_event, stage_ms)
+        inference_ms = (time.perf_counter() - infer_started) * 1000
+        self._residency.touch([e.name for e in self._suite_names(plan)])
+        return GenerateResult(
+            outputs=outputs,
+            timings={"model_load_ms": round(model_load_ms, 3), "inference_ms": round(inference_ms, 3)},
+            loaded_models=loaded,
+        )
+
+    @staticmethod
+    def _suite_names(plan: dict) -> list[ModelEntry]:
+        out = [plan["base"]] + [e for e in (plan["refiner"], plan["vae"], plan["safety"]) if e is not None]
+        return out + [e for e, _, _ in plan["controlnets"]] + [e for e, _ in plan["loras"]]
+
+    def _refine(self, request, plan, base_pipe, latents, switch, progress_cb, cancel_event):
+        import diffusers
+
+        torch = self._torch
+        parts: RefinerParts = self._residency.get(plan["refiner"].name).obj
+        hp = request["hyperparameters"]
+        n, seed = hp["num_images"], hp["seed"]
+        refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
+            vae=base_pipe.vae,
+            text_encoder=None,
+            text_encoder_2=base_pipe.text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=parts.tokenizer_2,
+            unet=parts.unet,
+            scheduler=build_scheduler(request["scheduler"], dict(parts.scheduler.config)),
+            requires_aesthetics_score=parts.requires_aesthetics_score,
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+            add_watermarker=False,
+        )
+        refiner.set_progress_bar_config(disable=True)
+        self._apply_performance(refiner, {k: v for k, v in plan["perf"].items() if k not in ("compile",)})
+        steps = (request.get("refiner") or {}).get("steps") or request["scheduler"]["steps"]
+        with torch.inference_mode():
+            out = refiner(
+                prompt=request["conditioning"]["prompt"],
+                negative_prompt=request["conditioning"].get("negative_prompt") or None,
+                guidance_scale=float(hp["guidance_scale"]),
+                num_inference_steps=steps,
+                denoising_start=switch,
+                image=latents,
+                num_images_per_prompt=n,
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+                output_type="pil",
+                callback_on_step_end=_stepper("refiner", progress_cb, cancel_event),
+            )
+        return out.images
+
+    def _finish(self, request, plan, images, job_dir, progress_cb, cancel_event, stage_ms) -> list[dict]:
+        """Upscale, safety-check and write every image; return the WorkerOutputs."""
+        hp = request["hyperparameters"]
+        out_opts = request.get("output") or {}
+        fmt = out_opts.get("format", "png")
+        quality = int(out_opts.get("quality", 90))
+        embed = out_opts.get("embed_metadata", True)
+        os.makedirs(job_dir, exist_ok=True)
+        up = plan["upscale"]
+        infos: list[dict | None] = [None] * len(images)
+        if up:
+            progress_cb("upscale", 0, 1)
+            started = time.perf_counter()
+            models = {e.name: e.path for e in self._catalog.values() if e.kind == "upscaler"}
+            for i, img in enumerate(images):
+                _check_cancel(cancel_event)
+                images[i], infos[i] = run_upscale(img, int(up["factor"]), up.get("upscaler"), models)
+            stage_ms["upscale"] = (time.perf_counter() - started) * 1000
+            progress_cb("upscale", 1, 1)
+        verdicts: list[dict | None] = [None] * len(images)
+        if plan["safety"] is not None:
+            progress_cb("safety", 0, 1)
+            started = time.perf_counter()
+            verdicts = self._safety(plan["safety"], images)
+            stage_ms["safety"] = (time.perf_counter() - started) * 1000
+            progress_cb("safety", 1, 1)
+        _check_cancel(cancel_event)
+        models = {"base": plan["base"].name}
+        if plan["refiner"] is not None:
+            models["refiner"] = plan["refiner"].name
+        if plan["vae"] is not None:
+            models["vae"] = plan["vae"].name
+        cn_models = [e.name for e, _, _ in plan["controlnets"]]
+        outputs = []
+        for i, img in enumerate(images):
+            seed = hp["seed"] + i
+            meta = build_metadata(request, seed, models, None, controlnet_models=cn_models, upscale=infos[i])
+            path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(i)), fmt, quality, meta if embed else None)
+            sha, nbytes = file_digest(path)
+            outputs.append(
+                {
+                    "index": i,
+                    "path": path,
+                    "width": img.width,
+                    "height": img.height,
+                    "seed": seed,
+                    "sha256": sha,
+                    "bytes": nbytes,
+                    "content_type": content_type,
+                    "upscaled": infos[i],
+                    "safety": verdicts[i],
+                    "metadata": {**meta, "timings": {k: round(v, 3) for k, v in stage_ms.items()}},
+                }
+            )
+        return outputs
+
+    def _safety(self, entry: ModelEntry, images: list) -> list[dict]:
+        import numpy as np
+
+        torch = self._torch
+        parts = self._residency.get(entry.name).obj
+        param = next(parts.checker.parameters())
+        clip_input = parts.processor(images=images, return_tensors="pt").pixel_values.to(param.device, param.dtype)
+        arrays = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0 for img in images])
+        with torch.inference_mode():
+            # the checker blacks out what it flags; the verdict is reported, the image kept (safety.py)
+            _, flags = parts.checker(images=arrays.copy(), clip_input=clip_input)
+        return [verdict(bool(f), entry.name) for f in flags]
+
+
+def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.Event):
+    """callback_on_step_end: progress per denoising step; a cancel interrupts the pipeline."""
+
+    def on_step_end(pipe, i, t, kwargs):
+        total = int(getattr(pipe, "_num_timesteps", 0) or 0)
+        progress_cb(stage, i + 1, max(total, i + 1))
+        if cancel_event.is_set():
+            pipe._interrupt = True  # the remaining steps are skipped; the caller discards the images
+        return kwargs
+
+    return on_step_end
+
+
+def _check_cancel(cancel_event: threading.Event) -> None:
+    if cancel_event.is_set():
+        raise WorkerError("canceled", "canceled by the agent")
