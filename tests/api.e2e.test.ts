@@ -43,6 +43,7 @@ describe('the API refuses bad requests clearly', () => {
     ['an image given two ways', basicRequest({ image: { init: { s3_key: 'a.png', url: 'https://example.com/a.png' } } }), 'image.init', 'exactly_one'],
     ['an image given no way', basicRequest({ image: { init: {} } }), 'image.init', 'exactly_one'],
     ['a mask without an init image', basicRequest({ image: { mask: { s3_key: 'm.png' } } }), 'image.init', 'invalid_type'],
+    ['img2img with no denoising step left', basicRequest({ scheduler: { steps: 4 }, image: { init: { s3_key: 'a.png' }, strength: 0.2 } }), 'image.strength', 'no_denoising_steps'],
     ['strength 0', basicRequest({ image: { init: { s3_key: 'a.png' }, strength: 0 } }), 'image.strength', 'too_small'],
     ['an S3 key with odd characters', basicRequest({ image: { init: { s3_key: 'a b.png' } } }), 'image.init.s3_key', 'invalid_format'],
     ['upscale ×3', basicRequest({ postprocess: { upscale: { factor: 3 } } }), 'postprocess.upscale.factor', 'invalid_value'],

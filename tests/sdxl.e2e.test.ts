@@ -73,6 +73,9 @@ describe('the full SDXL request through the farm', () => {
     const body = small({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: REFINER }, scheduler: { type: 'EulerDiscreteScheduler', steps: 10 }, refiner: { denoising_switch: 0.7, steps: 10 } });
     const job = await run(body);
     expect(job.outputs[0]!.metadata).toMatchObject({ models: expect.objectContaining({ refiner: REFINER }) });
+    // per-stage progress: the base runs round(10 × 0.7) steps, then the refiner its 10
+    const stages = job.events.map((e) => e.message ?? '').filter((m) => m.startsWith('stage '));
+    expect(stages).toEqual(expect.arrayContaining(['stage base: 7 steps', 'stage refiner: 10 steps']));
     const plain = await run(small({ scheduler: { type: 'EulerDiscreteScheduler', steps: 10 } }));
     expect(job.outputs[0]!.sha256).not.toBe(plain.outputs[0]!.sha256);
   });
@@ -115,8 +118,10 @@ describe('the full SDXL request through the farm', () => {
     const init = await gradientPng(256, 256);
     const s3 = new Client({ endPoint: '127.0.0.1', port: Number(new URL(farm.s3.endpoint).port), useSSL: false, accessKey: farm.s3.accessKey, secretKey: farm.s3.secretKey, pathStyle: true, region: 'us-east-1' });
     await s3.putObject('kiln-test', 'uploads/gradient.png', init, init.length, { 'Content-Type': 'image/png' });
-    const low = await run(small({ image: { init: { s3_key: 'uploads/gradient.png' }, strength: 0.2 } }));
-    const high = await run(small({ image: { init: { s3_key: 'uploads/gradient.png' }, strength: 0.95 } }));
+    const steps = { type: 'EulerDiscreteScheduler', steps: 10 };
+    const low = await run(small({ scheduler: steps, image: { init: { s3_key: 'uploads/gradient.png' }, strength: 0.2 } }));
+    const high = await run(small({ scheduler: steps, image: { init: { s3_key: 'uploads/gradient.png' }, strength: 0.95 } }));
+    expect(low.request.image!.init).toEqual({ s3_key: `inputs/${low.id}/init.png` });
     const ref = await sharp(init).raw().toBuffer();
     const diff = (a: Buffer) => a.reduce((s, v, i) => s + Math.abs(v - ref[i]!), 0) / a.length;
     expect(diff(await pixels(low.outputs[0]!.url))).toBeLessThan(diff(await pixels(high.outputs[0]!.url)));

@@ -161,11 +161,17 @@ export class Agent {
       const files = await this.downloadInputs(job, jobDir);
 
       let lastProgressHook = 0;
+      let lastStage = '';
       const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, files, request: job.request }, (p) => {
         const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
         void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async ({ ok, cancelRequested }) => {
           if (!ok) return this.stopCurrent('handback'); // the job was re-placed or finished under us
           if (cancelRequested) return this.stopCurrent('user');
+          if (p.stage !== lastStage) {
+            // each stage (loading, base, refiner, upscale, safety) is an event on the record
+            lastStage = p.stage;
+            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `stage ${p.stage}: ${p.total} step${p.total === 1 ? '' : 's'}` });
+          }
           const now = Date.now();
           if (job.request.webhook?.events.includes('progress') && (now - lastProgressHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
             lastProgressHook = now;

@@ -237,6 +237,9 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
       if (r.refiner && !r.model.refiner) issue(['refiner'], 'requires_model_refiner', 'set model.refiner to use refiner options');
       if (r.model.refiner && (r.controlnets?.length || r.image))
         issue(['model', 'refiner'], 'unsupported_combination', 'the refiner runs with text-to-image only, not with controlnets or image');
+      const steps = (r.scheduler as { steps: number }).steps;
+      if (r.image && Math.floor(steps * r.image.strength) < 1)
+        issue(['image', 'strength'], 'no_denoising_steps', `${steps} steps × strength ${r.image.strength} leaves no denoising step (as in diffusers, img2img runs floor(steps × strength) steps); raise either`);
       r.controlnets?.forEach((c, i) => {
         if (c.guidance_start >= c.guidance_end) issue(['controlnets', i, 'guidance_end'], 'must_exceed_start', 'must be greater than guidance_start');
         if (c.preprocess && !PREPROCESSABLE.includes(c.type))
