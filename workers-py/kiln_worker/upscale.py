@@ -18,9 +18,16 @@ def lanczos(img: Image.Image, factor: int) -> Image.Image:
 
 
 def simulated_model(img: Image.Image, factor: int) -> Image.Image:
-    """What the synthetic backend does for a model upscaler: LANCZOS plus a fixed unsharp mask,
-    so the pixels are deterministic and differ from plain resampling."""
-    return lanczos(img, factor).filter(ImageFilter.UnsharpMask(radius=2, percent=80, threshold=2))
+    """What the synthetic backend does for a model upscaler: LANCZOS, a fixed unsharp mask and a
+    faint fixed texture (the "detail" a super-resolution model adds), so the pixels are
+    deterministic and always differ from plain resampling."""
+    import numpy as np
+
+    sharp = lanczos(img, factor).filter(ImageFilter.UnsharpMask(radius=2, percent=120, threshold=0))
+    arr = np.asarray(sharp.convert("RGB"), dtype=np.int16)
+    yy, xx = np.mgrid[0 : arr.shape[0], 0 : arr.shape[1]]
+    texture = ((xx + 2 * yy) % 3 - 1).astype(np.int16)[:, :, None]  # -1, 0, +1
+    return Image.fromarray(np.clip(arr + texture, 0, 255).astype(np.uint8))
 
 
 def spandrel_available() -> bool:

@@ -117,7 +117,7 @@ class Worker:
         def log_cb(level: str, message: str) -> None:
             self._writer.log(req.id, level, message)
 
-        result = self._backend.generate(msg["request"], msg["job_dir"], progress, req.cancel, log_cb)
+        result = self._backend.generate(msg["request"], msg["job_dir"], progress, req.cancel, log_cb, files=msg["files"])
         self._writer.send(
             {
                 "type": "result",
