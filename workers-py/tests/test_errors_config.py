@@ -80,3 +80,23 @@ def test_names_every_bad_variable_at_once():
 def test_rejects_bad_model_lists(raw):
     with pytest.raises(ConfigError, match="KILN_SYNTHETIC_MODELS"):
         load_config({"KILN_SYNTHETIC_MODELS": raw})
+
+
+def test_new_synthetic_variables_are_parsed_and_checked(tmp_path):
+    from kiln_worker.config import ConfigError, load_config
+
+    config = load_config({"KILN_SYNTHETIC_LORA_DIR": str(tmp_path), "KILN_SYNTHETIC_NSFW_WORD": "boo", "KILN_SYNTHETIC_NO_BF16": "1",
+                          "KILN_SYNTHETIC_MODELS": '[{"name": "b", "kind": "base", "vram_mb": 1, "disk_gb": 1},'
+                                                   ' {"name": "c", "kind": "controlnet", "vram_mb": 1, "disk_gb": 1, "controlnet_type": "depth"},'
+                                                   ' {"name": "u", "kind": "upscaler", "vram_mb": 1, "disk_gb": 1, "scale": 2}]'})
+    assert (config.synthetic_lora_dir, config.synthetic_nsfw_word, config.synthetic_no_bf16) == (str(tmp_path), "boo", True)
+    assert [(m.controlnet_type, m.scale) for m in config.synthetic_models] == [(None, None), ("depth", None), (None, 2)]
+    with pytest.raises(ConfigError) as info:
+        load_config({"KILN_SYNTHETIC_LORA_DIR": str(tmp_path / "nope"), "KILN_SYNTHETIC_NO_BF16": "yes",
+                     "KILN_SYNTHETIC_MODELS": '[{"name": "c", "kind": "controlnet", "vram_mb": 1, "disk_gb": 1},'
+                                              ' {"name": "u", "kind": "upscaler", "vram_mb": 1, "disk_gb": 1, "scale": 3},'
+                                              ' {"name": "b", "kind": "base", "vram_mb": 1, "disk_gb": 1, "scale": 2}]'})
+    text = str(info.value)
+    for name in ["KILN_SYNTHETIC_LORA_DIR", "KILN_SYNTHETIC_NO_BF16", "KILN_SYNTHETIC_MODELS[0].controlnet_type",
+                 "KILN_SYNTHETIC_MODELS[1].scale", "KILN_SYNTHETIC_MODELS[2].scale"]:
+        assert name in text
