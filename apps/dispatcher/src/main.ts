@@ -35,17 +35,18 @@ const redis = createRedis(env.REDIS_URL, 'kiln-dispatcher');
 const sub = createRedis(env.REDIS_URL, 'kiln-dispatcher-sub');
 const storage = new Storage(env);
 const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
+const groups = new GroupStore(redis, keys, env.JOB_RETENTION_S);
 const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
 const intake = new Queue<IntakeData>(QUEUES.intake, queueOpts);
 const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
-const outbox = new WebhookOutbox(webhookQueue, store, storage, env.PUBLIC_URL, env);
-const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS);
+const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
+const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups);
 const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`, env.LEASE_TTL_MS);
 const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease);
 
 let deliverer: Worker<DeliveryData> | null = null;
 if (env.WEBHOOK_SECRET) {
-  deliverer = new Worker<DeliveryData>(QUEUES.webhooks, webhookDeliverer(store, env), {
+  deliverer = new Worker<DeliveryData>(QUEUES.webhooks, webhookDeliverer(store, groups, env), {
     connection: createRedis(env.REDIS_URL, 'kiln-webhooks'),
     prefix: env.KILN_PREFIX,
     concurrency: env.WEBHOOK_CONCURRENCY,

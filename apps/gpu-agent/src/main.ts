@@ -5,7 +5,7 @@
 //  3. Consume this agent's queue, one job at a time (agent.ts).
 //  4. Listen for cancellations on Redis pub/sub.
 //  5. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
-import { AgentRegistry, createLogger, createRedis, type DeliveryData, type IntakeData, Jobs, JobStore, Keys, onShutdown, parseEnv, QUEUES, runAll, Storage, WebhookOutbox } from '@kiln/runtime';
+import { AgentRegistry, GroupStore, createLogger, createRedis, type DeliveryData, type IntakeData, Jobs, JobStore, Keys, onShutdown, parseEnv, QUEUES, runAll, Storage, WebhookOutbox } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import { Agent } from './agent.js';
 import { AgentEnv } from './env.js';
@@ -17,10 +17,11 @@ const redis = createRedis(env.REDIS_URL, `kiln-agent-${env.AGENT_ID}`);
 const sub = createRedis(env.REDIS_URL, `kiln-agent-${env.AGENT_ID}-sub`);
 const storage = new Storage(env);
 const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
+const groups = new GroupStore(redis, keys, env.JOB_RETENTION_S);
 const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
 const intake = new Queue<IntakeData>(QUEUES.intake, queueOpts);
 const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
-const jobs = new Jobs(store, intake, redis, keys, new WebhookOutbox(webhookQueue, store, storage, env.PUBLIC_URL, env), env.MAX_ATTEMPTS);
+const jobs = new Jobs(store, intake, redis, keys, new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env), env.MAX_ATTEMPTS, groups);
 
 const [file, ...args] = env.WORKER_COMMAND ?? [env.WORKER_PYTHON, '-m', 'kiln_worker'];
 const agent = new Agent(env, log, createRedis(env.REDIS_URL, `kiln-agent-${env.AGENT_ID}-queue`), jobs, new AgentRegistry(redis, keys), storage, {

@@ -16,10 +16,11 @@ export const ResidentModel = z.object({
   location: z.enum(['vram', 'ram']),
   vram_mb: z.number().int(),
   last_used_at: z.string().nullable(),
+  pinned: z.boolean().default(false).describe('pinned by a cache request: never evicted to make room'),
 });
 export type ResidentModel = z.infer<typeof ResidentModel>;
 
-export const FEATURES = ['refiner', 'vae', 'lora', 'controlnet', 'img2img', 'inpaint', 'upscale', 'safety_check', 'metadata'] as const;
+export const FEATURES = ['refiner', 'vae', 'lora', 'controlnet', 'img2img', 'inpaint', 'upscale', 'safety_check', 'metadata', 'training'] as const;
 export const PERFORMANCE_OPTIONS = ['attention_slicing', 'vae_slicing', 'vae_tiling', 'cpu_offload_model', 'cpu_offload_sequential', 'channels_last', 'compile'] as const;
 
 export const WorkerCapabilities = z.object({

@@ -1,5 +1,6 @@
 export * from './errors.js';
 export * from './generation.js';
+export * from './kinds.js';
 export * from './job.js';
 export * from './agent.js';
 export * from './webhook.js';

@@ -1,8 +1,9 @@
 import { z } from 'zod';
 import { JobError } from './errors.js';
 import { Priority, ResolvedGenerationRequest, WebhookEvent } from './generation.js';
+import { CacheTask, ResolvedTrainingRequest } from './kinds.js';
 
-export const JobKind = z.enum(['generation']);
+export const JobKind = z.enum(['generation', 'training', 'cache']);
 export const JobStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'canceled']);
 export type JobStatus = z.infer<typeof JobStatus>;
 export const TERMINAL_STATUSES: readonly JobStatus[] = ['succeeded', 'failed', 'canceled'];
@@ -76,32 +77,94 @@ export const Progress = z.object({
   total: z.number().int(),
 });
 
-/** Everything Kiln stores about a job; the API's record adds presigned URLs and links. */
-export const StoredJob = z.object({
+const common = {
   id: z.string(),
-  kind: JobKind,
   client: z.string().describe('who submitted it (API key fingerprint or "anonymous")'),
   status: JobStatus,
   stage: JobStage,
   attempt: z.number().int().describe('0 until first placed; +1 on every placement'),
   agent: z.string().nullable(),
   priority: Priority,
-  request: ResolvedGenerationRequest,
   progress: Progress.nullable(),
   outputs: z.array(StoredOutput),
   error: JobError.nullable(),
   timings: Timings,
   cancel_requested: z.boolean(),
+  group_id: z.string().nullable().describe('the batch or cache request this job belongs to'),
   created_at: z.string(),
   started_at: z.string().nullable(),
   finished_at: z.string().nullable(),
-});
-export type StoredJob = z.infer<typeof StoredJob>;
+};
 
-export const JobRecord = StoredJob.extend({
+export const TrainingState = z.object({
+  step: z.number().int(),
+  total: z.number().int(),
+  loss: z.number().nullable(),
+  last_checkpoint: z.object({ step: z.number().int(), key: z.string(), sha256: z.string(), bytes: z.number().int() }).nullable(),
+  lora: z
+    .object({ name: z.string(), key: z.string(), sha256: z.string(), bytes: z.number().int(), base_model: z.string(), rank: z.number().int() })
+    .nullable()
+    .describe('the trained LoRA, registered under its name'),
+});
+export type TrainingState = z.infer<typeof TrainingState>;
+
+/** Everything Kiln stores about a job, by kind; the API's record adds presigned URLs and links. */
+export const GenerationJob = z.object({ ...common, kind: z.literal('generation'), request: ResolvedGenerationRequest });
+export const TrainingJob = z.object({ ...common, kind: z.literal('training'), request: ResolvedTrainingRequest, training: TrainingState });
+export const CacheJob = z.object({
+  ...common,
+  kind: z.literal('cache'),
+  request: CacheTask,
+  cache: z.object({ loaded: z.array(z.string()), unloaded: z.array(z.string()) }).nullable(),
+});
+export const StoredJob = z.discriminatedUnion('kind', [GenerationJob, TrainingJob, CacheJob]);
+export type StoredJob = z.infer<typeof StoredJob>;
+export type GenerationJob = z.infer<typeof GenerationJob>;
+export type TrainingJob = z.infer<typeof TrainingJob>;
+export type CacheJob = z.infer<typeof CacheJob>;
+
+const recordExtras = {
   outputs: z.array(Output),
   events: z.array(JobEvent),
   webhook_deliveries: z.array(WebhookDelivery),
   links: z.object({ self: z.string(), cancel: z.string() }),
-});
+};
+export const JobRecord = z.discriminatedUnion('kind', [GenerationJob.extend(recordExtras), TrainingJob.extend(recordExtras), CacheJob.extend(recordExtras)]);
 export type JobRecord = z.infer<typeof JobRecord>;
+
+/** A batch or cache request: many jobs as one unit. */
+export const GroupKind = z.enum(['batch', 'cache']);
+export const GroupStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'partially_succeeded', 'canceled']);
+export type GroupStatus = z.infer<typeof GroupStatus>;
+export const StoredGroup = z.object({
+  id: z.string(),
+  kind: GroupKind,
+  client: z.string(),
+  status: GroupStatus,
+  priority: Priority,
+  children: z.array(z.string()),
+  webhook: z.object({ url: z.string(), events: z.array(z.string()) }).nullable(),
+  cancel_requested: z.boolean(),
+  created_at: z.string(),
+  finished_at: z.string().nullable(),
+});
+export type StoredGroup = z.infer<typeof StoredGroup>;
+
+export const GroupRecord = StoredGroup.omit({ children: true }).extend({
+  counts: z.object({ total: z.number().int(), queued: z.number().int(), running: z.number().int(), succeeded: z.number().int(), failed: z.number().int(), canceled: z.number().int() }),
+  children: z.array(
+    z.object({
+      index: z.number().int(),
+      id: z.string(),
+      kind: z.string(),
+      status: JobStatus,
+      agent: z.string().nullable(),
+      outputs: z.array(Output),
+      error: JobError.nullable(),
+    }),
+  ),
+  events: z.array(JobEvent),
+  webhook_deliveries: z.array(WebhookDelivery),
+  links: z.object({ self: z.string(), cancel: z.string() }),
+});
+export type GroupRecord = z.infer<typeof GroupRecord>;

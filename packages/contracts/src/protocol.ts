@@ -3,14 +3,17 @@ import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
 import { GenerationMetadata, SafetyVerdict, Upscaled } from './job.js';
 import { ResolvedGenerationRequest } from './generation.js';
+import { ResolvedTrainingRequest } from './kinds.js';
 
 /**
  * Agent ↔ worker protocol, version 1: one JSON object per line on the worker's stdin/stdout.
  *
  * - Every message carries `v` and the `id` of the request it belongs to.
- * - Requests (agent → worker): hello, generate, shutdown. `cancel` names the request to stop.
+ * - Requests (agent → worker): hello, generate, load, unload, train, shutdown. `cancel` names
+ *   the request to stop.
  * - Each request gets exactly one final message (hello → ready, generate → result | error,
- *   shutdown → bye), after any log and progress messages for it.
+ *   load/unload → loaded | error, train → trained | error, shutdown → bye), after any log,
+ *   progress and checkpoint messages for it.
  * - Images never cross the pipe: the worker writes them into `job_dir` and returns paths.
  */
 export const PROTOCOL_VERSION = 1 as const;
@@ -34,10 +37,30 @@ export const GenerateMessage = z.strictObject({
   files: z.record(z.string(), z.string()).describe("local paths of the request's input images, by s3_key (the agent downloads them)"),
   request: ResolvedGenerationRequest,
 });
+export const LoadMessage = z.strictObject({
+  v,
+  type: z.literal('load'),
+  id,
+  models: z.array(z.string()).min(1),
+  location: z.enum(['vram', 'ram']),
+  pin: z.boolean(),
+});
+export const UnloadMessage = z.strictObject({ v, type: z.literal('unload'), id, models: z.array(z.string()).min(1) });
+export const TrainMessage = z.strictObject({
+  v,
+  type: z.literal('train'),
+  id,
+  job_id: z.string(),
+  attempt: z.number().int().min(1),
+  job_dir: z.string().describe('absolute directory for checkpoints and the result'),
+  dataset_dir: z.string().describe('the dataset images as <index>.<ext>, in the order of request.dataset.items'),
+  resume: z.strictObject({ path: z.string(), step: z.number().int().min(1) }).nullable().describe('the last checkpoint of an earlier attempt'),
+  request: ResolvedTrainingRequest,
+});
 export const CancelMessage = z.strictObject({ v, type: z.literal('cancel'), id });
 export const ShutdownMessage = z.strictObject({ v, type: z.literal('shutdown'), id });
 
-export const AgentToWorker = z.discriminatedUnion('type', [HelloMessage, GenerateMessage, CancelMessage, ShutdownMessage]);
+export const AgentToWorker = z.discriminatedUnion('type', [HelloMessage, GenerateMessage, LoadMessage, UnloadMessage, TrainMessage, CancelMessage, ShutdownMessage]);
 export type AgentToWorker = z.infer<typeof AgentToWorker>;
 
 export const ReadyMessage = z.strictObject({
@@ -60,9 +83,10 @@ export const ProgressMessage = z.strictObject({
   v,
   type: z.literal('progress'),
   id,
-  stage: z.enum(['loading_model', 'base', 'refiner', 'upscale', 'safety']),
+  stage: z.enum(['loading_model', 'base', 'refiner', 'upscale', 'safety', 'train']),
   step: z.number().int().min(0),
   total: z.number().int().min(0),
+  loss: z.number().optional().describe('training only'),
 });
 export const WorkerOutput = z.strictObject({
   index: z.number().int().min(0),
@@ -94,6 +118,36 @@ export const ErrorMessage = z.strictObject({
   error: JobError,
   state: WorkerState.nullable(),
 });
+export const LoadedMessage = z.strictObject({
+  v,
+  type: z.literal('loaded'),
+  id,
+  models: z.array(z.string()).describe('what load brought in, or unload freed'),
+  timings: z.strictObject({ load_ms: z.number() }),
+  state: WorkerState,
+});
+/** Not final: a checkpoint file the agent uploads while training goes on. */
+export const CheckpointMessage = z.strictObject({
+  v,
+  type: z.literal('checkpoint'),
+  id,
+  step: z.number().int().min(1),
+  path: z.string(),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  bytes: z.number().int(),
+});
+export const TrainedMessage = z.strictObject({
+  v,
+  type: z.literal('trained'),
+  id,
+  path: z.string().describe('the LoRA weights (safetensors, diffusers format)'),
+  sha256: z.string().regex(/^[0-9a-f]{64}$/),
+  bytes: z.number().int(),
+  steps: z.number().int(),
+  final_loss: z.number(),
+  timings: z.strictObject({ model_load_ms: z.number(), train_ms: z.number() }),
+  state: WorkerState,
+});
 export const ByeMessage = z.strictObject({ v, type: z.literal('bye'), id });
 
 export const WorkerToAgent = z.discriminatedUnion('type', [
@@ -102,6 +156,9 @@ export const WorkerToAgent = z.discriminatedUnion('type', [
   ProgressMessage,
   ResultMessage,
   ErrorMessage,
+  LoadedMessage,
+  CheckpointMessage,
+  TrainedMessage,
   ByeMessage,
 ]);
 export type WorkerToAgent = z.infer<typeof WorkerToAgent>;
@@ -110,3 +167,7 @@ export type ResultMessage = z.infer<typeof ResultMessage>;
 export type ErrorMessage = z.infer<typeof ErrorMessage>;
 export type ProgressMessage = z.infer<typeof ProgressMessage>;
 export type GenerateMessage = z.infer<typeof GenerateMessage>;
+export type TrainMessage = z.infer<typeof TrainMessage>;
+export type LoadedMessage = z.infer<typeof LoadedMessage>;
+export type TrainedMessage = z.infer<typeof TrainedMessage>;
+export type CheckpointMessage = z.infer<typeof CheckpointMessage>;

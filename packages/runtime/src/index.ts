@@ -6,6 +6,8 @@ export * from './redis.js';
 export * from './job-store.js';
 export * from './job-view.js';
 export * from './jobs.js';
+export * from './groups.js';
+export * from './loras.js';
 export * from './storage.js';
 export * from './registry.js';
 export * from './webhooks.js';

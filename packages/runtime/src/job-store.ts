@@ -1,5 +1,8 @@
 import {
+  type CacheJob,
+  type GenerationJob,
   JobEvent,
+  type TrainingJob,
   type JobStatus,
   StoredJob,
   WebhookDelivery,
@@ -47,7 +50,9 @@ export interface Guard {
   attempt?: number;
 }
 
-export type JobPatch = Partial<Omit<StoredJob, 'id' | 'kind' | 'created_at' | 'request' | 'client'>>;
+export type JobPatch = Partial<Omit<GenerationJob, 'id' | 'kind' | 'created_at' | 'request' | 'client'>> &
+  Partial<Pick<TrainingJob, 'training'>> &
+  Partial<Pick<CacheJob, 'cache'>>;
 
 export class JobStore {
   constructor(
@@ -136,7 +141,7 @@ export class JobStore {
    * reports whether cancellation was requested, so an agent notices it even if it missed the
    * pub/sub message.
    */
-  async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
+  async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage' | 'training'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
     const fields = Object.entries(encode(patch)).flat();
     const res = await this.redis
       .multi()

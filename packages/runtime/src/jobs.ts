@@ -3,6 +3,7 @@ import { isTerminal } from '@kiln/contracts';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { KilnError } from './errors.js';
+import { type GroupStore, groupOutcome } from './groups.js';
 import type { Guard, JobPatch, JobStore } from './job-store.js';
 import type { Keys } from './keys.js';
 import type { WebhookOutbox } from './webhooks.js';
@@ -40,6 +41,7 @@ export class Jobs {
     private readonly keys: Keys,
     private readonly outbox: WebhookOutbox | null,
     readonly maxAttempts: number,
+    readonly groups: GroupStore,
   ) {}
 
   /**
@@ -49,9 +51,23 @@ export class Jobs {
   async update(id: string, guard: Guard, patch: JobPatch, opts: { message?: string; webhook?: WebhookEvent } = {}): Promise<StoredJob | null> {
     const job = await this.store.update(id, guard, patch, opts.message);
     if (!job) return null;
-    const event = patch.status && isTerminal(patch.status) ? 'completed' : opts.webhook;
+    const ended = !!patch.status && isTerminal(patch.status);
+    const event = ended ? 'completed' : opts.webhook;
     if (event && this.outbox) await this.outbox.emit(job, event);
+    if (job.group_id) {
+      if (patch.status === 'running') await this.groups.markRunning(job.group_id);
+      if (ended) await this.childEnded(job.group_id);
+    }
     return job;
+  }
+
+  /** A group's child ended; the last one finalizes the group and fires its webhook. */
+  private async childEnded(groupId: string): Promise<void> {
+    const group = await this.groups.get(groupId);
+    if (!group || !(await this.groups.childEnded(groupId, group.children.length))) return;
+    const children = await this.store.getMany(group.children);
+    const done = await this.groups.finish(groupId, groupOutcome(group, children));
+    if (done && this.outbox) await this.outbox.emitGroup(done);
   }
 
   /** Adds a queued job to intake and wakes the dispatcher. Idempotent per attempt. */
@@ -61,7 +77,9 @@ export class Jobs {
       { job_id: job.id, attempt: job.attempt, client: job.client },
       {
         jobId: intakeJobId(job.id, job.attempt),
-        priority: PRIORITY_RANK[job.priority],
+        // a batch's children queue just behind single jobs of the same priority, so a
+        // thousand-item batch never starves other clients' single jobs
+        priority: PRIORITY_RANK[job.priority] + (job.group_id ? 1 : 0),
         removeOnComplete: true,
         removeOnFail: true,
       },
@@ -102,7 +120,8 @@ export class Jobs {
         finished_at: finished,
       });
     }
-    if (!err.retryable || fromAttempt >= this.maxAttempts) {
+    // a cache task belongs to its agent: if that agent is gone there is nothing to retry
+    if (!err.retryable || fromAttempt >= this.maxAttempts || job.kind === 'cache') {
       const message = err.retryable
         ? `gave up after ${fromAttempt} attempts; last: ${err.code}: ${err.message}`
         : err.message;

@@ -9,6 +9,11 @@ export class Keys {
   jobDeliveries = (id: string) => `${this.prefix}:job:${id}:deliveries`;
   /** sorted set of unfinished job ids, scored by creation time */
   activeJobs = () => `${this.prefix}:jobs:active`;
+  group = (id: string) => `${this.prefix}:group:${id}`;
+  groupEvents = (id: string) => `${this.prefix}:group:${id}:events`;
+  groupDeliveries = (id: string) => `${this.prefix}:group:${id}:deliveries`;
+  /** hash: LoRA name → where a trained LoRA lives in S3 */
+  loras = () => `${this.prefix}:loras`;
   agents = () => `${this.prefix}:agents`;
   agent = (agentId: string) => `${this.prefix}:agent:${agentId}`;
   dispatcherLease = () => `${this.prefix}:dispatcher:lease`;

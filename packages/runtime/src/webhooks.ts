@@ -1,12 +1,13 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { randomUUID } from 'node:crypto';
-import type { StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
+import type { StoredGroup, StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
 import { Webhook } from 'standardwebhooks';
 import type { WebhookEnv } from './env.js';
 import { KilnError } from './errors.js';
 import type { JobStore } from './job-store.js';
+import { type GroupStore, groupRecord } from './groups.js';
 import { jobRecord } from './job-view.js';
 import { assertPublicTarget, publicOnlyLookup } from './net-guard.js';
 
@@ -21,7 +22,9 @@ import type { Storage } from './storage.js';
  */
 
 export interface DeliveryData {
+  /** the job, or the group when `group` is set */
   job_id: string;
+  group?: boolean;
   event: WebhookEvent;
   msg_id: string;
   url: string;
@@ -57,10 +60,35 @@ export class WebhookOutbox {
   constructor(
     private readonly queue: Queue,
     private readonly store: JobStore,
+    private readonly groups: GroupStore,
     private readonly storage: Storage,
     private readonly publicUrl: string,
     private readonly env: WebhookEnv,
   ) {}
+
+  /** Queues the `completed` delivery of a batch or cache group, if it has a webhook. */
+  async emitGroup(group: StoredGroup): Promise<void> {
+    if (!group.webhook) return;
+    const path = group.kind === 'batch' ? '/v1/batches' : '/v1/cache';
+    const payload = {
+      type: `${group.kind}.completed`,
+      timestamp: new Date().toISOString(),
+      data: await groupRecord(group, this.groups, this.store, this.storage, this.publicUrl, path),
+    };
+    await this.send({ job_id: group.id, group: true, event: 'completed', url: group.webhook.url, payload });
+  }
+
+  private async send(d: { job_id: string; group?: boolean; event: WebhookEvent; url: string; payload: unknown }): Promise<void> {
+    const msgId = `msg_${randomUUID().replaceAll('-', '')}`;
+    const data: DeliveryData = { job_id: d.job_id, group: d.group, event: d.event, msg_id: msgId, url: d.url, body: JSON.stringify(d.payload) };
+    await this.queue.add(`${d.group ? 'group' : 'job'}.${d.event}`, data, {
+      jobId: msgId,
+      attempts: this.env.WEBHOOK_MAX_ATTEMPTS,
+      backoff: { type: 'exponential', delay: this.env.WEBHOOK_BACKOFF_MS },
+      removeOnComplete: { age: 24 * 3600, count: 10_000 },
+      removeOnFail: { age: 7 * 24 * 3600 },
+    });
+  }
 
   /** Queues a delivery of the job's current record if its webhook subscribes to `event`. */
   async emit(job: StoredJob, event: WebhookEvent): Promise<void> {
@@ -71,27 +99,19 @@ export class WebhookOutbox {
       timestamp: new Date().toISOString(),
       data: await jobRecord(job, this.store, this.storage, this.publicUrl),
     };
-    const msgId = `msg_${randomUUID().replaceAll('-', '')}`;
-    const data: DeliveryData = { job_id: job.id, event, msg_id: msgId, url: hook.url, body: JSON.stringify(payload) };
-    await this.queue.add(`job.${event}`, data, {
-      jobId: msgId,
-      attempts: this.env.WEBHOOK_MAX_ATTEMPTS,
-      backoff: { type: 'exponential', delay: this.env.WEBHOOK_BACKOFF_MS },
-      removeOnComplete: { age: 24 * 3600, count: 10_000 },
-      removeOnFail: { age: 7 * 24 * 3600 },
-    });
+    await this.send({ job_id: job.id, event, url: hook.url, payload });
   }
 }
 
 /** The BullMQ processor that delivers one try; throws to let BullMQ back off and retry. */
-export function webhookDeliverer(store: JobStore, env: WebhookEnv) {
+export function webhookDeliverer(store: JobStore, groups: GroupStore, env: WebhookEnv) {
   if (!env.WEBHOOK_SECRET) throw new Error('WEBHOOK_SECRET is required to deliver webhooks');
   const signer = new Webhook(env.WEBHOOK_SECRET);
   return async (bullJob: Job<DeliveryData>): Promise<{ status: number }> => {
     const d = bullJob.data;
     const started = Date.now();
     const record = async (status: number | null, ok: boolean, error: string | null) =>
-      store.addDelivery(d.job_id, {
+      (d.group ? groups : store).addDelivery(d.job_id, {
         id: d.msg_id,
         event: d.event,
         try: bullJob.attemptsMade + 1,
