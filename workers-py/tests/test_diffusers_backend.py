@@ -306,3 +306,22 @@ def test_worker_process_round_trip_cancel_and_next(spawn, models_dir, tmp_path):
 
     _, after = worker.run(generate_message("g3", str(tmp_path / "g3"), model=BASE, steps=2, width=SIDE, height=SIDE), timeout=60)
     assert after["type"] == "result" and after["loaded_models"] == []
+
+
+# -- the Hugging Face cache --------------------------------------------------------------------
+
+
+def test_hf_cache_models_are_found_offline_and_a_vae_swaps_in(models_dir, plain, tmp_path):
+    """A VAE repository in a (hand-made) HF cache is listed and used for model.vae."""
+    snapshot = tmp_path / "hub" / "models--kiln--tiny-vae" / "snapshots" / ("a" * 40)
+    shutil.copytree(os.path.join(models_dir, "base", "kiln--tiny-sdxl", "vae"), snapshot)
+    (tmp_path / "hub" / "models--kiln--tiny-vae" / "refs").mkdir()
+    (tmp_path / "hub" / "models--kiln--tiny-vae" / "refs" / "main").write_text("a" * 40)
+    backend = DiffusersBackend(settings=DiffusersSettings(models_dir=models_dir, hf_cache_dir=str(tmp_path / "hub")))
+    caps = backend.capabilities()
+    assert {"name": "kiln/tiny-vae", "kind": "vae"}.items() <= next(m for m in caps["models"] if m["name"] == "kiln/tiny-vae").items()
+    assert "vae" in caps["features"]
+    r = run(backend, request(model={"base": BASE, "vae": "kiln/tiny-vae"}), tmp_path / "out")
+    assert r.result.loaded_models == [BASE, "kiln/tiny-vae"]
+    assert r.result.outputs[0]["metadata"]["models"] == {"base": BASE, "vae": "kiln/tiny-vae"}
+    assert int(np.abs(r.pixels() - plain.pixels()).max()) <= 2  # the same weights as the base's own VAE

@@ -113,7 +113,7 @@ class DiffusersBackend(Backend):
             self._default_dtype = "fp32"
         ram_budget = self._settings.ram_cache_mb if self._settings.ram_cache_mb is not None else physical_ram_mb() // 2
         self._residency = Residency(self._device, self._vram_total, ram_budget)
-        self._catalog: dict[str, ModelEntry] = discover(self._settings.models_dir, self._settings.scan_hf_cache)
+        self._catalog: dict[str, ModelEntry] = discover(self._settings.models_dir, self._settings.scan_hf_cache, self._settings.hf_cache_dir)
         self._capabilities = self._build_capabilities()
         log.info(
             "diffusers backend on %s (%d MB); %d models from %s%s",
@@ -486,19 +486,24 @@ class DiffusersBackend(Backend):
         refiner.set_progress_bar_config(disable=True)
         self._apply_performance(refiner, {k: v for k, v in plan["perf"].items() if k not in ("compile",)})
         steps = (request.get("refiner") or {}).get("steps") or request["scheduler"]["steps"]
-        with torch.inference_mode():
-            out = refiner(
-                prompt=request["conditioning"]["prompt"],
-                negative_prompt=request["conditioning"].get("negative_prompt") or None,
-                guidance_scale=float(hp["guidance_scale"]),
-                num_inference_steps=steps,
-                denoising_start=switch,
-                image=latents,
-                num_images_per_prompt=n,
-                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
-                output_type="pil",
-                callback_on_step_end=_stepper("refiner", progress_cb, cancel_event),
-            )
+        try:
+            with torch.inference_mode():
+                out = refiner(
+                    prompt=request["conditioning"]["prompt"],
+                    negative_prompt=request["conditioning"].get("negative_prompt") or None,
+                    guidance_scale=float(hp["guidance_scale"]),
+                    num_inference_steps=steps,
+                    denoising_start=switch,
+                    image=latents,
+                    num_images_per_prompt=n,
+                    generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+                    output_type="pil",
+                    callback_on_step_end=_stepper("refiner", progress_cb, cancel_event),
+                )
+        finally:
+            if plan["perf"].get("cpu_offload", "none") != "none":
+                refiner.remove_all_hooks()
+                parts.unet.to("cpu")
         return out.images
 
     def _finish(self, request, plan, images, job_dir, progress_cb, cancel_event, stage_ms) -> list[dict]:

@@ -347,14 +347,15 @@ def classify_snapshot(repo_id: str, folder: str) -> ModelEntry | None:
     return None
 
 
-def scan_hf_cache() -> list[ModelEntry]:
+def scan_hf_cache(cache_dir: str | None = None) -> list[ModelEntry]:
+    """SDXL pieces in the local HF cache (HF_HUB_CACHE, or `cache_dir`)."""
     try:
         from huggingface_hub import scan_cache_dir
         from huggingface_hub.errors import CacheNotFound
     except ImportError:
         return []
     try:
-        info = scan_cache_dir()
+        info = scan_cache_dir(cache_dir)
     except CacheNotFound:
         return []
     except Exception as exc:  # a broken cache must not stop the worker
@@ -375,10 +376,10 @@ def scan_hf_cache() -> list[ModelEntry]:
     return entries
 
 
-def discover(models_dir: str, hf_cache: bool) -> dict[str, ModelEntry]:
+def discover(models_dir: str, hf_cache: bool, hf_cache_dir: str | None = None) -> dict[str, ModelEntry]:
     """Every usable model by name; MODELS_DIR wins over the HF cache."""
     found: dict[str, ModelEntry] = {}
-    for e in scan_models_dir(models_dir) + (scan_hf_cache() if hf_cache else []):
+    for e in scan_models_dir(models_dir) + (scan_hf_cache(hf_cache_dir) if hf_cache else []):
         if e.name in found:
             log.info("%s: using %s, ignoring %s", e.name, found[e.name].path, e.path)
             continue

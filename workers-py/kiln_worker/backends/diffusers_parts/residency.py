@@ -83,10 +83,11 @@ class Resident:
     location: str = "vram"
     last_used_at: str | None = None
     parent: str | None = None  # LoRAs: the base they are loaded into
+    pinned: bool = False  # set by a cache (load) request: never evicted to make room
     extras: dict = field(default_factory=dict)  # compiled UNet, original scheduler config
 
     def wire(self) -> dict:
-        return {"name": self.entry.name, "location": self.location, "vram_mb": self.vram_mb, "last_used_at": self.last_used_at}
+        return {"name": self.entry.name, "location": self.location, "vram_mb": self.vram_mb, "last_used_at": self.last_used_at, "pinned": self.pinned}
 
 
 def _modules(obj: Any) -> list:
@@ -271,7 +272,7 @@ class Residency:
             if self.vram_total_mb - self.used_mb() >= need_mb:
                 return
             name = r.entry.name
-            if name in keep or r.location != "vram" or self.get(name) is None:
+            if name in keep or r.pinned or r.location != "vram" or self.get(name) is None:
                 continue
             if r.parent is not None and r.parent in keep:
                 self.drop(name, log_cb, "to make room in VRAM")

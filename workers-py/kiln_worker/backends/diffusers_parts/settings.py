@@ -28,6 +28,7 @@ class DiffusersSettings:
     cpu_memory_mb: int = 8192
     ram_cache_mb: int | None = None  # None: half of physical RAM
     scan_hf_cache: bool = True
+    hf_cache_dir: str | None = None  # None: huggingface_hub's own (HF_HUB_CACHE / HF_HOME)
 
 
 class SettingsError(Exception):
