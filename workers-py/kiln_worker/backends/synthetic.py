@@ -227,7 +227,8 @@ class SyntheticBackend(Backend):
     def state(self) -> dict:
         with self._lock:
             resident = [
-                {"name": r.spec.name, "location": "vram", "vram_mb": r.spec.vram_mb, "last_used_at": r.last_used_at}
+                {"name": r.spec.name, "location": "vram", "vram_mb": r.spec.vram_mb, "last_used_at": r.last_used_at,
+                 "pinned": False}
                 for r in self._resident.values()
             ]
         return {
