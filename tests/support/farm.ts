@@ -2,6 +2,9 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { createWriteStream, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import type { JobRecord } from '@kiln/contracts';
+
+/** Most tests are about generations; training tests narrow with `kind`. */
+export type GenRecord = Extract<JobRecord, { kind: 'generation' }>;
 import { Redis } from 'ioredis';
 import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess, type EmbeddedS3 } from '../../scripts/farm-lib.js';
 
@@ -129,21 +132,21 @@ export class Farm {
     return this.request('GET', path, undefined, headers);
   }
 
-  async submit(req: unknown, headers?: Record<string, string>): Promise<JobRecord> {
+  async submit(req: unknown, headers?: Record<string, string>): Promise<GenRecord> {
     const res = await this.request('POST', '/v1/generations', req, headers);
     if (res.status !== 202) throw new Error(`submit failed: ${res.status} ${JSON.stringify(res.body)}`);
     return res.body;
   }
 
-  async job(id: string): Promise<JobRecord> {
+  async job(id: string): Promise<GenRecord> {
     const res = await this.get(`/v1/jobs/${id}`);
     if (res.status !== 200) throw new Error(`GET job ${id}: ${res.status} ${JSON.stringify(res.body)}`);
     return res.body;
   }
 
   /** Polls the job until `pred` holds; fails with the last record when time runs out. */
-  async waitForJob(id: string, pred: (j: JobRecord) => boolean, timeoutMs = 30_000): Promise<JobRecord> {
-    let last: JobRecord | null = null;
+  async waitForJob(id: string, pred: (j: GenRecord) => boolean, timeoutMs = 30_000): Promise<GenRecord> {
+    let last: GenRecord | null = null;
     const deadline = Date.now() + timeoutMs;
     while (Date.now() < deadline) {
       last = await this.job(id);
@@ -153,7 +156,7 @@ export class Farm {
     throw new Error(`job ${id} did not reach the expected state in ${timeoutMs} ms; last record:\n${JSON.stringify(last, null, 2)}`);
   }
 
-  waitForDone(id: string, timeoutMs = 30_000): Promise<JobRecord> {
+  waitForDone(id: string, timeoutMs = 30_000): Promise<GenRecord> {
     return this.waitForJob(id, (j) => ['succeeded', 'failed', 'canceled'].includes(j.status), timeoutMs);
   }
 

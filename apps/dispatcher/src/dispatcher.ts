@@ -1,4 +1,4 @@
-import { activationVramMb, type AgentHeartbeat, type StoredJob, suiteOf } from '@kiln/contracts';
+import { activationVramMb, type AgentHeartbeat, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
 import {
   type AgentJobData,
   type AgentRegistry,
@@ -16,6 +16,19 @@ import type { Lease } from './lease.js';
 import { type AgentView, type Candidate, plan } from './placement.js';
 
 const DEFAULT_JOB_MS = 1_000;
+
+/** The models a job needs resident and the working VRAM on top, by kind. */
+function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activationMb'> {
+  switch (job.kind) {
+    case 'generation':
+      return { model: job.request.model.base, adapters: suiteOf(job.request).slice(1).map((m) => m.name), activationMb: activationVramMb(job.request.hyperparameters) };
+    case 'training':
+      return { model: job.request.base_model, adapters: [], activationMb: trainingVramMb(job.request) };
+    case 'cache':
+      // cache tasks go straight to their agent's queue; one in intake has lost its agent
+      return { model: `agent:${job.request.target_agent}`, adapters: [], activationMb: 0 };
+  }
+}
 
 /**
  * The active dispatcher's loop. Each tick, while holding the lease:
@@ -134,12 +147,10 @@ export class Dispatcher {
     const now = Date.now();
     const candidates: Candidate[] = [...byId.values()].map(({ entry, job }) => ({
       jobId: job.id,
-      model: job.request.model.base,
-      adapters: suiteOf(job.request).slice(1).map((m) => m.name),
+      ...demandOf(job),
       rank: entry.opts.priority ?? 5,
       waitedMs: now - entry.timestamp,
       client: job.client,
-      activationMb: activationVramMb(job.request.hyperparameters),
     }));
     const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY });
 
@@ -192,7 +203,8 @@ export class Dispatcher {
           avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
           vramTotalMb: a.gpu.vram_total_mb,
           // least recently used first, as the worker evicts
-          resident: new Set([...a.resident].sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
+          resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
+          pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
           models: new Map(a.capabilities!.models.map((m) => [m.name, m])),
         };
       }),

@@ -8,6 +8,7 @@ import { hostname } from 'node:os';
 import { randomUUID } from 'node:crypto';
 import {
   AgentRegistry,
+  GroupStore,
   createLogger,
   createRedis,
   type DeliveryData,

@@ -29,6 +29,8 @@ export interface AgentView {
   vramTotalMb: number;
   /** models in VRAM, least recently used first */
   resident: Set<string>;
+  /** models a cache request pinned: never evicted */
+  pinned?: Set<string>;
   models: Map<string, ModelInfo>;
 }
 
@@ -76,7 +78,9 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   for (const c of candidates) {
     const feasible = state.filter((a) => {
       const members = suite(c).map((name) => a.models.get(name));
-      return members.every((m) => m !== undefined) && members.reduce((s, m) => s + m!.vram_mb, 0) + c.activationMb <= a.vramTotalMb;
+      // pinned models stay, so they take from what this job can have
+      const pinnedMb = [...(a.pinned ?? [])].filter((name) => !suite(c).includes(name)).reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
+      return members.every((m) => m !== undefined) && pinnedMb + members.reduce((s, m) => s + m!.vram_mb, 0) + c.activationMb <= a.vramTotalMb;
     });
     if (feasible.length === 0) {
       decisions.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
@@ -99,7 +103,7 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     const out: string[] = [];
     for (const name of a.resident) {
       if (used + need <= a.vramTotalMb) break;
-      if (members.includes(name)) continue;
+      if (members.includes(name) || a.pinned?.has(name)) continue;
       used -= a.models.get(name)?.vram_mb ?? 0;
       out.push(name);
     }

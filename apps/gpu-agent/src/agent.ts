@@ -1,14 +1,29 @@
-import { mkdir, rm } from 'node:fs/promises';
+import { access, mkdir, rename, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
-import { type AgentHeartbeat, type AgentState, isTerminal, type StoredJob, type StoredOutput } from '@kiln/contracts';
+import {
+  type AgentHeartbeat,
+  type AgentState,
+  type CacheJob,
+  type CheckpointMessage,
+  type GenerationJob,
+  isTerminal,
+  type ProgressMessage,
+  type StoredJob,
+  type StoredOutput,
+  type TrainedMessage,
+  type TrainingJob,
+} from '@kiln/contracts';
 import {
   type AgentJobData,
   type AgentRegistry,
   coerceError,
   type Jobs,
+  type JobPatch,
   KilnError,
   type Logger,
+  type LoraRegistry,
+  loraFileName,
   QUEUES,
   Storage,
 } from '@kiln/runtime';
@@ -17,6 +32,18 @@ import type { AgentEnv } from './env.js';
 import { type WorkerCommand, WorkerProcess } from './worker-process.js';
 
 const RESTART_BACKOFF_MS = [0, 1_000, 2_000, 5_000, 10_000, 30_000];
+
+interface RunContext {
+  worker: WorkerProcess;
+  attempt: number;
+  jobDir: string;
+  begun: StoredJob;
+}
+
+const exists = (path: string) => access(path).then(
+  () => true,
+  () => false,
+);
 
 /**
  * One agent per GPU: supervises its worker, consumes its own queue (concurrency 1), runs each
@@ -46,7 +73,13 @@ export class Agent {
     private readonly registry: AgentRegistry,
     private readonly storage: Storage,
     private readonly command: WorkerCommand,
+    private readonly loras: LoraRegistry,
   ) {}
+
+  /** Where trained LoRAs are fetched to; the worker scans it (KILN_LORA_DIR). */
+  get loraDir(): string {
+    return this.command.env.KILN_LORA_DIR!;
+  }
 
   get id(): string {
     return this.env.AGENT_ID;
@@ -129,11 +162,10 @@ export class Agent {
       this.log.info({ job: job_id, attempt }, 'skipping a job this agent no longer holds');
       return;
     }
-    if (this.draining) {
+    if (this.draining && job.kind !== 'cache') {
       await this.jobs.handBack(job, attempt, `agent ${this.id} is shutting down`);
       return;
     }
-    const guard = { status: ['running'] as const, attempt };
     if (job.cancel_requested) {
       await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       return;
@@ -143,104 +175,45 @@ export class Agent {
     this.state = 'busy';
     void this.heartbeat().catch(() => {});
     const jobDir = join(this.env.WORK_DIR, this.id, `${job.id}-a${attempt}`);
+    const timeoutS = 'timeout_s' in job.request ? job.request.timeout_s : 600;
+    const timeout = setTimeout(() => void this.stopCurrent('timeout'), timeoutS * 1000);
     try {
       const worker = await this.readyWorker();
-      const startedAt = new Date().toISOString();
       const begun = await this.jobs.update(
         job.id,
-        { status: [...guard.status], attempt },
-        {
-          stage: 'running',
-          started_at: job.started_at ?? startedAt,
-          timings: { ...job.timings, queued_ms: Date.now() - Date.parse(job.created_at) },
-        },
+        { status: ['running'], attempt },
+        { stage: 'running', started_at: job.started_at ?? new Date().toISOString(), timings: { ...job.timings, queued_ms: Date.now() - Date.parse(job.created_at) } },
         { webhook: 'started', message: `attempt ${attempt} started on ${this.id}` },
       );
       if (!begun) return this.log.warn({ job: job.id }, 'job was taken back before it started');
       await mkdir(jobDir, { recursive: true });
-      const files = await this.downloadInputs(job, jobDir);
-
-      let lastProgressHook = 0;
-      let lastStage = '';
-      const run = worker.generate({ job_id: job.id, attempt, job_dir: jobDir, files, request: job.request }, (p) => {
-        const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
-        void this.jobs.store.setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total } }).then(async ({ ok, cancelRequested }) => {
-          if (!ok) return this.stopCurrent('handback'); // the job was re-placed or finished under us
-          if (cancelRequested) return this.stopCurrent('user');
-          if (p.stage !== lastStage) {
-            // each stage (loading, base, refiner, upscale, safety) is an event on the record
-            lastStage = p.stage;
-            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `stage ${p.stage}: ${p.total} step${p.total === 1 ? '' : 's'}` });
-          }
-          const now = Date.now();
-          if (job.request.webhook?.events.includes('progress') && (now - lastProgressHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
-            lastProgressHook = now;
-            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { webhook: 'progress' });
-          }
-        }).catch((err) => this.log.warn({ job: job.id, err: coerceError(err).message }, 'progress update failed'));
-      });
-      this.current.requestId = run.id;
-      const early = this.current.cancel; // asked to stop before the request existed
-      if (early) {
-        this.current.cancel = null;
-        void this.stopCurrent(early);
+      const ctx: RunContext = { worker, attempt, jobDir, begun };
+      switch (job.kind) {
+        case 'generation':
+          await this.runGeneration(job, ctx);
+          break;
+        case 'training':
+          await this.runTraining(job, ctx);
+          break;
+        case 'cache':
+          await this.runCache(job, ctx);
+          break;
       }
-      const timeout = setTimeout(() => void this.stopCurrent('timeout'), job.request.timeout_s * 1000);
-      let result;
-      try {
-        result = await run.done;
-      } finally {
-        clearTimeout(timeout);
-      }
-
-      // upload under deterministic keys: a retried job overwrites, never duplicates
-      await this.jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
-      const uploadStart = Date.now();
-      const outputs: StoredOutput[] = [];
-      for (const o of result.outputs) {
-        const ext = o.content_type.split('/')[1] ?? 'bin';
-        const key = Storage.outputKey(job.id, o.index, ext);
-        try {
-          await this.storage.putFile(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256 });
-        } catch (err) {
-          throw new KilnError('storage_failed', `upload of ${key} failed: ${coerceError(err).message}`, { cause: err });
-        }
-        const { path: _path, ...rest } = o;
-        outputs.push({ ...rest, key });
-      }
-      const finishedAt = new Date();
-      const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {
-        status: 'succeeded',
-        stage: 'done',
-        outputs,
-        progress: null,
-        error: null,
-        finished_at: finishedAt.toISOString(),
-        timings: {
-          queued_ms: Date.parse(begun.started_at ?? startedAt) - Date.parse(job.created_at),
-          model_load_ms: Math.round(result.timings.model_load_ms),
-          inference_ms: Math.round(result.timings.inference_ms),
-          upload_ms: Date.now() - uploadStart,
-          total_ms: finishedAt.getTime() - Date.parse(job.created_at),
-        },
-      });
-      if (!done) this.log.warn({ job: job.id }, 'finished a job that was taken back meanwhile; result dropped');
       this.recordDuration(Date.now() - started);
-      this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
     } catch (err) {
       const reason = this.current?.cancel;
-      const e = coerceError(err);
       if (reason === 'handback') {
         const now = await this.jobs.store.get(job.id);
         if (now) await this.jobs.handBack(now, attempt, `agent ${this.id} stopped it`);
       } else if (reason === 'timeout') {
-        await this.finish(job, attempt, new KilnError('timeout', `ran longer than timeout_s=${job.request.timeout_s}`));
+        await this.finish(job, attempt, new KilnError('timeout', `ran longer than timeout_s=${timeoutS}`));
       } else if (reason === 'user') {
         await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       } else {
-        await this.finish(job, attempt, e);
+        await this.finish(job, attempt, coerceError(err));
       }
     } finally {
+      clearTimeout(timeout);
       this.current = null;
       this.state = this.worker?.state === 'ready' || this.worker?.state === 'busy' ? 'ready' : this.state === 'busy' ? 'starting' : this.state;
       await rm(jobDir, { recursive: true, force: true }).catch(() => {});
@@ -249,9 +222,196 @@ export class Agent {
     }
   }
 
+  /** Sends a request to the worker as the current one; a cancel that came early applies now. */
+  private startRequest<T>(run: { id: string; done: Promise<T> }): Promise<T> {
+    if (this.current) {
+      this.current.requestId = run.id;
+      const early = this.current.cancel;
+      if (early) {
+        this.current.cancel = null;
+        void this.stopCurrent(early);
+      }
+    }
+    return run.done;
+  }
+
+  /**
+   * Progress from the worker onto the record (one guarded write per step), a stage event when
+   * the stage changes, throttled progress webhooks, and a stop when the job was canceled or
+   * taken back under us.
+   */
+  private progressHandler(job: StoredJob, attempt: number, extra?: (p: ProgressMessage) => Pick<JobPatch, 'training'>) {
+    let lastHook = 0;
+    let lastStage = '';
+    const wantsHook = 'webhook' in job.request && !!job.request.webhook?.events.includes('progress');
+    return (p: ProgressMessage) => {
+      const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
+      void this.jobs.store
+        .setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total }, ...extra?.(p) })
+        .then(async ({ ok, cancelRequested }) => {
+          if (!ok) return this.stopCurrent('handback');
+          if (cancelRequested) return this.stopCurrent('user');
+          if (p.stage !== lastStage) {
+            lastStage = p.stage; // each stage (loading, base, refiner, upscale, safety, train) is an event
+            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `stage ${p.stage}: ${p.total} step${p.total === 1 ? '' : 's'}` });
+          }
+          const now = Date.now();
+          if (wantsHook && (now - lastHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
+            lastHook = now;
+            await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { webhook: 'progress' });
+          }
+        })
+        .catch((err) => this.log.warn({ job: job.id, err: coerceError(err).message }, 'progress update failed'));
+    };
+  }
+
+  private async upload(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
+    try {
+      await this.storage.putFile(key, path, contentType, meta);
+    } catch (err) {
+      throw new KilnError('storage_failed', `upload of ${key} failed: ${coerceError(err).message}`, { cause: err });
+    }
+  }
+
+  private async runGeneration(job: GenerationJob, { worker, attempt, jobDir, begun }: RunContext): Promise<void> {
+    const started = Date.now();
+    const [files] = await Promise.all([this.downloadInputs(job, jobDir), this.fetchTrainedLoras(job)]);
+    const result = await this.startRequest(worker.generate({ job_id: job.id, attempt, job_dir: jobDir, files, request: job.request }, this.progressHandler(job, attempt)));
+
+    // upload under deterministic keys: a retried job overwrites, never duplicates
+    await this.jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
+    const uploadStart = Date.now();
+    const outputs: StoredOutput[] = [];
+    for (const o of result.outputs) {
+      const key = Storage.outputKey(job.id, o.index, o.content_type.split('/')[1] ?? 'bin');
+      await this.upload(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256 });
+      const { path: _path, ...rest } = o;
+      outputs.push({ ...rest, key });
+    }
+    const finishedAt = new Date();
+    const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {
+      status: 'succeeded',
+      stage: 'done',
+      outputs,
+      progress: null,
+      error: null,
+      finished_at: finishedAt.toISOString(),
+      timings: {
+        queued_ms: Date.parse(begun.started_at!) - Date.parse(job.created_at),
+        model_load_ms: Math.round(result.timings.model_load_ms),
+        inference_ms: Math.round(result.timings.inference_ms),
+        upload_ms: Date.now() - uploadStart,
+        total_ms: finishedAt.getTime() - Date.parse(job.created_at),
+      },
+    });
+    if (!done) this.log.warn({ job: job.id }, 'finished a job that was taken back meanwhile; result dropped');
+    else this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+  }
+
+  /**
+   * A LoRA fine-tune: fetch the dataset, resume from the last checkpoint of an earlier attempt
+   * if there is one, upload every checkpoint as it is written, then upload the LoRA and
+   * register it under its name so any agent can use it at once.
+   */
+  private async runTraining(job: TrainingJob, { worker, attempt, jobDir, begun }: RunContext): Promise<void> {
+    const datasetDir = join(jobDir, 'dataset');
+    await mkdir(datasetDir, { recursive: true });
+    for (const [i, item] of job.request.dataset.items.entries()) {
+      const ext = item.image.split('.').at(-1) ?? 'png';
+      try {
+        await this.storage.getFile(item.image, join(datasetDir, `${i}.${ext}`));
+      } catch (err) {
+        throw new KilnError('storage_failed', `download of dataset image ${item.image} failed: ${coerceError(err).message}`, { cause: err });
+      }
+    }
+    let resume: { path: string; step: number } | null = null;
+    const last = job.training.last_checkpoint;
+    if (last) {
+      const path = join(jobDir, `resume-step-${last.step}.safetensors`);
+      await this.storage.getFile(last.key, path);
+      resume = { path, step: last.step };
+      await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `resuming from the checkpoint at step ${last.step}` });
+    }
+    // checkpoints upload in order while training goes on; the chain is awaited before the end
+    let uploads = Promise.resolve();
+    const onCheckpoint = (c: CheckpointMessage) => {
+      uploads = uploads.then(async () => {
+        const key = `trainings/${job.id}/checkpoints/step-${String(c.step).padStart(6, '0')}.safetensors`;
+        await this.upload(key, c.path, 'application/octet-stream', { 'x-amz-meta-sha256': c.sha256 });
+        const now = await this.jobs.store.get(job.id);
+        if (now?.kind !== 'training') return;
+        await this.jobs.update(job.id, { status: ['running'], attempt }, { training: { ...now.training, last_checkpoint: { step: c.step, key, sha256: c.sha256, bytes: c.bytes } } }, { message: `checkpoint at step ${c.step}` });
+      });
+    };
+    const total = job.request.hyperparameters.steps;
+    let trained: TrainedMessage;
+    try {
+      trained = await this.startRequest(
+        worker.train(
+          { job_id: job.id, attempt, job_dir: jobDir, dataset_dir: datasetDir, resume, request: job.request },
+          this.progressHandler(job, attempt, (p) => ({ training: { ...job.training, step: p.step, total, loss: p.loss ?? null, last_checkpoint: null } })),
+          onCheckpoint,
+        ),
+      );
+    } finally {
+      await uploads.catch((err) => this.log.warn({ job: job.id, err: coerceError(err).message }, 'checkpoint upload failed'));
+    }
+    const key = `loras/${loraFileName(job.request.output.name)}`;
+    await this.upload(key, trained.path, 'application/octet-stream', { 'x-amz-meta-sha256': trained.sha256 });
+    const now = (await this.jobs.store.get(job.id)) as TrainingJob | null;
+    const lora = { name: job.request.output.name, key, sha256: trained.sha256, bytes: trained.bytes, base_model: job.request.base_model, rank: job.request.hyperparameters.rank };
+    await this.loras.register({ ...lora, job_id: job.id, created_at: new Date().toISOString() });
+    const finishedAt = new Date();
+    await this.jobs.update(job.id, { status: ['running'], attempt }, {
+      status: 'succeeded',
+      stage: 'done',
+      progress: null,
+      error: null,
+      training: { step: trained.steps, total, loss: trained.final_loss, last_checkpoint: now?.training.last_checkpoint ?? null, lora },
+      finished_at: finishedAt.toISOString(),
+      timings: { ...begun.timings, model_load_ms: Math.round(trained.timings.model_load_ms), inference_ms: Math.round(trained.timings.train_ms), upload_ms: null, total_ms: finishedAt.getTime() - Date.parse(job.created_at) },
+    });
+    this.log.info({ job: job.id, lora: lora.name, steps: trained.steps, loss: trained.final_loss }, 'training succeeded');
+  }
+
+  /** Loads (or unloads) models on this agent's worker for a cache request. */
+  private async runCache(job: CacheJob, { worker, attempt }: RunContext): Promise<void> {
+    const t = job.request;
+    const loaded = await this.startRequest(t.action === 'load' ? worker.load(t.models, t.location, t.pin) : worker.unload(t.models));
+    await this.heartbeat().catch(() => {});
+    await this.jobs.update(job.id, { status: ['running'], attempt }, {
+      status: 'succeeded',
+      stage: 'done',
+      progress: null,
+      cache: t.action === 'load' ? { loaded: loaded.models, unloaded: [] } : { loaded: [], unloaded: loaded.models },
+      finished_at: new Date().toISOString(),
+      timings: { ...job.timings, model_load_ms: Math.round(loaded.timings.load_ms), total_ms: Date.now() - Date.parse(job.created_at) },
+    });
+  }
+
+  /** Trained LoRAs the request names are fetched from S3 into KILN_LORA_DIR before it runs. */
+  private async fetchTrainedLoras(job: GenerationJob): Promise<void> {
+    const names = (job.request.loras ?? []).map((l) => l.name);
+    const known = new Set((this.worker?.ready?.capabilities.models ?? []).map((m) => m.name));
+    const wanted = names.filter((n) => !known.has(n));
+    if (!wanted.length) return;
+    const registered = await this.loras.getMany(wanted);
+    await mkdir(this.loraDir, { recursive: true });
+    for (const [name, l] of registered) {
+      const path = join(this.loraDir, loraFileName(name));
+      if (await exists(path)) continue;
+      try {
+        await this.storage.getFile(l.key, `${path}.part`);
+        await rename(`${path}.part`, path);
+      } catch (err) {
+        throw new KilnError('storage_failed', `download of LoRA ${name} failed: ${coerceError(err).message}`, { cause: err });
+      }
+    }
+  }
+
   /** Fetches the request's input images (stored by the API) into the job directory. */
-  private async downloadInputs(job: StoredJob, jobDir: string): Promise<Record<string, string>> {
-    const r = job.request;
+  private async downloadInputs(job: GenerationJob, jobDir: string): Promise<Record<string, string>> {
+    const r = (job as GenerationJob).request;
     const keys = [r.image?.init.s3_key, r.image?.mask?.s3_key, ...(r.controlnets ?? []).map((c) => c.image.s3_key)].filter((k): k is string => !!k);
     const files: Record<string, string> = {};
     if (keys.length) await mkdir(join(jobDir, 'inputs'), { recursive: true });

@@ -5,7 +5,8 @@
 //  3. Consume this agent's queue, one job at a time (agent.ts).
 //  4. Listen for cancellations on Redis pub/sub.
 //  5. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
-import { AgentRegistry, GroupStore, createLogger, createRedis, type DeliveryData, type IntakeData, Jobs, JobStore, Keys, onShutdown, parseEnv, QUEUES, runAll, Storage, WebhookOutbox } from '@kiln/runtime';
+import { AgentRegistry, GroupStore, createLogger, createRedis, type DeliveryData, type IntakeData, Jobs, JobStore, Keys, LoraRegistry, onShutdown, parseEnv, QUEUES, runAll, Storage, WebhookOutbox } from '@kiln/runtime';
+import { join } from 'node:path';
 import { Queue } from 'bullmq';
 import { Agent } from './agent.js';
 import { AgentEnv } from './env.js';
@@ -28,8 +29,8 @@ const agent = new Agent(env, log, createRedis(env.REDIS_URL, `kiln-agent-${env.A
   file: file!,
   args,
   cwd: env.WORKER_DIR,
-  env: { CUDA_VISIBLE_DEVICES: env.GPU_ID, KILN_BACKEND: env.WORKER_BACKEND, PYTHONUNBUFFERED: '1' },
-});
+  env: { CUDA_VISIBLE_DEVICES: env.GPU_ID, KILN_BACKEND: env.WORKER_BACKEND, PYTHONUNBUFFERED: '1', KILN_LORA_DIR: join(env.WORK_DIR, env.AGENT_ID, 'loras') },
+}, new LoraRegistry(redis, keys));
 
 await storage.ensureBucket().catch((err) => log.warn({ err: err.message }, 'storage not reachable yet; uploads will be retried with the job'));
 await sub.subscribe(keys.cancelChannel());

@@ -2,7 +2,11 @@ import { EventEmitter } from 'node:events';
 import { createInterface } from 'node:readline';
 import {
   type AgentToWorker,
+  type CheckpointMessage,
   type GenerateMessage,
+  type LoadedMessage,
+  type TrainedMessage,
+  type TrainMessage,
   PROTOCOL_VERSION,
   type ProgressMessage,
   type ReadyMessage,
@@ -31,11 +35,14 @@ export interface WorkerCommand {
   env: Record<string, string>;
 }
 
+type FinalMessage = ResultMessage | LoadedMessage | TrainedMessage;
+
 interface Pending {
   id: string;
-  resolve: (m: ResultMessage) => void;
+  resolve: (m: FinalMessage) => void;
   reject: (e: KilnError) => void;
   onProgress: (m: ProgressMessage) => void;
+  onCheckpoint: (m: CheckpointMessage) => void;
 }
 
 const STDERR_TAIL_LINES = 40;
@@ -105,16 +112,40 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     }
   }
 
-  /** Runs one generation; resolves with the result or rejects with a classified KilnError. */
-  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<ResultMessage> } {
+  /** Sends one request; `done` settles with its final message or a classified KilnError. */
+  private request<T extends FinalMessage>(
+    kind: string,
+    build: (id: string) => AgentToWorker,
+    handlers: { onProgress?: (m: ProgressMessage) => void; onCheckpoint?: (m: CheckpointMessage) => void } = {},
+  ): { id: string; done: Promise<T> } {
     this.assertState('ready');
-    const id = this.nextId(`gen-${msg.job_id}`);
+    const id = this.nextId(kind);
     this.state = 'busy';
-    const done = new Promise<ResultMessage>((resolve, reject) => {
-      this.pending = { id, resolve, reject, onProgress };
+    const done = new Promise<T>((resolve, reject) => {
+      this.pending = { id, resolve: resolve as (m: FinalMessage) => void, reject, onProgress: handlers.onProgress ?? (() => {}), onCheckpoint: handlers.onCheckpoint ?? (() => {}) };
     });
-    this.send({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg });
+    this.send(build(id));
     return { id, done };
+  }
+
+  /** Runs one generation. */
+  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<ResultMessage> } {
+    return this.request(`gen-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg }), { onProgress });
+  }
+
+  /** Runs a LoRA fine-tune; checkpoints arrive as it goes. */
+  train(msg: Omit<TrainMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onCheckpoint: (m: CheckpointMessage) => void): { id: string; done: Promise<TrainedMessage> } {
+    return this.request(`train-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'train', id, ...msg }), { onProgress, onCheckpoint });
+  }
+
+  /** Makes models resident (hot in VRAM or warm in RAM), optionally pinned. */
+  load(models: string[], location: 'vram' | 'ram', pin: boolean): { id: string; done: Promise<LoadedMessage> } {
+    return this.request('load', (id) => ({ v: PROTOCOL_VERSION, type: 'load', id, models, location, pin }));
+  }
+
+  /** Frees (and unpins) models. */
+  unload(models: string[]): { id: string; done: Promise<LoadedMessage> } {
+    return this.request('unload', (id) => ({ v: PROTOCOL_VERSION, type: 'unload', id, models }));
   }
 
   /** Cooperative cancel: the worker stops between steps and answers `canceled`. */
@@ -173,7 +204,12 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
       case 'progress':
         if (this.pending?.id === msg.id) this.pending.onProgress(msg);
         return;
+      case 'checkpoint':
+        if (this.pending?.id === msg.id) this.pending.onCheckpoint(msg);
+        return;
       case 'result':
+      case 'loaded':
+      case 'trained':
       case 'error': {
         this.lastState = msg.state ?? this.lastState;
         if (this.lastState) this.emit('state', this.lastState);
@@ -184,8 +220,8 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
         }
         this.pending = null;
         if (this.state === 'busy') this.state = 'ready';
-        if (msg.type === 'result') p.resolve(msg);
-        else p.reject(new KilnError(msg.error.code, msg.error.message));
+        if (msg.type === 'error') p.reject(new KilnError(msg.error.code, msg.error.message));
+        else p.resolve(msg);
         return;
       }
       case 'bye':

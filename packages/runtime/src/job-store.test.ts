@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { ResolvedGenerationRequest, type StoredJob } from '@kiln/contracts';
+import { ResolvedGenerationRequest, type GenerationJob, StoredJob } from '@kiln/contracts';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { JobStore } from './job-store.js';
 import { Keys } from './keys.js';
@@ -27,7 +27,7 @@ afterEach(async () => {
   if (left.length) await redis.del(...left);
 });
 
-function newJob(over: Partial<StoredJob> = {}): StoredJob {
+function newJob(over: Partial<GenerationJob> = {}): GenerationJob {
   return {
     id: randomUUID(),
     kind: 'generation',
@@ -48,6 +48,7 @@ function newJob(over: Partial<StoredJob> = {}): StoredJob {
     error: null,
     timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
     cancel_requested: false,
+    group_id: null,
     created_at: new Date().toISOString(),
     started_at: null,
     finished_at: null,

@@ -92,7 +92,7 @@ export class WebhookOutbox {
 
   /** Queues a delivery of the job's current record if its webhook subscribes to `event`. */
   async emit(job: StoredJob, event: WebhookEvent): Promise<void> {
-    const hook = job.request.webhook;
+    const hook = 'webhook' in job.request ? job.request.webhook : undefined;
     if (!hook || !hook.events.includes(event)) return;
     const payload: WebhookPayload = {
       type: `job.${event}`,

@@ -78,6 +78,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             error: null,
             timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
             cancel_requested: false,
+            group_id: null,
             created_at: now,
             started_at: null,
             finished_at: null,
