@@ -5,6 +5,9 @@ import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { agentRoutes } from './routes/agents.js';
+import { batchRoutes } from './routes/batches.js';
+import { cacheRoutes } from './routes/cache.js';
+import { trainingRoutes } from './routes/trainings.js';
 import { generationRoutes } from './routes/generations.js';
 import { healthRoutes } from './routes/health.js';
 import { jobRoutes } from './routes/jobs.js';
@@ -22,6 +25,9 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     await v1.register(jobRoutes(ctx));
     await v1.register(agentRoutes(ctx));
     await v1.register(healthRoutes(ctx));
+    await v1.register(batchRoutes(ctx));
+    await v1.register(cacheRoutes(ctx));
+    await v1.register(trainingRoutes(ctx));
   });
   return {
     app,

@@ -1,4 +1,4 @@
-import type { AgentRegistry, DeliveryData, IntakeData, Jobs, JobStore, Keys, Logger, Redis, Storage } from '@kiln/runtime';
+import type { AgentRegistry, LoraRegistry, DeliveryData, IntakeData, Jobs, JobStore, Keys, Logger, Redis, Storage } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { ApiEnv } from './env.js';
 
@@ -11,6 +11,7 @@ export interface ApiContext {
   store: JobStore;
   jobs: Jobs;
   registry: AgentRegistry;
+  loras: LoraRegistry;
   storage: Storage;
   intake: Queue<IntakeData>;
   webhookQueue: Queue<DeliveryData>;

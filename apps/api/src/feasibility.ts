@@ -1,5 +1,5 @@
 import { activationVramMb, type AgentHeartbeat, type ModelInfo, type ParsedGenerationRequest, suiteOf } from '@kiln/contracts';
-import { KilnError } from '@kiln/runtime';
+import { KilnError, type LoraRegistry } from '@kiln/runtime';
 
 /**
  * Feasibility at the door. Given the live agents, fills the choices a client may leave to Kiln
@@ -29,7 +29,7 @@ function findModel(a: Agent, name: string): ModelInfo | undefined {
   return a.capabilities.models.find((m) => m.name === name);
 }
 
-export function requirements(r: Req): Requirement[] {
+export function requirements(r: Req, registeredLoras: ReadonlySet<string> = new Set()): Requirement[] {
   const reqs: Requirement[] = [];
   const model = (field: string, name: string, kind: ModelInfo['kind'], extra?: (m: ModelInfo) => boolean, what: string = kind) => {
     reqs.push({
@@ -57,7 +57,8 @@ export function requirements(r: Req): Requirement[] {
   }
   r.loras?.forEach((l, i) => {
     feature(`loras.${i}`, 'lora');
-    model(`loras.${i}.name`, l.name, 'lora', undefined, 'LoRA');
+    // a trained LoRA from the registry runs on any agent that takes LoRAs: it is fetched first
+    if (!registeredLoras.has(l.name)) model(`loras.${i}.name`, l.name, 'lora', undefined, 'LoRA');
   });
   r.controlnets?.forEach((c, i) => {
     feature(`controlnets.${i}`, 'controlnet');
@@ -123,11 +124,11 @@ export function fillDefaults(r: Req, agents: Agent[]): Req {
 }
 
 /** Returns the request with defaults filled and the ids of agents that could run it. */
-export function checkFeasible(r: Req, live: AgentHeartbeat[]): { request: Req; agents: string[] } {
+export function checkFeasible(r: Req, live: AgentHeartbeat[], registeredLoras: ReadonlySet<string> = new Set()): { request: Req; agents: string[] } {
   const agents = live.filter((a): a is Agent => !!a.capabilities);
   const request = fillDefaults(r, agents);
   if (agents.length === 0) return { request, agents: [] };
-  const reqs = requirements(request);
+  const reqs = requirements(request, registeredLoras);
   for (const q of reqs) {
     if (agents.some(q.ok)) continue;
     const known = q.available ? [...new Set(agents.flatMap((a) => a.capabilities.models.filter((m) => m.kind === q.available).map((m) => m.name)))].sort() : [];
@@ -142,4 +143,10 @@ export function checkFeasible(r: Req, live: AgentHeartbeat[]): { request: Req; a
     throw unschedulable('hyperparameters', 'exceeds_vram', `needs about ${need} MB of VRAM with its models; the largest capable GPU has ${biggest} MB — reduce width, height, num_images or the models`);
   }
   return { request, agents: fits.map((a) => a.agent_id) };
+}
+
+/** Which of the request's LoRAs are trained ones in the registry. */
+export async function registeredLoraNames(ctx: { loras: LoraRegistry }, loras: { name: string }[] | undefined): Promise<Set<string>> {
+  if (!loras?.length) return new Set();
+  return new Set((await ctx.loras.getMany(loras.map((l) => l.name))).keys());
 }

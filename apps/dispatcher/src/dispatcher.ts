@@ -1,4 +1,4 @@
-import { activationVramMb, type AgentHeartbeat, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
+import { activationVramMb, type AgentHeartbeat, type ModelInfo, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
 import {
   type AgentJobData,
   type AgentRegistry,
@@ -8,6 +8,7 @@ import {
   type Jobs,
   KilnError,
   type Logger,
+  type LoraRegistry,
   QUEUES,
 } from '@kiln/runtime';
 import { type Job, Queue, type ConnectionOptions } from 'bullmq';
@@ -54,6 +55,7 @@ export class Dispatcher {
     private readonly jobs: Jobs,
     private readonly registry: AgentRegistry,
     private readonly lease: Lease,
+    private readonly loras: LoraRegistry,
   ) {}
 
   async tick(): Promise<void> {
@@ -192,6 +194,8 @@ export class Dispatcher {
   private async agentViews(live: AgentHeartbeat[]): Promise<{ agents: AgentView[]; running: Map<string, number> }> {
     const usable = live.filter((a) => a.capabilities && (a.state === 'ready' || a.state === 'busy'));
     const running = new Map<string, number>();
+    // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
+    const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
     const agents = await Promise.all(
       usable.map(async (a) => {
         const held = (await this.agentQueue(a.agent_id).getJobs(['active', 'waiting', 'prioritized', 'delayed'])).filter(Boolean);
@@ -205,7 +209,7 @@ export class Dispatcher {
           // least recently used first, as the worker evicts
           resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
           pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
-          models: new Map(a.capabilities!.models.map((m) => [m.name, m])),
+          models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
         };
       }),
     );

@@ -16,6 +16,7 @@ import {
   Jobs,
   JobStore,
   Keys,
+  LoraRegistry,
   onShutdown,
   parseEnv,
   QUEUES,
@@ -43,7 +44,7 @@ const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
 const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
 const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups);
 const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`, env.LEASE_TTL_MS);
-const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease);
+const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease, new LoraRegistry(redis, keys));
 
 let deliverer: Worker<DeliveryData> | null = null;
 if (env.WEBHOOK_SECRET) {

@@ -59,6 +59,17 @@ export class Storage {
     return Buffer.concat(chunks);
   }
 
+  /** Keys and sizes under a prefix (ListObjectsV2). */
+  async list(prefix: string, max = 20_000): Promise<{ key: string; size: number }[]> {
+    const out: { key: string; size: number }[] = [];
+    const stream = this.client.listObjectsV2(this.bucket, prefix, true);
+    for await (const o of stream as AsyncIterable<{ name?: string; size?: number }>) {
+      if (o.name) out.push({ key: o.name, size: o.size ?? 0 });
+      if (out.length > max) break;
+    }
+    return out;
+  }
+
   async presign(key: string): Promise<string> {
     return this.signer.presignedGetObject(this.bucket, key, this.env.S3_PRESIGN_EXPIRY_S);
   }

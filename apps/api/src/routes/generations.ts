@@ -1,11 +1,12 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { GenerationRequest, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob } from '@kiln/contracts';
-import { assertPublicTarget, jobRecord, KilnError } from '@kiln/runtime';
+import { jobRecord, KilnError } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-import { checkFeasible } from '../feasibility.js';
+import { checkFeasible, registeredLoraNames } from '../feasibility.js';
 import { ingestImages } from '../images.js';
+import { checkWebhookOf } from '../webhook-check.js';
 
 const IdempotencyKey = z.string().min(1).max(200).regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces');
 
@@ -21,9 +22,9 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
 
   /** Every check short of storing; returns the resolved request (images still as given). */
   async function prepare(body: ParsedGenerationRequest, id: string, store: boolean) {
-    await checkWebhook(ctx, body.webhook?.url);
+    await checkWebhookOf(ctx, body.webhook?.url);
     const resolved = { ...body, scheduler: resolveScheduler(body.scheduler) };
-    const { request, agents } = checkFeasible(resolved, await ctx.registry.live());
+    const { request, agents } = checkFeasible(resolved, await ctx.registry.live(), await registeredLoraNames(ctx, body.loras));
     const withImages = await ingestImages(request, id, sources, store);
     return { request: withImages, agents };
   }
@@ -94,20 +95,4 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       },
     );
   };
-}
-
-async function checkWebhook(ctx: ApiContext, url: string | undefined): Promise<void> {
-  if (!url) return;
-  if (!ctx.env.WEBHOOK_SECRET) {
-    throw new KilnError('validation_failed', 'invalid request: webhook: webhooks are disabled on this farm (WEBHOOK_SECRET is not set)', {
-      details: [{ field: 'webhook', rule: 'webhooks_disabled', message: 'the operator must set WEBHOOK_SECRET to enable webhooks' }],
-    });
-  }
-  if (ctx.env.WEBHOOK_ALLOW_PRIVATE) return;
-  try {
-    await assertPublicTarget(url);
-  } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    throw new KilnError('validation_failed', `invalid request: webhook.url: ${message}`, { details: [{ field: 'webhook.url', rule: 'private_address', message }] });
-  }
 }

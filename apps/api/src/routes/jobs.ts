@@ -1,4 +1,4 @@
-import { isTerminal } from '@kiln/contracts';
+import { isTerminal, type StoredJob } from '@kiln/contracts';
 import { jobRecord, KilnError, intakeJobId } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -18,37 +18,43 @@ export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   return async (app) => {
     app.get('/v1/jobs/:id', { schema: { params: Params } }, async (req) => view(await load(req.params.id)));
 
-    /**
-     * A queued job is canceled at once (200). A running one is asked to stop (202): the agent
-     * stops its worker between steps and marks it canceled. Canceling again is harmless;
-     * a job that already succeeded or failed is a 409.
-     */
     app.delete('/v1/jobs/:id', { schema: { params: Params } }, async (req, reply) => {
-      for (let i = 0; i < 3; i++) {
-        const job = await load(req.params.id);
-        if (job.status === 'canceled') return reply.code(200).send(await view(job));
-        if (isTerminal(job.status)) throw new KilnError('conflict', `job ${job.id} already ${job.status}`);
-        if (job.status === 'queued') {
-          const canceled = await ctx.jobs.update(job.id, { status: ['queued'], attempt: job.attempt }, {
-            status: 'canceled',
-            stage: 'done',
-            cancel_requested: true,
-            error: { code: 'canceled', message: 'canceled by request', retryable: false },
-            finished_at: new Date().toISOString(),
-          });
-          if (canceled) {
-            await (await ctx.intake.getJob(intakeJobId(job.id, job.attempt)))?.remove().catch(() => {});
-            return reply.code(200).send(await view(canceled));
-          }
-          continue; // it was placed meanwhile: cancel it as running
-        }
-        const asked = await ctx.jobs.update(job.id, { status: ['running'] }, { cancel_requested: true }, { message: 'cancellation requested' });
-        if (asked) {
-          await ctx.redis.publish(ctx.keys.cancelChannel(), job.id);
-          return reply.code(202).send(await view(asked));
-        }
-      }
-      throw new KilnError('conflict', 'the job changed state while canceling; try again');
+      const { status, job } = await cancelJob(ctx, req.params.id);
+      return reply.code(status).send(await view(job));
     });
   };
+}
+
+/**
+ * A queued job is canceled at once (200). A running one is asked to stop (202): the agent
+ * stops its worker between steps and marks it canceled. Canceling again is harmless; a job
+ * that already succeeded or failed is a 409.
+ */
+export async function cancelJob(ctx: ApiContext, id: string): Promise<{ status: 200 | 202; job: StoredJob }> {
+  for (let i = 0; i < 3; i++) {
+    const job = await ctx.store.get(id);
+    if (!job) throw new KilnError('not_found', `no job ${id}`);
+    if (job.status === 'canceled') return { status: 200, job };
+    if (isTerminal(job.status)) throw new KilnError('conflict', `job ${job.id} already ${job.status}`);
+    if (job.status === 'queued') {
+      const canceled = await ctx.jobs.update(job.id, { status: ['queued'], attempt: job.attempt }, {
+        status: 'canceled',
+        stage: 'done',
+        cancel_requested: true,
+        error: { code: 'canceled', message: 'canceled by request', retryable: false },
+        finished_at: new Date().toISOString(),
+      });
+      if (canceled) {
+        await (await ctx.intake.getJob(intakeJobId(job.id, job.attempt)))?.remove().catch(() => {});
+        return { status: 200, job: canceled };
+      }
+      continue; // it was placed meanwhile: cancel it as running
+    }
+    const asked = await ctx.jobs.update(job.id, { status: ['running'] }, { cancel_requested: true }, { message: 'cancellation requested' });
+    if (asked) {
+      await ctx.redis.publish(ctx.keys.cancelChannel(), job.id);
+      return { status: 202, job: asked };
+    }
+  }
+  throw new KilnError('conflict', 'the job changed state while canceling; try again');
 }

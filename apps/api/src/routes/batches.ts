@@ -1,0 +1,142 @@
+import { randomInt, randomUUID } from 'node:crypto';
+import {
+  BatchRequest,
+  type GenerationJob,
+  GenerationRequest,
+  isTerminal,
+  issuesToDetails,
+  MAX_SEED,
+  ResolvedGenerationRequest,
+  resolveScheduler,
+  type StoredGroup,
+} from '@kiln/contracts';
+import { groupRecord, KilnError } from '@kiln/runtime';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { ApiContext } from '../context.js';
+import { checkFeasible, registeredLoraNames } from '../feasibility.js';
+import { ingestImages } from '../images.js';
+import { checkWebhookOf } from '../webhook-check.js';
+import { cancelJob } from './jobs.js';
+
+const Params = z.object({ id: z.string().min(1).max(100) });
+
+/** Objects merge key by key; arrays and plain values from the item replace the default. */
+export function mergeDefaults(defaults: unknown, item: unknown): unknown {
+  if (isPlainObject(defaults) && isPlainObject(item)) {
+    const out: Record<string, unknown> = { ...defaults };
+    for (const [k, v] of Object.entries(item)) out[k] = k in defaults ? mergeDefaults(defaults[k], v) : v;
+    return out;
+  }
+  return item === undefined ? defaults : item;
+}
+const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
+
+/**
+ * POST /v1/batches: many generation requests as one unit. Every item (merged over `defaults`)
+ * is validated like a single request, and one bad item rejects the batch naming
+ * `items.<index>.<field>`. Children fan out through intake like single jobs (late binding,
+ * model affinity) just behind single jobs of the same priority; the batch ends when every
+ * child has ended, with its webhook fired once.
+ */
+export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
+  const sources = { storage: ctx.storage, allowPrivate: ctx.env.INPUT_ALLOW_PRIVATE, fetchTimeoutMs: ctx.env.INPUT_FETCH_TIMEOUT_MS };
+  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/batches');
+  const load = async (id: string) => {
+    const g = await ctx.jobs.groups.get(id);
+    if (!g || g.kind !== 'batch') throw new KilnError('not_found', `no batch ${id}`);
+    return g;
+  };
+
+  return async (app) => {
+    app.post('/v1/batches', { schema: { body: BatchRequest } }, async (req, reply) => {
+      const body = req.body;
+      if (body.webhook) await checkWebhookOf(ctx, body.webhook.url, 'webhook');
+      const live = await ctx.registry.live();
+      const registered = new Set((await ctx.loras.list()).map((l) => l.name));
+      const batchId = randomUUID();
+      const parsed = body.items.map((item, i) => {
+        const merged = mergeDefaults(body.defaults, { priority: body.priority, ...item });
+        const r = GenerationRequest.safeParse(merged);
+        if (!r.success) {
+          const details = issuesToDetails(r.error.issues, ['items', i]);
+          throw new KilnError('validation_failed', `invalid request: items.${i}: ${details.map((d) => `${d.field}: ${d.message}`).join('; ')}`, { details });
+        }
+        try {
+          return checkFeasible({ ...r.data, scheduler: resolveScheduler(r.data.scheduler) }, live, registered).request;
+        } catch (err) {
+          if (err instanceof KilnError && err.details) {
+            throw new KilnError(err.code, `items.${i}: ${err.message}`, { details: err.details.map((d) => ({ ...d, field: `items.${i}.${d.field}` })) });
+          }
+          throw err;
+        }
+      });
+      for (const [i, r] of parsed.entries()) if (r.webhook) await checkWebhookOf(ctx, r.webhook.url, `items.${i}.webhook`);
+
+      const now = new Date().toISOString();
+      const children: GenerationJob[] = [];
+      for (const [i, r] of parsed.entries()) {
+        const id = randomUUID();
+        let withImages;
+        try {
+          withImages = await ingestImages(r, id, sources, true);
+        } catch (err) {
+          if (err instanceof KilnError && err.details) throw new KilnError(err.code, `items.${i}: ${err.message}`, { details: err.details.map((d) => ({ ...d, field: `items.${i}.${d.field}` })) });
+          throw err;
+        }
+        const hp = { ...withImages.hyperparameters, seed: withImages.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
+        const request = ResolvedGenerationRequest.parse({ ...withImages, hyperparameters: hp });
+        children.push({
+          id,
+          kind: 'generation',
+          client: req.client,
+          status: 'queued',
+          stage: 'queued',
+          attempt: 0,
+          agent: null,
+          priority: request.priority,
+          request,
+          progress: null,
+          outputs: [],
+          error: null,
+          timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
+          cancel_requested: false,
+          group_id: batchId,
+          created_at: now,
+          started_at: null,
+          finished_at: null,
+        });
+      }
+      const group: StoredGroup = {
+        id: batchId,
+        kind: 'batch',
+        client: req.client,
+        status: 'queued',
+        priority: body.priority,
+        children: children.map((c) => c.id),
+        webhook: body.webhook ?? null,
+        cancel_requested: false,
+        created_at: now,
+        finished_at: null,
+      };
+      // the group first: a child that ends fast must find it
+      await ctx.jobs.groups.create(group);
+      for (const c of children) await ctx.store.create(c);
+      for (const c of children) await ctx.jobs.enqueue(c);
+      const record = await view(group);
+      return reply.code(202).header('location', record.links.self).send(record);
+    });
+
+    app.get('/v1/batches/:id', { schema: { params: Params } }, async (req) => view(await load(req.params.id)));
+
+    /** Cancels every unfinished child; the batch ends `canceled` once they have. */
+    app.delete('/v1/batches/:id', { schema: { params: Params } }, async (req, reply) => {
+      const group = await load(req.params.id);
+      if (['succeeded', 'failed', 'partially_succeeded'].includes(group.status)) throw new KilnError('conflict', `batch ${group.id} already ${group.status}`);
+      const asked = (await ctx.jobs.groups.requestCancel(group.id))!;
+      const children = await ctx.store.getMany(group.children);
+      for (const c of children) if (c && !isTerminal(c.status)) await cancelJob(ctx, c.id).catch(() => {});
+      return reply.code(202).send(await view((await ctx.jobs.groups.get(group.id)) ?? asked));
+    });
+  };
+}

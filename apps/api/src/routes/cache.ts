@@ -1,0 +1,135 @@
+import { randomUUID } from 'node:crypto';
+import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, EvictRequest, type ModelInfo, type StoredGroup } from '@kiln/contracts';
+import { groupRecord, KilnError, QUEUES } from '@kiln/runtime';
+import { Queue } from 'bullmq';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { ApiContext } from '../context.js';
+import { checkWebhookOf } from '../webhook-check.js';
+
+const Params = z.object({ id: z.string().min(1).max(100) });
+type Agent = AgentHeartbeat & { capabilities: NonNullable<AgentHeartbeat['capabilities']> };
+
+const unschedulable = (field: string, rule: string, message: string) =>
+  new KilnError('unschedulable', `invalid cache request: ${field}: ${message}`, { details: [{ field, rule, message }] });
+
+/**
+ * Model residency. POST /v1/cache loads a suite onto chosen agents (all, a number of replicas,
+ * or named ones), hot in VRAM or warm in host RAM, optionally pinned so placement never evicts
+ * it; DELETE /v1/cache evicts; GET /v1/cache shows what is resident where. Each agent's share
+ * runs on that agent's own queue, in order with its other work; the request is a group whose
+ * record shows each agent's result.
+ */
+export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
+  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/cache');
+
+  async function dispatch(client: string, tasks: CacheTask[], webhook: StoredGroup['webhook']): Promise<StoredGroup> {
+    const groupId = randomUUID();
+    const now = new Date().toISOString();
+    const children: CacheJob[] = tasks.map((t) => ({
+      id: randomUUID(),
+      kind: 'cache',
+      client,
+      status: 'running',
+      stage: 'dispatched',
+      attempt: 1,
+      agent: t.target_agent,
+      priority: 'high',
+      request: t,
+      progress: null,
+      outputs: [],
+      error: null,
+      timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
+      cancel_requested: false,
+      group_id: groupId,
+      cache: null,
+      created_at: now,
+      started_at: null,
+      finished_at: null,
+    }));
+    const group: StoredGroup = { id: groupId, kind: 'cache', client, status: 'running', priority: 'high', children: children.map((c) => c.id), webhook, cancel_requested: false, created_at: now, finished_at: null };
+    await ctx.jobs.groups.create(group);
+    for (const c of children) {
+      await ctx.store.create(c);
+      const q = new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX });
+      await q.add('cache', { job_id: c.id, attempt: 1, client }, { jobId: `${c.id}-a1`, removeOnComplete: true, removeOnFail: true, priority: 1 });
+      await q.close();
+    }
+    return group;
+  }
+
+  return async (app) => {
+    app.get('/v1/cache', async () => ({
+      agents: (await ctx.registry.live()).map((a) => ({
+        agent_id: a.agent_id,
+        state: a.state,
+        vram_total_mb: a.gpu.vram_total_mb,
+        vram_free_mb: a.gpu.vram_free_mb,
+        resident: a.resident,
+      })),
+    }));
+
+    app.get('/v1/cache/:id', { schema: { params: Params } }, async (req) => {
+      const g = await ctx.jobs.groups.get(req.params.id);
+      if (!g || g.kind !== 'cache') throw new KilnError('not_found', `no cache request ${req.params.id}`);
+      return view(g);
+    });
+
+    app.post('/v1/cache', { schema: { body: CacheRequest } }, async (req, reply) => {
+      const body = req.body;
+      await checkWebhookOf(ctx, body.webhook?.url);
+      const m = body.models;
+      const wanted: { name: string; field: string; kind: ModelInfo['kind'] }[] = [
+        ...(m.base ? [{ name: m.base, field: 'models.base', kind: 'base' as const }] : []),
+        ...(m.refiner ? [{ name: m.refiner, field: 'models.refiner', kind: 'refiner' as const }] : []),
+        ...(m.vae ? [{ name: m.vae, field: 'models.vae', kind: 'vae' as const }] : []),
+        ...(m.loras ?? []).map((name, i) => ({ name, field: `models.loras.${i}`, kind: 'lora' as const })),
+        ...(m.controlnets ?? []).map((name, i) => ({ name, field: `models.controlnets.${i}`, kind: 'controlnet' as const })),
+        ...(m.upscaler ? [{ name: m.upscaler, field: 'models.upscaler', kind: 'upscaler' as const }] : []),
+      ];
+      const live = (await ctx.registry.live()).filter((a): a is Agent => !!a.capabilities && a.state !== 'draining');
+      if (live.length === 0) throw unschedulable('target', 'no_live_agent', 'no agent is live to load models onto');
+      for (const w of wanted) {
+        if (!live.some((a) => a.capabilities.models.some((x) => x.name === w.name && x.kind === w.kind)))
+          throw unschedulable(w.field, 'unknown_model', `no live agent has the ${w.kind} "${w.name}"`);
+      }
+      const sizeOn = (a: Agent) => wanted.reduce((s, w) => s + (a.capabilities.models.find((x) => x.name === w.name)?.vram_mb ?? 0), 0);
+      const capable = live.filter((a) => wanted.every((w) => a.capabilities.models.some((x) => x.name === w.name)) && (body.location === 'ram' || sizeOn(a) <= a.gpu.vram_total_mb));
+      let targets: Agent[];
+      if ('agents' in body.target) {
+        targets = body.target.agents.map((id, i) => {
+          const a = live.find((x) => x.agent_id === id);
+          if (!a) throw unschedulable(`target.agents.${i}`, 'unknown_agent', `no live agent ${id}`);
+          if (!capable.includes(a)) throw unschedulable(`target.agents.${i}`, 'incapable_agent', `agent ${id} cannot hold this suite`);
+          return a;
+        });
+      } else {
+        if (capable.length === 0) throw unschedulable('models', 'no_single_agent', 'no live agent can hold every model of this suite');
+        // replicas: agents already holding the most of the suite first, then the most free VRAM
+        const held = (a: Agent) => wanted.filter((w) => a.resident.some((r) => r.name === w.name)).length;
+        const ranked = [...capable].sort((a, b) => held(b) - held(a) || b.gpu.vram_free_mb - a.gpu.vram_free_mb || a.agent_id.localeCompare(b.agent_id));
+        if ('replicas' in body.target && body.target.replicas > capable.length)
+          throw unschedulable('target.replicas', 'too_many_replicas', `only ${capable.length} live agent(s) can hold this suite`);
+        targets = 'replicas' in body.target ? ranked.slice(0, body.target.replicas) : ranked;
+      }
+      const models = wanted.map((w) => w.name);
+      const group = await dispatch(req.client, targets.map((a) => ({ action: 'load', models, location: body.location, pin: body.pin, target_agent: a.agent_id })), body.webhook ?? null);
+      const record = await view(group);
+      return reply.code(202).header('location', record.links.self).send(record);
+    });
+
+    app.delete('/v1/cache', { schema: { body: EvictRequest } }, async (req, reply) => {
+      const live = await ctx.registry.live();
+      const targets = req.body.agents
+        ? req.body.agents.map((id, i) => {
+            const a = live.find((x) => x.agent_id === id);
+            if (!a) throw unschedulable(`agents.${i}`, 'unknown_agent', `no live agent ${id}`);
+            return a;
+          })
+        : live.filter((a) => a.resident.some((r) => req.body.models.includes(r.name)));
+      if (targets.length === 0) return reply.code(200).send({ evicted: [], message: 'no live agent holds these models' });
+      const group = await dispatch(req.client, targets.map((a) => ({ action: 'unload', models: req.body.models, location: 'vram', pin: false, target_agent: a.agent_id })), null);
+      return reply.code(202).send(await view(group));
+    });
+  };
+}
