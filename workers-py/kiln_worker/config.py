@@ -58,6 +58,10 @@ class Config:
     synthetic_gpu_name: str = "Synthetic GPU"
     synthetic_models: tuple[ModelSpec, ...] = DEFAULT_MODELS
     synthetic_lora_dir: str | None = None  # every *.safetensors there is one more LoRA, named by its stem
+    lora_dir: str | None = None  # KILN_LORA_DIR: trained LoRAs the agent fetched, <name with / → -->.safetensors
+    synthetic_ram_mb: int = 65536  # simulated host RAM for warm models
+    synthetic_ram_load_factor: float = 0.15  # RAM → VRAM costs this fraction of a cold load
+    synthetic_train_step_ms: float = 50.0  # one training step at 1024², batch 1
     synthetic_nsfw_word: str = "nsfw-test"  # the synthetic safety checker flags prompts containing it
     synthetic_no_bf16: bool = False  # advertise no bf16, like a pre-Ampere GPU
     # test-only fault hooks (see README): never set them in production
@@ -161,6 +165,14 @@ def load_config(env: Mapping[str, str]) -> Config:
     lora_dir = env.get("KILN_SYNTHETIC_LORA_DIR", "").strip() or None
     if lora_dir is not None and not os.path.isdir(lora_dir):
         problems.append(f"KILN_SYNTHETIC_LORA_DIR={lora_dir!r}: not a directory")
+    shared_lora_dir = env.get("KILN_LORA_DIR", "").strip() or None
+    if shared_lora_dir is not None and os.path.exists(shared_lora_dir) and not os.path.isdir(shared_lora_dir):
+        problems.append(f"KILN_LORA_DIR={shared_lora_dir!r}: exists but is not a directory")
+    ram_mb = int(_number(env, "KILN_SYNTHETIC_RAM_MB", 65536, problems, integer=True))
+    ram_factor = _number(env, "KILN_SYNTHETIC_RAM_LOAD_FACTOR", 0.15, problems)
+    if ram_factor > 1:
+        problems.append(f"KILN_SYNTHETIC_RAM_LOAD_FACTOR={env['KILN_SYNTHETIC_RAM_LOAD_FACTOR']!r}: must be between 0 and 1 (a fraction of a cold load)")
+    train_step_ms = _number(env, "KILN_SYNTHETIC_TRAIN_STEP_MS", 50.0, problems)
     nsfw_word = env.get("KILN_SYNTHETIC_NSFW_WORD", "").strip() or "nsfw-test"
     no_bf16 = env.get("KILN_SYNTHETIC_NO_BF16", "").strip()
     if no_bf16 not in ("", "0", "1"):
@@ -177,6 +189,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         synthetic_stray_print=stray == "1",
         synthetic_raise_on_prompt=raise_on,
         synthetic_lora_dir=lora_dir,
+        lora_dir=shared_lora_dir,
+        synthetic_ram_mb=ram_mb,
+        synthetic_ram_load_factor=ram_factor,
+        synthetic_train_step_ms=train_step_ms,
         synthetic_nsfw_word=nsfw_word,
         synthetic_no_bf16=no_bf16 == "1",
     )

@@ -1,8 +1,8 @@
 """The request loop: a reader thread takes lines off stdin; the main thread runs requests one at
 a time, in arrival order. Cancel is handled on the reader thread so it takes effect mid-request.
 
-Every request gets exactly one final frame (ready, result, error or bye), after its progress and
-logs. A request that was still queued when canceled gets its `canceled` error at once.
+Every request gets exactly one final frame (ready, result, loaded, trained, error or bye), after its
+progress, checkpoints and logs. A request that was still queued when canceled gets its `canceled` error at once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .protocol import FrameWriter, InvalidMessage, parse_line
 log = logging.getLogger("kiln_worker")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # far above any valid request; guards memory against a runaway writer
+WORK_TYPES = ("generate", "load", "unload", "train")  # queued by id, cancelable, refused while closing
 _EOF = object()
 
 
@@ -49,7 +50,7 @@ class Worker:
         self._queue: "queue.Queue[object]" = queue.Queue()
         self._lock = threading.Lock()  # guards _current, _pending, _closing
         self._current: _Request | None = None
-        self._pending: dict[str, _Request] = {}  # queued generate requests by id
+        self._pending: dict[str, _Request] = {}  # queued work requests (WORK_TYPES) by id
         self._closing = False
 
     def run(self) -> int:
@@ -63,7 +64,7 @@ class Worker:
                 return 0
             assert isinstance(item, _Request)
             with self._lock:
-                if item.type == "generate":
+                if item.type in WORK_TYPES:
                     if self._pending.pop(item.id, None) is None:
                         continue  # canceled while queued; its error is already sent
                 self._current = item
@@ -85,6 +86,12 @@ class Worker:
                 self._writer.send(self._ready(req.id))
             elif req.type == "generate":
                 self._generate(req)
+            elif req.type == "load":
+                self._load(req)
+            elif req.type == "unload":
+                self._unload(req)
+            elif req.type == "train":
+                self._train(req)
             else:  # the schema admits nothing else on the queue
                 raise WorkerError("internal", f"unexpected request type {req.type!r}")
         except Exception as exc:
@@ -111,13 +118,7 @@ class Worker:
         msg = req.message
         log.info("generate %s (job %s attempt %s) on %s", req.id, msg["job_id"], msg["attempt"], msg["request"]["model"]["base"])
 
-        def progress(stage: str, step: int, total: int) -> None:
-            self._writer.send({"type": "progress", "id": req.id, "stage": stage, "step": step, "total": total})
-
-        def log_cb(level: str, message: str) -> None:
-            self._writer.log(req.id, level, message)
-
-        result = self._backend.generate(msg["request"], msg["job_dir"], progress, req.cancel, log_cb, files=msg["files"])
+        result = self._backend.generate(msg["request"], msg["job_dir"], self._progress(req), req.cancel, self._log_cb(req), files=msg["files"])
         self._writer.send(
             {
                 "type": "result",
@@ -125,6 +126,58 @@ class Worker:
                 "outputs": result.outputs,
                 "timings": result.timings,
                 "loaded_models": result.loaded_models,
+                "state": self._backend.state(),
+            }
+        )
+
+    def _progress(self, req: _Request):
+        def progress(stage: str, step: int, total: int, loss: float | None = None) -> None:
+            frame = {"type": "progress", "id": req.id, "stage": stage, "step": step, "total": total}
+            if loss is not None:
+                frame["loss"] = float(loss)
+            self._writer.send(frame)
+
+        return progress
+
+    def _log_cb(self, req: _Request):
+        return lambda level, message: self._writer.log(req.id, level, message)
+
+    def _loaded(self, req: _Request, models: list[str], load_ms: float) -> None:
+        self._writer.send({"type": "loaded", "id": req.id, "models": models, "timings": {"load_ms": round(load_ms, 3)},
+                           "state": self._backend.state()})
+
+    def _load(self, req: _Request) -> None:
+        msg = req.message
+        log.info("load %s: %s into %s%s", req.id, ", ".join(msg["models"]), msg["location"], " (pinned)" if msg["pin"] else "")
+        result = self._backend.load(list(msg["models"]), msg["location"], msg["pin"], self._progress(req), req.cancel, self._log_cb(req))
+        self._loaded(req, result.models, result.load_ms)
+
+    def _unload(self, req: _Request) -> None:
+        msg = req.message
+        log.info("unload %s: %s", req.id, ", ".join(msg["models"]))
+        result = self._backend.unload(list(msg["models"]), self._log_cb(req))
+        self._loaded(req, result.models, 0)
+
+    def _train(self, req: _Request) -> None:
+        msg = req.message
+        log.info("train %s (job %s attempt %s): %s on %s, %d steps%s", req.id, msg["job_id"], msg["attempt"],
+                 msg["request"]["output"]["name"], msg["request"]["base_model"], msg["request"]["hyperparameters"]["steps"],
+                 f", resuming at step {msg['resume']['step']}" if msg.get("resume") else "")
+
+        def checkpoint(step: int, path: str, sha256: str, size: int) -> None:
+            self._writer.send({"type": "checkpoint", "id": req.id, "step": step, "path": path, "sha256": sha256, "bytes": size})
+
+        result = self._backend.train(msg, self._progress(req), checkpoint, req.cancel, self._log_cb(req))
+        self._writer.send(
+            {
+                "type": "trained",
+                "id": req.id,
+                "path": result.path,
+                "sha256": result.sha256,
+                "bytes": result.bytes,
+                "steps": result.steps,
+                "final_loss": float(result.final_loss),
+                "timings": {k: round(float(v), 3) for k, v in result.timings.items()},
                 "state": self._backend.state(),
             }
         )
@@ -175,8 +228,8 @@ class Worker:
 
     def _on_invalid(self, bad: InvalidMessage) -> None:
         log.warning("invalid message (id=%s type=%s): %s", bad.id, bad.type, bad.description)
-        if bad.type == "generate" and bad.id is not None and not self._known(bad.id):
-            err = WorkerError("invalid_request", f"invalid generate message: {bad.description}")
+        if bad.type in WORK_TYPES and bad.id is not None and not self._known(bad.id):
+            err = WorkerError("invalid_request", f"invalid {bad.type} message: {bad.description}")
             self._writer.error(bad.id, err.to_wire(), self._safe_state())
             return
         what = f" (id {bad.id!r}, type {bad.type!r})" if bad.id or bad.type else ""
@@ -197,11 +250,11 @@ class Worker:
             return
         req = _Request(msg)
         with self._lock:
-            if kind == "generate":
+            if kind in WORK_TYPES:
                 if self._closing:
                     refused = WorkerError("unavailable", "worker is shutting down; send the request to a fresh worker")
                 elif req.id in self._pending or (self._current is not None and self._current.id == req.id):
-                    self._writer.log(None, "error", f"ignored generate {req.id!r}: a request with that id is already queued or running")
+                    self._writer.log(None, "error", f"ignored {kind} {req.id!r}: a request with that id is already queued or running")
                     return
                 else:
                     refused = None
@@ -216,7 +269,7 @@ class Worker:
     def _cancel(self, target: str) -> None:
         with self._lock:
             current = self._current
-            if current is not None and current.id == target and current.type == "generate":
+            if current is not None and current.id == target and current.type in WORK_TYPES:
                 current.cancel.set()
                 log.info("cancel %s: stopping at the next step", target)
                 return

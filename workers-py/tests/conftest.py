@@ -24,7 +24,7 @@ WORKERS_PY = Path(__file__).resolve().parents[1]
 SCHEMAS = WORKERS_PY / "kiln_worker" / "schemas"
 OUT_VALIDATOR = Draft202012Validator(json.loads((SCHEMAS / "worker-to-agent.json").read_text()))
 IN_VALIDATOR = Draft202012Validator(json.loads((SCHEMAS / "agent-to-worker.json").read_text()))
-FINAL_TYPES = {"ready", "result", "error", "bye"}
+FINAL_TYPES = {"ready", "result", "loaded", "trained", "error", "bye"}
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 

@@ -19,8 +19,8 @@ MODELS = (
 )
 
 
-def backend(vram_mb=2500, **kw):
-    config = Config(synthetic_step_ms=0, synthetic_load_ms_per_gb=0, synthetic_vram_mb=vram_mb, synthetic_models=MODELS, **kw)
+def backend(vram_mb=2500, ram_mb=65536, **kw):
+    config = Config(synthetic_step_ms=0, synthetic_load_ms_per_gb=0, synthetic_vram_mb=vram_mb, synthetic_ram_mb=ram_mb, synthetic_models=MODELS, **kw)
     return load_backend("synthetic", config)
 
 
@@ -46,9 +46,18 @@ def test_lru_eviction_keeps_the_most_recently_used(tmp_path):
     assert run(b, "m/a", tmp_path).loaded_models == []  # a is now the most recently used
     assert run(b, "m/c", tmp_path).loaded_models == ["m/c"]  # evicts b, not a
     state = b.state()
-    assert [r["name"] for r in state["resident"]] == ["m/a", "m/c"]
-    assert state["vram_used_mb"] == 2000
-    assert all(r["location"] == "vram" and r["last_used_at"].endswith("Z") for r in state["resident"])
+    assert [(r["name"], r["location"]) for r in state["resident"]] == [("m/b", "ram"), ("m/a", "vram"), ("m/c", "vram")]
+    assert state["vram_used_mb"] == 2000  # b is warm in host RAM, not counted in VRAM
+    assert all(r["last_used_at"].endswith("Z") and r["pinned"] is False for r in state["resident"])
+    assert run(b, "m/b", tmp_path).loaded_models == ["m/b"]  # back from RAM (evicts a, the least recent)
+    assert [(r["name"], r["location"]) for r in b.state()["resident"]] == [("m/a", "ram"), ("m/c", "vram"), ("m/b", "vram")]
+
+
+def test_eviction_drops_models_when_host_ram_is_full(tmp_path):
+    b = backend(ram_mb=0)
+    for name in ("m/a", "m/b", "m/c"):
+        run(b, name, tmp_path)
+    assert [(r["name"], r["location"]) for r in b.state()["resident"]] == [("m/b", "vram"), ("m/c", "vram")]
 
 
 def test_activation_memory_can_force_eviction_and_oom():

@@ -28,7 +28,7 @@ def test_hello_gets_ready_with_capabilities_and_state(spawn):
     caps = ready["capabilities"]
     assert caps["backend"] == "synthetic"
     assert caps["output_formats"] == ["png", "jpeg", "webp"] and caps["max_side"] == 2048 and caps["max_images"] == 8
-    assert caps["features"] == ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata"]
+    assert caps["features"] == ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata", "training"]
     assert caps["controlnet_types"] == ["canny", "depth", "openpose", "lineart", "scribble", "normal", "seg"]
     assert caps["controlnet_preprocessors"] == ["canny"] and caps["upscalers"] == ["ai-forever/Real-ESRGAN-x4"]
     assert caps["dtypes"] == ["fp16", "bf16", "fp32"] and len(caps["performance"]) == 7
@@ -214,7 +214,7 @@ def test_lru_eviction_with_small_vram(spawn, tmp_path):
     assert [r["name"] for r in result["state"]["resident"]] == ["test/a", "test/b"]
     before, result = worker.run(generate_message("c", str(tmp_path / "c"), model="test/c", width=64, height=64))
     assert result["loaded_models"] == ["test/c"]
-    assert [r["name"] for r in result["state"]["resident"]] == ["test/b", "test/c"]
+    assert [(r["name"], r["location"]) for r in result["state"]["resident"]] == [("test/a", "ram"), ("test/b", "vram"), ("test/c", "vram")]
     assert result["state"]["vram_used_mb"] == 2000
     assert any(m["type"] == "log" and "evicted test/a" in m["message"] for m in before)
 

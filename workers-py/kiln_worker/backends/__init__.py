@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..config import Config
-from .base import Backend, GenerateResult
+from .base import Backend, GenerateResult, LoadResult, TrainResult
 
 
 class BackendUnavailable(Exception):
@@ -28,4 +28,4 @@ def load_backend(name: str, config: Config | None = None) -> Backend:
     raise BackendUnavailable(f"unknown backend {name!r} (expected synthetic or diffusers)")
 
 
-__all__ = ["Backend", "BackendUnavailable", "GenerateResult", "load_backend"]
+__all__ = ["Backend", "BackendUnavailable", "GenerateResult", "LoadResult", "TrainResult", "load_backend"]

@@ -13,7 +13,6 @@ synthetic one is too: outputs are blended from the inputs the way a user would e
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from typing import Mapping
 import numpy as np
 from PIL import Image
 
-from .. import images
+from .. import images, loras, safetensors_io, training
 from ..config import Config, ModelSpec
 from ..errors import WorkerError, invalid_request, model_not_found
 from ..output import build_metadata, file_digest, save_image
@@ -39,7 +38,8 @@ from ..tables import controlnet_types, preprocessable
 from ..upscale import LANCZOS, lanczos, simulated_model
 from ..validation import check_capabilities, check_request, stage_steps
 from ..protocol import scheduler_names
-from .base import Backend, GenerateResult, LogCallback, ProgressCallback
+from .base import Backend, CheckpointCallback, GenerateResult, LoadResult, LogCallback, ProgressCallback, TrainResult
+from .synthetic_training import Run
 
 log = logging.getLogger("kiln_worker.synthetic")
 
@@ -49,7 +49,7 @@ REFERENCE_PIXELS = 1024 * 1024
 ACTIVATION_MB_PER_MEGAPIXEL = 1200  # working VRAM of one 1024×1024 image in flight (contracts: activationVramMb)
 GRID = 6  # the random colour grid each image is smoothly upscaled from
 
-FEATURES_ALWAYS = ("img2img", "inpaint", "upscale", "metadata")
+FEATURES_ALWAYS = ("img2img", "inpaint", "upscale", "metadata", "training")
 DTYPES = ("fp16", "bf16", "fp32")
 PERFORMANCE = ("attention_slicing", "vae_slicing", "vae_tiling", "cpu_offload_model", "cpu_offload_sequential", "channels_last", "compile")
 
@@ -73,6 +73,9 @@ def _now_iso() -> str:
 @dataclass
 class _Resident:
     spec: ModelSpec
+    location: str = "vram"  # "vram" (hot) or "ram" (warm: cheaper to bring back than from disk)
+    # where a pin holds it: "vram" = never leaves VRAM; "ram" = may move to RAM, never dropped
+    pinned_at: str | None = None
     last_used_at: str | None = None
 
 
@@ -103,7 +106,7 @@ def _colour(text: str) -> np.ndarray:
     return np.frombuffer(hashlib.sha256(text.encode("utf-8")).digest()[:3], dtype=np.uint8).astype(np.float32) / 255.0
 
 
-def _identity(request: dict, seed: int, controlnet_models: list[str] | None, digests: dict) -> dict:
+def _identity(request: dict, seed: int, controlnet_models: list[str] | None, digests: dict, lora_digests: dict | None = None) -> dict:
     """Everything that would change a real image, as plain data."""
     hp = request["hyperparameters"]
     sched = request["scheduler"]
@@ -123,7 +126,9 @@ def _identity(request: dict, seed: int, controlnet_models: list[str] | None, dig
         "width": hp["width"],
         "height": hp["height"],
         "seed": seed,
-        "loras": [[l["name"], float(l["weight"])] for l in request.get("loras") or []],
+        # a LoRA from a file (trained, or in a LoRA directory) is identified by its bytes too
+        "loras": [[l["name"], float(l["weight"])] + ([lora_digests[l["name"]]] if (lora_digests or {}).get(l["name"]) else [])
+                  for l in request.get("loras") or []],
         "controlnets": [
             [c["type"], cn_models[i], float(c["conditioning_scale"]), float(c["guidance_start"]), float(c["guidance_end"]),
              bool(c["preprocess"]), digests.get(f"controlnets.{i}")]
@@ -144,17 +149,20 @@ def _seed_key(identity: dict) -> int:
     return int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest(), "big")
 
 
-def render_image(request: dict, seed: int, inputs: dict | None = None, controlnet_models: list[str] | None = None) -> np.ndarray:
+def render_image(request: dict, seed: int, inputs: dict | None = None, controlnet_models: list[str] | None = None,
+                 lora_digests: dict | None = None) -> np.ndarray:
     """A deterministic H×W×3 uint8 image for this request and seed, before upscaling.
 
     `inputs` holds the loaded input images at width × height: "image.init" and "image.mask"
-    (PIL), "controlnets.<i>" (the control image after preprocessing).
+    (PIL), "controlnets.<i>" (the control image after preprocessing). `lora_digests` maps the
+    LoRAs that come from files to their sha256: different weights, different pixels.
     """
+    lora_digests = lora_digests or {}
     inputs = inputs or {}
     hp = request["hyperparameters"]
     width, height = hp["width"], hp["height"]
     digests = {k: images.pixel_digest(v) for k, v in inputs.items()}
-    rng = np.random.Generator(np.random.PCG64(_seed_key(_identity(request, seed, controlnet_models, digests))))
+    rng = np.random.Generator(np.random.PCG64(_seed_key(_identity(request, seed, controlnet_models, digests, lora_digests))))
     grid = rng.random((GRID, GRID, 3), dtype=np.float32)
     grid = 0.65 * grid + 0.35 * _colour(request["conditioning"]["prompt"])
     y0, y1, ty = _axis(height, GRID)
@@ -163,7 +171,8 @@ def render_image(request: dict, seed: int, inputs: dict | None = None, controlne
     out = rows[:, x0] * (1.0 - tx)[None, :, None] + rows[:, x1] * tx[None, :, None]
     for lora in request.get("loras") or []:  # a LoRA pulls the palette toward its style
         a = min(0.3, 0.15 * abs(float(lora["weight"])))
-        out = out * (1.0 - a) + _colour(lora["name"]) * a
+        digest = lora_digests.get(lora["name"])
+        out = out * (1.0 - a) + _colour(lora["name"] + (f"@{digest}" if digest else "")) * a
     for i, cn in enumerate(request.get("controlnets") or []):  # the control map shows through
         control = np.asarray(inputs[f"controlnets.{i}"], dtype=np.float32) / 255.0
         a = min(0.6, 0.3 * float(cn["conditioning_scale"]) * (float(cn["guidance_end"]) - float(cn["guidance_start"])))
@@ -190,6 +199,9 @@ class SyntheticBackend(Backend):
         self._catalog: dict[str, ModelSpec] = {m.name: m for m in config.synthetic_models}
         self._vram_total = config.synthetic_vram_mb
         self._resident: "OrderedDict[str, _Resident]" = OrderedDict()  # least recently used first
+        self._ram_total = config.synthetic_ram_mb
+        self._lora_files: dict[str, str] = {}  # name → path of every LoRA that comes from a file
+        self._file_digests: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) → sha256
         self._compiled: set[str] = set()  # base models torch.compile has already run for
         self._safety = SyntheticSafetyChecker(config.synthetic_nsfw_word)
         self._lock = threading.Lock()  # state() may be read while a request runs
@@ -203,11 +215,11 @@ class SyntheticBackend(Backend):
         models = self._models()
         kinds = {m.kind for m in models.values()}
         features = [f for f, kind in (("refiner", "refiner"), ("vae", "vae"), ("lora", "lora"), ("controlnet", "controlnet"))
-                    if kind in kinds or (f == "lora" and self._config.synthetic_lora_dir)]
+                    if kind in kinds or (f == "lora" and (self._config.synthetic_lora_dir or self._config.lora_dir))]
         features += list(FEATURES_ALWAYS)
         if "safety_checker" in kinds:
             features.append("safety_check")
-        order = ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata"]
+        order = ["refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata", "training"]
         cn_types = {m.controlnet_type for m in models.values() if m.kind == "controlnet"}
         return {
             "backend": self.name,
@@ -227,13 +239,13 @@ class SyntheticBackend(Backend):
     def state(self) -> dict:
         with self._lock:
             resident = [
-                {"name": r.spec.name, "location": "vram", "vram_mb": r.spec.vram_mb, "last_used_at": r.last_used_at,
-                 "pinned": False}
+                {"name": r.spec.name, "location": r.location, "vram_mb": r.spec.vram_mb, "last_used_at": r.last_used_at,
+                 "pinned": r.pinned_at is not None}
                 for r in self._resident.values()
             ]
         return {
             "vram_total_mb": self._vram_total,
-            "vram_used_mb": sum(r["vram_mb"] for r in resident),
+            "vram_used_mb": sum(r["vram_mb"] for r in resident if r["location"] == "vram"),
             "resident": resident,
         }
 
@@ -297,7 +309,9 @@ class SyntheticBackend(Backend):
             self._denoise("refiner", counts["refiner"], step_s, progress_cb, cancel_event)
             timings["refiner_ms"] = (time.perf_counter() - t) * 1000.0
 
-        rendered = [Image.fromarray(render_image(request, hp["seed"] + i, inputs, plan.controlnet_models)) for i in range(num_images)]
+        lora_digests = self._lora_digests(request)
+        rendered = [Image.fromarray(render_image(request, hp["seed"] + i, inputs, plan.controlnet_models, lora_digests))
+                    for i in range(num_images)]
 
         if plan.upscale:
             t = time.perf_counter()
@@ -355,20 +369,50 @@ class SyntheticBackend(Backend):
     # -- the catalog -------------------------------------------------------------------------
 
     def _models(self) -> dict[str, ModelSpec]:
-        """The catalog plus every LoRA in KILN_SYNTHETIC_LORA_DIR (read each time: training adds some)."""
+        """The catalog plus every LoRA in KILN_SYNTHETIC_LORA_DIR (by file stem) and KILN_LORA_DIR
+        (by loras.name_from_file), rescanned on every call: the agent adds trained LoRAs there
+        while the worker runs."""
         models = dict(self._catalog)
-        lora_dir = self._config.synthetic_lora_dir
-        if lora_dir:
-            for path in sorted(glob.glob(os.path.join(lora_dir, "*.safetensors"))):
-                name = os.path.splitext(os.path.basename(path))[0]
-                if name in models:
-                    continue
-                try:
-                    size = os.path.getsize(path)
-                except OSError:
-                    continue
-                models[name] = ModelSpec(name, "lora", max(1, math.ceil(size / 2**20)), size / 1e9)
+        files = dict(loras.scan(self._config.synthetic_lora_dir, by_stem=True))
+        for name, path in loras.scan(self._config.lora_dir).items():
+            files.setdefault(name, path)
+        for name, path in list(self._lora_files.items()):  # found earlier by exact name (see _lookup)
+            if os.path.isfile(path):
+                files.setdefault(name, path)
+        self._lora_files = {}
+        for name, path in files.items():
+            if name in models:
+                continue
+            spec = self._lora_spec(name, path)
+            if spec is not None:
+                models[name] = spec
+                self._lora_files[name] = path
         return models
+
+    @staticmethod
+    def _lora_spec(name: str, path: str) -> ModelSpec | None:
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return None
+        return ModelSpec(name, "lora", max(1, math.ceil(size / 2**20)), size / 1e9)
+
+    def _lora_digests(self, request: dict) -> dict[str, str]:
+        """sha256 of each file LoRA the request names (cached by path, mtime and size)."""
+        out: dict[str, str] = {}
+        for lora in request.get("loras") or []:
+            path = self._lora_files.get(lora["name"])
+            if not path:
+                continue
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            key = (path, st.st_mtime_ns, st.st_size)
+            if key not in self._file_digests:
+                self._file_digests[key] = file_digest(path)[0]
+            out[lora["name"]] = self._file_digests[key]
+        return out
 
     def _model_info(self, m: ModelSpec) -> dict:
         info = {"name": m.name, "kind": m.kind, "vram_mb": m.vram_mb, "load_ms": self._load_ms(m)}
@@ -379,11 +423,21 @@ class SyntheticBackend(Backend):
         return info
 
     def _load_ms(self, spec: ModelSpec) -> int:
+        """A cold load from disk."""
         return int(round(spec.disk_gb * self._config.synthetic_load_ms_per_gb))
 
-    @staticmethod
-    def _lookup(models: dict[str, ModelSpec], name: str, field: str, kind: str) -> ModelSpec:
+    def _warm_ms(self, spec: ModelSpec) -> float:
+        """Bringing a model warm in host RAM into VRAM: a fraction of the cold load."""
+        return self._load_ms(spec) * self._config.synthetic_ram_load_factor
+
+    def _lookup(self, models: dict[str, ModelSpec], name: str, field: str, kind: str) -> ModelSpec:
         spec = models.get(name)
+        if spec is None and kind == "lora":  # a trained LoRA the agent fetched since the last scan
+            path = loras.find(self._config.lora_dir, name)
+            spec = self._lora_spec(name, path) if path else None
+            if spec is not None:
+                self._lora_files[name] = path
+                models[name] = spec
         if spec is None:
             raise model_not_found(field, f"no {WHAT[kind]} named {name!r} on this worker")
         if spec.kind != kind:
@@ -451,7 +505,19 @@ class SyntheticBackend(Backend):
                 inputs["image.mask"] = images.load_mask(images.resolve_file(files, image["mask"], "image.mask"), size, field="image.mask")
         return inputs
 
-    # -- VRAM and residency -------------------------------------------------------------------
+    # -- VRAM, RAM and residency ---------------------------------------------------------------
+    #
+    # Every resident model is in VRAM (hot) or host RAM (warm), least recently used first.
+    # Making room in VRAM moves unpinned models to RAM while the simulated host RAM
+    # (KILN_SYNTHETIC_RAM_MB) has room for them, else drops them. A model pinned in VRAM never
+    # leaves it; one pinned in RAM may move from VRAM to RAM but is never dropped. Bringing a
+    # warm model back costs KILN_SYNTHETIC_RAM_LOAD_FACTOR of a cold load.
+
+    def _used(self, location: str) -> int:
+        return sum(r.spec.vram_mb for r in self._resident.values() if r.location == location)
+
+    def _pinned_in_vram(self, keep: set[str]) -> list[_Resident]:
+        return [r for r in self._resident.values() if r.location == "vram" and r.pinned_at == "vram" and r.spec.name not in keep]
 
     def _check_fits(self, plan: _Plan, need_activation: int, num_images: int, width: int, height: int) -> None:
         members = list({spec.name: spec for _, spec in plan.suite}.values())
@@ -459,48 +525,88 @@ class SyntheticBackend(Backend):
             if spec.vram_mb > self._vram_total:
                 raise WorkerError("out_of_memory", f"{spec.name} needs {spec.vram_mb} MB of VRAM; this GPU has {self._vram_total} MB")
         suite_mb = sum(spec.vram_mb for spec in members)
+        what = members[0].name if len(members) == 1 else f"the suite of {len(members)} models"
         if suite_mb + need_activation > self._vram_total:
-            what = members[0].name if len(members) == 1 else f"the suite of {len(members)} models"
             raise WorkerError(
                 "out_of_memory",
                 f"{what} ({suite_mb} MB) plus {num_images}×{width}×{height} activations "
                 f"({need_activation} MB) exceed this GPU's {self._vram_total} MB of VRAM",
             )
+        self._check_pinned(suite_mb + need_activation, {spec.name for spec in members}, f"{what} ({suite_mb} MB) plus activations ({need_activation} MB)")
+
+    def _check_pinned(self, needed_mb: int, keep: set[str], what: str) -> None:
+        """out_of_memory when `needed_mb` of VRAM can only be had by evicting pinned models."""
+        with self._lock:
+            pinned = self._pinned_in_vram(keep)
+        pinned_mb = sum(r.spec.vram_mb for r in pinned)
+        if pinned and needed_mb > self._vram_total - pinned_mb:
+            names = ", ".join(f"{r.spec.name} ({r.spec.vram_mb} MB)" for r in pinned)
+            raise WorkerError(
+                "out_of_memory",
+                f"{what} need {needed_mb} MB of VRAM, but pinned models hold {pinned_mb} of this GPU's {self._vram_total} MB "
+                f"and are never evicted: {names}; unload them or run this elsewhere",
+            )
 
     def _make_resident(self, plan: _Plan, need_activation: int, progress_cb: ProgressCallback,
                        cancel_event: threading.Event, log_cb: LogCallback) -> list[str]:
         members = list({spec.name: spec for _, spec in plan.suite}.values())
+        return self._bring_to_vram(members, need_activation, progress_cb, cancel_event, log_cb)
+
+    def _bring_to_vram(self, members: list[ModelSpec], extra_mb: int, progress_cb: ProgressCallback,
+                       cancel_event: threading.Event, log_cb: LogCallback) -> list[str]:
+        """Make `members` hot (cold from disk, or warm from RAM), with `extra_mb` free besides; the
+        names it had to load."""
         keep = {spec.name for spec in members}
         with self._lock:
-            missing = [spec for spec in members if spec.name not in self._resident]
-        self._make_room(sum(spec.vram_mb for spec in missing) + need_activation, keep, log_cb)
+            missing = [spec for spec in members if (r := self._resident.get(spec.name)) is None or r.location != "vram"]
+        self._make_room(sum(spec.vram_mb for spec in missing) + extra_mb, keep, log_cb)
         for spec in missing:
-            self._load(spec, progress_cb, cancel_event)
+            self._load(spec, "vram", progress_cb, cancel_event)
         for spec in members:
             self._touch(spec.name)
         return [spec.name for spec in missing]
 
     def _make_room(self, needed_mb: int, keep: set[str], log_cb: LogCallback) -> None:
-        """Evict least recently used models (never those in `keep`) until `needed_mb` more is free."""
+        """Evict least recently used models from VRAM (never those in `keep`, never pinned in
+        VRAM) until `needed_mb` more is free: to RAM while it has room, else dropped."""
         with self._lock:
-            used = sum(r.spec.vram_mb for r in self._resident.values())
+            used = self._used("vram")
             for name in list(self._resident):
                 if self._vram_total - used >= needed_mb:
                     break
-                if name in keep:
+                r = self._resident[name]
+                if name in keep or r.location != "vram" or r.pinned_at == "vram":
                     continue
-                evicted = self._resident.pop(name)
-                used -= evicted.spec.vram_mb
-                log.info("evicted %s (%d MB) to make room", name, evicted.spec.vram_mb)
-                log_cb("info", f"evicted {name} ({evicted.spec.vram_mb} MB) from VRAM to make room")
+                used -= r.spec.vram_mb
+                if r.pinned_at == "ram" or self._used("ram") + r.spec.vram_mb <= self._ram_total:
+                    r.location = "ram"
+                    message = f"evicted {name} ({r.spec.vram_mb} MB) from VRAM to make room; kept warm in host RAM"
+                else:
+                    del self._resident[name]
+                    message = f"evicted {name} ({r.spec.vram_mb} MB) from VRAM to make room; dropped (no host RAM left to keep it warm)"
+                log.info("%s", message)
+                log_cb("info", message)
 
-    def _load(self, spec: ModelSpec, progress_cb: ProgressCallback, cancel_event: threading.Event) -> None:
-        progress_cb("loading_model", 0, 1)
-        self._sleep(self._load_ms(spec) / 1000.0, cancel_event)
+    def _load(self, spec: ModelSpec, location: str, progress_cb: ProgressCallback, cancel_event: threading.Event) -> float:
+        """Bring `spec` to `location`, paying what that costs; the simulated ms."""
         with self._lock:
-            self._resident[spec.name] = _Resident(spec)
-        log.info("loaded %s (%d MB) in %d ms", spec.name, spec.vram_mb, self._load_ms(spec))
+            current = self._resident.get(spec.name)
+            where = current.location if current else None
+        if where == location:
+            return 0.0
+        cost_ms = self._warm_ms(spec) if (where == "ram" and location == "vram") else 0.0 if where == "vram" else float(self._load_ms(spec))
+        progress_cb("loading_model", 0, 1)
+        self._sleep(cost_ms / 1000.0, cancel_event)
+        with self._lock:
+            current = self._resident.get(spec.name)
+            if current is None:
+                self._resident[spec.name] = _Resident(spec, location)
+            else:
+                current.location = location
+        how = "from host RAM" if where == "ram" else "from VRAM" if where == "vram" else "from disk"
+        log.info("loaded %s (%d MB) into %s %s in %d ms", spec.name, spec.vram_mb, location, how, cost_ms)
         progress_cb("loading_model", 1, 1)
+        return cost_ms
 
     def _touch(self, name: str) -> None:
         with self._lock:
@@ -508,6 +614,148 @@ class SyntheticBackend(Backend):
             if resident is not None:
                 resident.last_used_at = _now_iso()
                 self._resident.move_to_end(name)
+
+    # -- cache requests: load and unload -------------------------------------------------------
+
+    def load(self, models: list[str], location: str, pin: bool, progress_cb: ProgressCallback,
+             cancel_event: threading.Event, log_cb: LogCallback | None = None) -> LoadResult:
+        log_cb = log_cb or (lambda level, message: None)
+        catalog = self._models()
+        specs: list[ModelSpec] = []
+        for i, name in enumerate(models):
+            spec = catalog.get(name)
+            if spec is None:  # perhaps a trained LoRA the agent fetched since the last scan
+                path = loras.find(self._config.lora_dir, name)
+                spec = self._lora_spec(name, path) if path else None
+                if spec is not None:
+                    self._lora_files[name] = path
+            if spec is None:
+                raise model_not_found(f"models.{i}", f"no model named {name!r} on this worker")
+            if spec not in specs:
+                specs.append(spec)
+        names = {spec.name for spec in specs}
+        total_mb = sum(spec.vram_mb for spec in specs)
+        started = time.perf_counter()
+        if location == "vram":
+            for spec in specs:
+                if spec.vram_mb > self._vram_total:
+                    raise WorkerError("out_of_memory", f"models.{models.index(spec.name)}: {spec.name} needs {spec.vram_mb} MB of VRAM; this GPU has {self._vram_total} MB")
+            if total_mb > self._vram_total:
+                raise WorkerError("out_of_memory", f"these {len(specs)} models need {total_mb} MB of VRAM together; this GPU has {self._vram_total} MB")
+            self._check_pinned(total_mb, names, f"these {len(specs)} models" if len(specs) > 1 else specs[0].name)
+            loaded = self._bring_to_vram(specs, 0, progress_cb, cancel_event, log_cb)
+        else:
+            loaded = self._load_to_ram(specs, progress_cb, cancel_event, log_cb)
+        with self._lock:
+            for spec in specs:
+                r = self._resident[spec.name]
+                if pin or (r.pinned_at == "vram" and location == "ram"):
+                    r.pinned_at = location  # a load without pin never lifts a pin; unload does
+        for spec in specs:
+            self._touch(spec.name)
+        load_ms = (time.perf_counter() - started) * 1000.0
+        log_cb("info", f"{len(specs)} model(s) resident in {location}{' and pinned' if pin else ''}; loaded {len(loaded)} in {load_ms:.0f} ms")
+        return LoadResult(loaded, load_ms)
+
+    def _load_to_ram(self, specs: list[ModelSpec], progress_cb: ProgressCallback, cancel_event: threading.Event,
+                     log_cb: LogCallback) -> list[str]:
+        """Keep `specs` warm in host RAM: cold ones are read from disk, hot ones move out of VRAM."""
+        keep = {spec.name for spec in specs}
+        with self._lock:
+            needed = sum(spec.vram_mb for spec in specs if (r := self._resident.get(spec.name)) is None or r.location != "ram")
+            free = self._ram_total - self._used("ram")
+            if needed > free:  # drop warm models nobody pinned, least recently used first
+                for name in list(self._resident):
+                    r = self._resident[name]
+                    if free >= needed:
+                        break
+                    if r.location == "ram" and r.pinned_at is None and name not in keep:
+                        del self._resident[name]
+                        free += r.spec.vram_mb
+                        log_cb("info", f"dropped {name} ({r.spec.vram_mb} MB) from host RAM to make room")
+            if needed > free:
+                pinned = [r for r in self._resident.values() if r.location == "ram" and r.pinned_at and r.spec.name not in keep]
+                held = f"; pinned models hold {sum(r.spec.vram_mb for r in pinned)} MB of it: " + ", ".join(r.spec.name for r in pinned) if pinned else ""
+                raise WorkerError("out_of_memory", f"these models need {needed} MB of host RAM; {free} MB of {self._ram_total} MB is free{held}")
+            moving = [spec for spec in specs if (r := self._resident.get(spec.name)) is None or r.location != "ram"]
+        for spec in moving:
+            self._load(spec, "ram", progress_cb, cancel_event)
+        return [spec.name for spec in moving]
+
+    def unload(self, models: list[str], log_cb: LogCallback | None = None) -> LoadResult:
+        freed: list[str] = []
+        with self._lock:
+            for name in dict.fromkeys(models):
+                r = self._resident.pop(name, None)
+                if r is not None:
+                    freed.append(name)
+                    log.info("unloaded %s (%d MB) from %s%s", name, r.spec.vram_mb, r.location, ", unpinned" if r.pinned_at else "")
+        if log_cb and len(freed) < len(set(models)):
+            log_cb("info", "not resident, nothing to free: " + ", ".join(n for n in dict.fromkeys(models) if n not in freed))
+        return LoadResult(freed, 0.0)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self, message: dict, progress_cb: ProgressCallback, checkpoint_cb: CheckpointCallback,
+              cancel_event: threading.Event, log_cb: LogCallback | None = None) -> TrainResult:
+        log_cb = log_cb or (lambda level, message: None)
+        request = message["request"]
+        hp = request["hyperparameters"]
+        job_dir = message["job_dir"]
+
+        # 1. everything that can be wrong, before any cost is paid
+        training.check_train_message(message, self.capabilities())
+        models = self._models()
+        base = self._lookup(models, request["base_model"], "base_model", "base")
+        out_name = request["output"]["name"]
+        if out_name in self._catalog:
+            raise invalid_request("output.name", f"{out_name!r} is already a {WHAT[self._catalog[out_name].kind]} on this worker; pick another name")
+        items = training.load_dataset(request, message["dataset_dir"])
+        need_mb = training.training_vram_mb(request)
+        if base.vram_mb + need_mb > self._vram_total:
+            raise WorkerError("out_of_memory", f"{base.name} ({base.vram_mb} MB) plus training at {hp['resolution']}² × batch {hp['batch_size']} "
+                                               f"({need_mb} MB) exceed this GPU's {self._vram_total} MB of VRAM")
+        self._check_pinned(base.vram_mb + need_mb, {base.name}, f"{base.name} plus training ({need_mb} MB)")
+        run = Run.of(request, training.dataset_digest(items))
+        total = hp["steps"]
+        weights = run.initial()
+        done = 0
+        resumed = training.read_resume(message.get("resume"), {"format": "kiln-synthetic-lora", "base_model": base.name,
+                                                                "rank": str(run.rank), "run": run.run_id}, total)
+        if isinstance(resumed, tuple) and run.fits(resumed[0]):
+            weights, done = resumed
+            log_cb("info", f"resuming from the checkpoint of step {done}")
+        elif message.get("resume"):
+            reason = resumed if isinstance(resumed, str) else "its tensors do not match this run"
+            log_cb("warning", f"cannot resume ({reason}); training from step 0")
+
+        # 2. the base model in VRAM, room for training besides
+        started = time.perf_counter()
+        self._bring_to_vram([base], need_mb, progress_cb, cancel_event, log_cb)
+        model_load_ms = (time.perf_counter() - started) * 1000.0
+
+        # 3. train: a step costs KILN_SYNTHETIC_TRAIN_STEP_MS × (resolution/1024)² × batch × accumulation
+        started = time.perf_counter()
+        step_s = (self._config.synthetic_train_step_ms / 1000.0 * hp["resolution"] ** 2 / REFERENCE_PIXELS
+                  * hp["batch_size"] * hp["gradient_accumulation"])
+        every = hp["checkpoint_every"]
+        for step in range(done + 1, total + 1):
+            self._sleep(step_s, cancel_event)
+            run.step(weights, step)
+            progress_cb("train", step, total, run.loss(step))
+            if training.checkpoint_due(step, total, every):
+                path = training.checkpoint_path(job_dir, step)
+                safetensors_io.write_atomic(path, weights, run.metadata(step))
+                sha256, size = file_digest(path)
+                checkpoint_cb(step, path, sha256, size)
+            self._touch(base.name)
+        self._check_cancel(cancel_event)
+        path = training.result_path(job_dir, request)
+        safetensors_io.write_atomic(path, weights, run.metadata(total))
+        sha256, size = file_digest(path)
+        train_ms = (time.perf_counter() - started) * 1000.0
+        return TrainResult(path, sha256, size, total, run.loss(total),
+                           {"model_load_ms": round(model_load_ms, 3), "train_ms": round(train_ms, 3)})
 
     # -- time ----------------------------------------------------------------------------------
 
