@@ -100,3 +100,18 @@ def test_new_synthetic_variables_are_parsed_and_checked(tmp_path):
     for name in ["KILN_SYNTHETIC_LORA_DIR", "KILN_SYNTHETIC_NO_BF16", "KILN_SYNTHETIC_MODELS[0].controlnet_type",
                  "KILN_SYNTHETIC_MODELS[1].scale", "KILN_SYNTHETIC_MODELS[2].scale"]:
         assert name in text
+
+
+def test_residency_training_and_lora_dir_variables(tmp_path):
+    config = load_config({})
+    assert (config.lora_dir, config.synthetic_ram_mb, config.synthetic_ram_load_factor, config.synthetic_train_step_ms) == (None, 65536, 0.15, 50)
+    config = load_config({"KILN_LORA_DIR": str(tmp_path / "not-yet"), "KILN_SYNTHETIC_RAM_MB": "0",
+                          "KILN_SYNTHETIC_RAM_LOAD_FACTOR": "0.5", "KILN_SYNTHETIC_TRAIN_STEP_MS": "7"})
+    assert (config.lora_dir, config.synthetic_ram_mb, config.synthetic_ram_load_factor, config.synthetic_train_step_ms) == (
+        str(tmp_path / "not-yet"), 0, 0.5, 7)  # the agent creates KILN_LORA_DIR when it first needs it
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError) as info:
+        load_config({"KILN_LORA_DIR": str(tmp_path / "file"), "KILN_SYNTHETIC_RAM_MB": "lots",
+                     "KILN_SYNTHETIC_RAM_LOAD_FACTOR": "1.5", "KILN_SYNTHETIC_TRAIN_STEP_MS": "-1"})
+    for name in ["KILN_LORA_DIR", "KILN_SYNTHETIC_RAM_MB", "KILN_SYNTHETIC_RAM_LOAD_FACTOR", "KILN_SYNTHETIC_TRAIN_STEP_MS"]:
+        assert name in str(info.value)
