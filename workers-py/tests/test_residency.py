@@ -102,3 +102,12 @@ def test_a_model_pinned_in_ram_moves_out_of_vram_but_is_never_dropped(spawn, tmp
     assert resident(c) == {"m/a": ("ram", True), "m/b": ("vram", False), "m/c": ("vram", False)}
     _, oom = load(worker, "ram-b", ["m/b"], location="ram")  # RAM is full of pinned a
     assert oom["error"]["code"] == "out_of_memory" and "m/a" in oom["error"]["message"]
+
+
+def test_invalid_load_and_train_messages_get_an_error_naming_the_field(spawn):
+    worker = spawn(ENV)
+    _, bad_load = worker.run({"v": 1, "type": "load", "id": "bad", "models": ["m/a"], "location": "disk", "pin": False})
+    assert bad_load["error"]["code"] == "invalid_request" and "location" in bad_load["error"]["message"]
+    _, bad_train = worker.run({"v": 1, "type": "train", "id": "badt", "job_id": "j", "attempt": 1, "job_dir": "/tmp/x",
+                               "dataset_dir": "/tmp/y", "resume": None, "request": {}})
+    assert bad_train["error"]["code"] == "invalid_request" and "request.base_model" in bad_train["error"]["message"]
