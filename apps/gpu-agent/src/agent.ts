@@ -19,7 +19,6 @@ import {
   type AgentRegistry,
   coerceError,
   type Jobs,
-  type JobPatch,
   KilnError,
   type Logger,
   type LoraRegistry,
@@ -199,7 +198,8 @@ export class Agent {
           await this.runCache(job, ctx);
           break;
       }
-      this.recordDuration(Date.now() - started);
+      // placement estimates a generation's wait from this; cache and training runs would skew it
+      if (job.kind === 'generation') this.recordDuration(Date.now() - started);
     } catch (err) {
       const reason = this.current?.cancel;
       if (reason === 'handback') {
@@ -240,14 +240,14 @@ export class Agent {
    * the stage changes, throttled progress webhooks, and a stop when the job was canceled or
    * taken back under us.
    */
-  private progressHandler(job: StoredJob, attempt: number, extra?: (p: ProgressMessage) => Pick<JobPatch, 'training'>) {
+  private progressHandler(job: StoredJob, attempt: number) {
     let lastHook = 0;
     let lastStage = '';
     const wantsHook = 'webhook' in job.request && !!job.request.webhook?.events.includes('progress');
     return (p: ProgressMessage) => {
       const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
       void this.jobs.store
-        .setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total }, ...extra?.(p) })
+        .setProgress(job.id, attempt, { stage, progress: { stage: p.stage, step: p.step, total: p.total, ...(p.loss === undefined ? {} : { loss: p.loss }) } })
         .then(async ({ ok, cancelRequested }) => {
           if (!ok) return this.stopCurrent('handback');
           if (cancelRequested) return this.stopCurrent('user');
@@ -349,7 +349,7 @@ export class Agent {
       trained = await this.startRequest(
         worker.train(
           { job_id: job.id, attempt, job_dir: jobDir, dataset_dir: datasetDir, resume, request: job.request },
-          this.progressHandler(job, attempt, (p) => ({ training: { ...job.training, step: p.step, total, loss: p.loss ?? null, last_checkpoint: null } })),
+          this.progressHandler(job, attempt),
           onCheckpoint,
         ),
       );

@@ -75,6 +75,7 @@ export const Progress = z.object({
   stage: z.string(),
   step: z.number().int(),
   total: z.number().int(),
+  loss: z.number().optional().describe('training only'),
 });
 
 const common = {

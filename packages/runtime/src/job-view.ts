@@ -9,5 +9,10 @@ export async function jobRecord(job: StoredJob, store: JobStore, storage: Storag
     Promise.all(job.outputs.map(async (o) => ({ ...o, url: await storage.presign(o.key) }))),
   ]);
   const self = new URL(`/v1/jobs/${job.id}`, publicUrl).toString();
-  return { ...job, outputs, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+  const record = { ...job, outputs, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+  if (record.kind === 'training' && record.progress?.stage === 'train') {
+    // live step and loss come from the progress field, written on every step
+    record.training = { ...record.training, step: record.progress.step, loss: record.progress.loss ?? record.training.loss };
+  }
+  return record;
 }
