@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Mapping
 
+from .. import loras, training
 from ..config import Config
 from ..errors import WorkerError, invalid_request, model_not_found
 from ..images import control_image, load_image, load_mask, resolve_file
@@ -37,8 +38,8 @@ from ..tables import controlnet_types, preprocessable
 from ..upscale import upscale as run_upscale
 from ..validation import check_capabilities, check_request
 from . import BackendUnavailable
-from .base import Backend, GenerateResult, LogCallback, ProgressCallback
-from .diffusers_parts.catalog import ModelEntry, discover
+from .base import Backend, CheckpointCallback, GenerateResult, LoadResult, LogCallback, ProgressCallback, TrainResult
+from .diffusers_parts.catalog import ModelEntry, discover, file_params
 from .diffusers_parts.residency import RefinerParts, Residency, Resident, adapter_name, load_lora, load_model, move
 from .diffusers_parts.settings import DiffusersSettings, SettingsError, load_settings, physical_ram_mb
 
@@ -46,7 +47,7 @@ log = logging.getLogger("kiln_worker.diffusers")
 
 MAX_SIDE = 2048
 MAX_IMAGES = 8
-FEATURE_ORDER = ("refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata")
+FEATURE_ORDER = ("refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata", "training")
 ACTIVATION_MB_PER_MEGAPIXEL = 1200  # fp16, as the contracts' activationVramMb; doubled at fp32
 
 
@@ -92,6 +93,7 @@ class DiffusersBackend(Backend):
 
     def __init__(self, config: Config | None = None, settings: DiffusersSettings | None = None):
         torch = _import_runtime()
+        self._config = config or Config(backend="diffusers")
         try:
             self._settings = settings or load_settings()
         except SettingsError as exc:
@@ -139,7 +141,15 @@ class DiffusersBackend(Backend):
         return {"name": self._device_name, "vram_total_mb": self._vram_total}
 
     def capabilities(self) -> dict:
-        return self._capabilities
+        """The catalog's capabilities plus the LoRAs in KILN_LORA_DIR now (rescanned on every call)."""
+        caps = dict(self._capabilities)
+        extra = [self._dir_lora(name, path) for name, path in loras.scan(self._config.lora_dir).items() if name not in self._catalog]
+        extra = [e for e in extra if e is not None]
+        if extra:
+            caps["models"] = caps["models"] + [e.info(self._default_dtype) for e in extra]
+        if extra or self._config.lora_dir:
+            caps["features"] = [f for f in FEATURE_ORDER if f in set(caps["features"]) | {"lora"}]
+        return caps
 
     def state(self) -> dict:
         resident = self._residency.wire()
@@ -158,6 +168,8 @@ class DiffusersBackend(Backend):
             features += [k for k in ("refiner", "vae", "lora", "controlnet") if k in kinds]
         if "safety_checker" in kinds:
             features.append("safety_check")
+        if has_base:
+            features.append("training")
         cn_types = {e.controlnet_type for e in self._catalog.values() if e.kind == "controlnet"}
         perf = ["attention_slicing", "vae_slicing", "vae_tiling", "channels_last"]
         if self._device.startswith("cuda"):
@@ -210,8 +222,26 @@ class DiffusersBackend(Backend):
 
     # -- planning: everything that can fail because of the request, before any model loads ----
 
-    def _entry(self, name: str, kind: str, field: str) -> ModelEntry:
+    def _dir_lora(self, name: str, path: str) -> ModelEntry | None:
+        """A KILN_LORA_DIR file as a catalog entry; its mtime is part of its identity, so a LoRA
+        replaced under the same name is reloaded rather than served stale."""
+        try:
+            st = os.stat(path)
+            params, disk = file_params(path)
+        except OSError:
+            return None
+        return ModelEntry(name, "lora", path, True, params, disk, source=f"lora_dir:{st.st_mtime_ns}:{st.st_size}")
+
+    def _find(self, name: str) -> ModelEntry | None:
+        """A catalog model, else a LoRA the agent put in KILN_LORA_DIR (looked up now)."""
         entry = self._catalog.get(name)
+        if entry is None:
+            path = loras.find(self._config.lora_dir, name)
+            entry = self._dir_lora(name, path) if path else None
+        return entry
+
+    def _entry(self, name: str, kind: str, field: str) -> ModelEntry:
+        entry = self._find(name)
         if entry is None:
             raise model_not_found(field, f"{name!r} is not available on this worker")
         if entry.kind != kind:
@@ -282,10 +312,16 @@ class DiffusersBackend(Backend):
         names = {e.name for e in suite + lora_entries}
         suite_mb = sum(e.vram_mb(dtype) for e in suite + lora_entries)
         self._residency.check_fits(suite_mb, self._activation_mb(request, dtype), offload)
+        if not offload:
+            what = suite[0].name if len(names) == 1 else f"the suite of {len(names)} models"
+            self._check_pinned(suite_mb + self._activation_mb(request, dtype), names, f"{what} ({suite_mb} MB) plus activations ({self._activation_mb(request, dtype)} MB)")
         loaded: list[str] = []
         for entry in suite + lora_entries:
             _check_cancel(cancel_event)
             r = self._residency.get(entry.name)
+            if r is not None and r.entry != entry:  # a KILN_LORA_DIR file replaced under the same name
+                self._residency.drop(entry.name, log_cb, "its file changed")
+                r = None
             if r is not None and r.dtype != dtype:
                 self._residency.drop(entry.name, log_cb, f"reloading at {dtype}")
                 r = None
@@ -574,6 +610,259 @@ class DiffusersBackend(Backend):
             # the checker blacks out what it flags; the verdict is reported, the image kept (safety.py)
             _, flags = parts.checker(images=arrays.copy(), clip_input=clip_input)
         return [verdict(bool(f), entry.name) for f in flags]
+
+    # -- pins ----------------------------------------------------------------------------------
+
+    def _check_pinned(self, needed_mb: int, keep: set[str], what: str) -> None:
+        """out_of_memory when `needed_mb` of VRAM can only be had by evicting pinned models."""
+        pinned = self._residency.pinned_in_vram(keep)
+        pinned = [r for r in pinned if r.parent is None or r.parent not in keep]
+        pinned_mb = sum(r.vram_mb for r in pinned)
+        if pinned and needed_mb > self._vram_total - pinned_mb:
+            names = ", ".join(f"{r.entry.name} ({r.vram_mb} MB)" for r in pinned)
+            raise WorkerError(
+                "out_of_memory",
+                f"{what} need {needed_mb} MB of VRAM, but pinned models hold {pinned_mb} of this GPU's {self._vram_total} MB "
+                f"and are never evicted: {names}; unload them or run this elsewhere",
+            )
+
+    # -- cache requests: load and unload --------------------------------------------------------
+
+    def _bring(self, entry: ModelEntry, location: str, base: ModelEntry | None, log_cb: LogCallback) -> str | None:
+        """Put one model at `location` ("vram" or "ram"): cold (from_pretrained) or moved (.to).
+        Returns how ("from disk", "from host RAM", "out of VRAM"), None when it was already there."""
+        dtype = self._default_dtype
+        target = self._device if location == "vram" else "cpu"
+        r = self._residency.get(entry.name)
+        if r is not None and (r.entry != entry or r.dtype != dtype):
+            self._residency.drop(entry.name, log_cb, "reloading")
+            r = None
+        if entry.kind == "lora":
+            if r is not None:
+                return None  # lives in its base, wherever that is
+            base_r = self._residency.get(base.name)
+            adapter = load_lora(base_r.obj, entry)
+            self._residency.add(Resident(entry, base_r.obj, dtype, entry.vram_mb(dtype), base_r.location, parent=base.name, extras={"adapter": adapter}))
+            return "from disk"
+        if r is not None:
+            if r.location == location:
+                return None
+            move(r.obj, target)
+            self._residency.set_location([entry.name], location)
+            if location == "ram":
+                self._residency.empty_cache()
+            return "from host RAM" if location == "vram" else "out of VRAM"
+        base_r = self._residency.get(base.name) if base is not None and base.name != entry.name else None
+        obj = load_model(entry, dtype, target, base_r.obj if base_r is not None else None)
+        resident = Resident(entry, obj, dtype, entry.vram_mb(dtype), location)
+        if entry.kind == "base":
+            resident.extras["scheduler_config"] = dict(obj.scheduler.config)
+            resident.extras["unet"] = obj.unet
+        self._residency.add(resident)
+        return "from disk"
+
+    def _size_with_loras(self, name: str, dtype: str) -> int:
+        r = self._residency.get(name)
+        return (r.vram_mb + sum(c.vram_mb for c in self._residency.loras_of(name))) if r else 0
+
+    def load(self, models: list[str], location: str, pin: bool, progress_cb: ProgressCallback,
+             cancel_event: threading.Event, log_cb: LogCallback | None = None) -> LoadResult:
+        log_cb = log_cb or (lambda level, message: None)
+        dtype = self._default_dtype
+        entries: list[ModelEntry] = []
+        for i, name in enumerate(models):
+            entry = self._find(name)
+            if entry is None:
+                raise model_not_found(f"models.{i}", f"no model named {name!r} on this worker")
+            if entry not in entries:
+                entries.append(entry)
+        # a LoRA lives inside a base pipeline: the base named with it, else the last one used
+        bases = [e for e in entries if e.kind == "base"]
+        lora_base: ModelEntry | None = bases[-1] if bases else None
+        if lora_base is None:
+            resident_bases = [r for r in self._residency.all() if r.entry.kind == "base"]
+            lora_base = resident_bases[-1].entry if resident_bases else None
+        for i, e in enumerate(entries):
+            if e.kind == "lora" and lora_base is None:
+                raise invalid_request(f"models.{models.index(e.name)}", f"{e.name!r} is a LoRA: it is loaded into a base model; name one with it")
+        # bases first, so their LoRAs have somewhere to go
+        entries.sort(key=lambda e: {"base": 0, "lora": 2}.get(e.kind, 1))
+        names = {e.name for e in entries}
+        started = time.perf_counter()
+        if location == "vram":
+            for e in entries:
+                if e.vram_mb(dtype) > self._vram_total:
+                    raise WorkerError("out_of_memory", f"models.{models.index(e.name)}: {e.name} needs {e.vram_mb(dtype)} MB of VRAM; this GPU has {self._vram_total} MB")
+            total_mb = sum(e.vram_mb(dtype) for e in entries)
+            if total_mb > self._vram_total:
+                raise WorkerError("out_of_memory", f"these {len(entries)} models need {total_mb} MB of VRAM together; this GPU has {self._vram_total} MB")
+            self._check_pinned(total_mb, names, f"these {len(entries)} models" if len(entries) > 1 else entries[0].name)
+            missing = sum(e.vram_mb(dtype) for e in entries if (r := self._residency.get(e.name)) is None or r.location != "vram")
+            self._residency.make_room(missing, names | ({lora_base.name} if lora_base else set()), log_cb)
+        else:
+            self._room_in_ram(entries, names, log_cb)
+        moved: list[str] = []
+        for e in entries:
+            _check_cancel(cancel_event)
+            r = self._residency.get(e.name)
+            if r is not None and (r.location == location or e.kind == "lora") and r.entry == e:
+                continue
+            progress_cb("loading_model", 0, 1)
+            t0 = time.perf_counter()
+            how = self._bring(e, location, lora_base, log_cb)
+            ms = (time.perf_counter() - t0) * 1000
+            progress_cb("loading_model", 1, 1)
+            if how:
+                moved.append(e.name)
+                log.info("loaded %s into %s %s in %.0f ms", e.name, location, how, ms)
+                log_cb("info", f"loaded {e.name} into {location} {how} in {ms:.0f} ms")
+        for e in entries:
+            r = self._residency.get(e.name)
+            if r is not None and (pin or (r.pinned_at == "vram" and location == "ram")):
+                r.pinned_at = location  # a load without pin never lifts a pin; unload does
+        self._residency.touch([e.name for e in entries])
+        load_ms = (time.perf_counter() - started) * 1000
+        log_cb("info", f"{len(entries)} model(s) resident in {location}{' and pinned' if pin else ''}; moved {len(moved)} in {load_ms:.0f} ms")
+        return LoadResult(moved, load_ms)
+
+    def _room_in_ram(self, entries: list[ModelEntry], keep: set[str], log_cb: LogCallback) -> None:
+        """Host RAM for `entries` (KILN_DIFFUSERS_RAM_CACHE_MB): drop unpinned warm models, LRU first."""
+        dtype = self._default_dtype
+        budget = self._residency.ram_budget_mb
+        needed = sum(e.vram_mb(dtype) for e in entries if e.kind != "lora" and ((r := self._residency.get(e.name)) is None or r.location != "ram"))
+        free = budget - self._residency.used_mb("ram")
+        if needed <= free:
+            return
+        for r in self._residency.all():
+            if free >= needed:
+                break
+            if r.location == "ram" and r.parent is None and not r.pinned and r.entry.name not in keep:
+                free += self._size_with_loras(r.entry.name, dtype)
+                self._residency.drop(r.entry.name, log_cb, "to make room in host RAM")
+        if needed > free:
+            pinned = [r for r in self._residency.all() if r.location == "ram" and r.pinned and r.entry.name not in keep]
+            held = (f"; pinned models hold {sum(r.vram_mb for r in pinned)} MB of it: " + ", ".join(r.entry.name for r in pinned)) if pinned else ""
+            raise WorkerError("out_of_memory", f"these models need {needed} MB of host RAM; {max(free, 0)} MB of {budget} MB is free{held}")
+
+    def unload(self, models: list[str], log_cb: LogCallback | None = None) -> LoadResult:
+        freed: list[str] = []
+        for name in dict.fromkeys(models):
+            r = self._residency.get(name)
+            if r is None:
+                continue
+            children = [c.entry.name for c in self._residency.loras_of(name)]
+            self._residency.drop(name, log_cb, "unload")
+            freed += [name] + [c for c in children if c not in freed]
+        gc.collect()
+        self._residency.empty_cache()
+        if log_cb and len(freed) < len(set(models)):
+            missing = [n for n in dict.fromkeys(models) if n not in freed]
+            if missing:
+                log_cb("info", "not resident, nothing to free: " + ", ".join(missing))
+        return LoadResult(freed, 0.0)
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train(self, message: dict, progress_cb: ProgressCallback, checkpoint_cb: CheckpointCallback,
+              cancel_event: threading.Event, log_cb: LogCallback | None = None) -> TrainResult:
+        from .diffusers_parts.lora_trainer import FORMAT, LoraTrainer, RunSpec, save_lora
+
+        log_cb = log_cb or (lambda level, message: None)
+        request = message["request"]
+        hp = request["hyperparameters"]
+        job_dir = message["job_dir"]
+        dtype = self._default_dtype
+
+        # 1. everything that can be wrong, before any cost is paid
+        training.check_train_message(message, self.capabilities())
+        base = self._entry(request["base_model"], "base", "base_model")
+        out_name = request["output"]["name"]
+        if out_name in self._catalog:
+            raise invalid_request("output.name", f"{out_name!r} is already a {self._catalog[out_name].kind} model on this worker; pick another name")
+        items = training.load_dataset(request, message["dataset_dir"])
+        need_mb = training.training_vram_mb(request)
+        base_mb = base.vram_mb(dtype)
+        if base_mb + need_mb > self._vram_total:
+            raise WorkerError("out_of_memory", f"{base.name} ({base_mb} MB) plus training at {hp['resolution']}² × batch {hp['batch_size']} "
+                                               f"({need_mb} MB) exceed this device's {self._vram_total} MB")
+        self._check_pinned(base_mb + need_mb, {base.name}, f"{base.name} plus training ({need_mb} MB)")
+        spec = RunSpec.of(request, training.dataset_digest(items))
+        total = hp["steps"]
+        resumed = training.read_resume(message.get("resume"), spec.resume_keys(), total)
+        _check_cancel(cancel_event)
+
+        # 2. the base pipeline in VRAM (shared with generation: no second copy), room for training besides
+        started = time.perf_counter()
+        r = self._residency.get(base.name)
+        if r is not None and r.dtype != dtype:
+            self._residency.drop(base.name, log_cb, f"reloading at {dtype}")
+            r = None
+        if r is None or r.location != "vram":
+            self._residency.make_room(base_mb + need_mb, {base.name}, log_cb)
+            progress_cb("loading_model", 0, 1)
+            how = self._bring(base, "vram", None, log_cb)
+            progress_cb("loading_model", 1, 1)
+            log_cb("info", f"loaded {base.name} {how} for training")
+        else:
+            self._residency.make_room(need_mb, {base.name}, log_cb)
+        self._residency.touch([base.name])
+        base_r = self._residency.get(base.name)
+        model_load_ms = (time.perf_counter() - started) * 1000
+
+        # 3. train
+        started = time.perf_counter()
+        trainer = None
+        try:
+            trainer = LoraTrainer(base_r.obj, base_r.extras["scheduler_config"], spec, items, self._device, log_cb)
+            done = 0
+            if isinstance(resumed, tuple):
+                try:
+                    trainer.load_state_dict(resumed[0])
+                    done = resumed[1]
+                    log_cb("info", f"resuming from the checkpoint of step {done}")
+                except Exception as exc:
+                    log_cb("warning", f"cannot resume ({exc}); training from step 0")
+                    trainer.close()
+                    trainer = LoraTrainer(base_r.obj, base_r.extras["scheduler_config"], spec, items, self._device, log_cb)
+            elif message.get("resume"):
+                log_cb("warning", f"cannot resume ({resumed}); training from step 0")
+
+            def metadata(step: int) -> dict[str, str]:
+                return {"format": "pt", "lora_adapter_metadata": trainer.adapter_metadata(), "kiln_format": FORMAT,
+                        "base_model": spec.base_model, "name": spec.name, "rank": str(spec.rank), "alpha": repr(spec.alpha),
+                        "step": str(step), "run": spec.run_id}
+
+            every = hp["checkpoint_every"]
+            loss = float("nan")
+            for step in range(done + 1, total + 1):
+                _check_cancel(cancel_event)
+                loss = trainer.step(step, cancel_event)
+                progress_cb("train", step, total, loss)
+                if training.checkpoint_due(step, total, every):
+                    path = training.checkpoint_path(job_dir, step)
+                    save_lora(path, trainer.state_dict(), metadata(step))
+                    sha256, size = file_digest(path)
+                    checkpoint_cb(step, path, sha256, size)
+                self._residency.touch([base.name])
+            _check_cancel(cancel_event)
+            if done >= total:  # resumed at the last step: nothing left to run, no loss measured
+                loss = 0.0
+            path = training.result_path(job_dir, request)
+            save_lora(path, trainer.state_dict(), metadata(total))
+            sha256, size = file_digest(path)
+        except Exception as exc:
+            if isinstance(exc, WorkerError) or not is_oom(exc):
+                raise
+            del exc
+            raise WorkerError("out_of_memory", f"{self._device_name} ran out of memory training at {hp['resolution']}² × batch {hp['batch_size']}") from None
+        finally:
+            if trainer is not None:
+                trainer.close()
+            trainer = None
+            gc.collect()
+            self._residency.empty_cache()
+        train_ms = (time.perf_counter() - started) * 1000
+        return TrainResult(path, sha256, size, total, loss, {"model_load_ms": round(model_load_ms, 3), "train_ms": round(train_ms, 3)})
 
 
 def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.Event):

@@ -83,8 +83,14 @@ class Resident:
     location: str = "vram"
     last_used_at: str | None = None
     parent: str | None = None  # LoRAs: the base they are loaded into
-    pinned: bool = False  # set by a cache (load) request: never evicted to make room
+    # set by a cache (load) request: "vram" never leaves VRAM; "ram" may move VRAM → RAM but is
+    # never dropped; only unload lifts a pin
+    pinned_at: str | None = None
     extras: dict = field(default_factory=dict)  # compiled UNet, original scheduler config
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_at is not None
 
     def wire(self) -> dict:
         return {"name": self.entry.name, "location": self.location, "vram_mb": self.vram_mb, "last_used_at": self.last_used_at, "pinned": self.pinned}
@@ -185,7 +191,10 @@ class Residency:
     def __init__(self, device: str, vram_total_mb: int, ram_budget_mb: int):
         self.device = device
         self.vram_total_mb = vram_total_mb
-        self.ram_budget_mb = ram_budget_mb if device != "cpu" else 0
+        self.ram_budget_mb = ram_budget_mb
+        # a CPU-only worker's "VRAM" is host memory: eviction deletes (nothing to gain by keeping
+        # it "warm"), except models pinned in RAM; an explicit load to "ram" still keeps them warm
+        self.keep_warm = device != "cpu"
         self._resident: "OrderedDict[str, Resident]" = OrderedDict()  # least recently used first
         self._lock = threading.RLock()  # state() is read from the stdin thread too
 
@@ -198,6 +207,11 @@ class Residency:
     def wire(self) -> list[dict]:
         with self._lock:
             return [r.wire() for r in self._resident.values()]
+
+    def all(self) -> list[Resident]:
+        """Every resident, least recently used first."""
+        with self._lock:
+            return list(self._resident.values())
 
     def used_mb(self, location: str = "vram") -> int:
         with self._lock:
@@ -272,7 +286,7 @@ class Residency:
             if self.vram_total_mb - self.used_mb() >= need_mb:
                 return
             name = r.entry.name
-            if name in keep or r.pinned or r.location != "vram" or self.get(name) is None:
+            if name in keep or r.pinned_at == "vram" or r.location != "vram" or self.get(name) is None:
                 continue
             if r.parent is not None and r.parent in keep:
                 self.drop(name, log_cb, "to make room in VRAM")
@@ -287,9 +301,12 @@ class Residency:
         if r is None:
             return
         size = r.vram_mb + sum(c.vram_mb for c in self.loras_of(name))
-        if self.ram_budget_mb > 0 and size <= self.ram_budget_mb:
+        if r.pinned_at == "ram":  # pinned in RAM: never dropped, whatever the budget
+            self.to_ram(name, log_cb)
+            return
+        if self.keep_warm and self.ram_budget_mb > 0 and size <= self.ram_budget_mb:
             with self._lock:
-                warm = [x for x in self._resident.values() if x.location == "ram" and x.parent is None and x.entry.name != name]
+                warm = [x for x in self._resident.values() if x.location == "ram" and x.parent is None and x.entry.name != name and not x.pinned]
             for old in warm:  # oldest first
                 if self.used_mb("ram") + size <= self.ram_budget_mb:
                     break
@@ -305,10 +322,26 @@ class Residency:
                 return
         self.drop(name, log_cb, "to make room in VRAM")
 
-    def evict_all(self, log_cb=None) -> None:
-        """After an out-of-memory error: nothing stays on the device."""
+    def to_ram(self, name: str, log_cb=None) -> None:
+        """Move a resident (and the LoRAs in it) from VRAM to host RAM."""
+        r = self.get(name)
+        if r is None or r.location == "ram":
+            return
+        move(r.obj, "cpu")
+        self.set_location([name], "ram")
+        self.empty_cache()
+        log.info("moved %s to host RAM", name)
+        if log_cb:
+            log_cb("info", f"moved {name} from VRAM to host RAM")
+
+    def pinned_in_vram(self, keep: set[str]) -> list[Resident]:
         with self._lock:
-            names = [r.entry.name for r in self._resident.values() if r.parent is None and r.location == "vram"]
+            return [r for r in self._resident.values() if r.location == "vram" and r.pinned_at == "vram" and r.entry.name not in keep]
+
+    def evict_all(self, log_cb=None) -> None:
+        """After an out-of-memory error: nothing stays on the device but models pinned there."""
+        with self._lock:
+            names = [r.entry.name for r in self._resident.values() if r.parent is None and r.location == "vram" and r.pinned_at != "vram"]
         for n in names:
             self.evict(n, log_cb)
         gc.collect()
