@@ -151,6 +151,9 @@ export const StoredGroup = z.object({
 });
 export type StoredGroup = z.infer<typeof StoredGroup>;
 
+export const GroupEvent = z.object({ at: z.string(), status: GroupStatus, message: z.string() });
+export type GroupEvent = z.infer<typeof GroupEvent>;
+
 export const GroupRecord = StoredGroup.omit({ children: true }).extend({
   counts: z.object({ total: z.number().int(), queued: z.number().int(), running: z.number().int(), succeeded: z.number().int(), failed: z.number().int(), canceled: z.number().int() }),
   children: z.array(
@@ -164,7 +167,7 @@ export const GroupRecord = StoredGroup.omit({ children: true }).extend({
       error: JobError.nullable(),
     }),
   ),
-  events: z.array(JobEvent),
+  events: z.array(GroupEvent),
   webhook_deliveries: z.array(WebhookDelivery),
   links: z.object({ self: z.string(), cancel: z.string() }),
 });

@@ -1,4 +1,4 @@
-import { type GroupRecord, type GroupStatus, JobEvent, type StoredGroup, type StoredJob, StoredGroup as StoredGroupSchema, WebhookDelivery } from '@kiln/contracts';
+import { GroupEvent, type GroupRecord, type GroupStatus, type StoredGroup, type StoredJob, StoredGroup as StoredGroupSchema, WebhookDelivery } from '@kiln/contracts';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { JobStore } from './job-store.js';
@@ -70,9 +70,9 @@ export class GroupStore {
     await this.redis.rpush(this.keys.groupDeliveries(id), JSON.stringify(d));
   }
 
-  async history(id: string): Promise<{ events: JobEvent[]; deliveries: WebhookDelivery[] }> {
+  async history(id: string): Promise<{ events: GroupEvent[]; deliveries: WebhookDelivery[] }> {
     const [events, deliveries] = await Promise.all([this.redis.lrange(this.keys.groupEvents(id), 0, -1), this.redis.lrange(this.keys.groupDeliveries(id), 0, -1)]);
-    return { events: events.map((e) => JobEvent.parse(JSON.parse(e))), deliveries: deliveries.map((d) => WebhookDelivery.parse(JSON.parse(d))) };
+    return { events: events.map((e) => GroupEvent.parse(JSON.parse(e))), deliveries: deliveries.map((d) => WebhookDelivery.parse(JSON.parse(d))) };
   }
 }
 
@@ -84,9 +84,8 @@ export function groupOutcome(group: StoredGroup, children: (StoredJob | null)[])
   return ok === 0 ? 'failed' : 'partially_succeeded';
 }
 
-function groupEvent(status: GroupStatus, message?: string): JobEvent {
-  // groups reuse the job event shape; their status vocabulary is wider, kept in `message`
-  return { at: new Date().toISOString(), status: status === 'partially_succeeded' ? 'succeeded' : status, stage: 'done', attempt: 0, agent: null, message: message ?? status };
+function groupEvent(status: GroupStatus, message?: string): GroupEvent {
+  return { at: new Date().toISOString(), status, message: message ?? status };
 }
 
 /** The group as clients see it: counts per state and each child's result. */
