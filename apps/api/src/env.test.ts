@@ -23,7 +23,9 @@ describe('API env', () => {
       HOST: '127.0.0.1',
       PORT: 8080,
       API_KEYS: [],
-      BODY_LIMIT_BYTES: 1024 * 1024,
+      BODY_LIMIT_BYTES: 50_331_648, // 48 MiB: room for a few base64 input images
+      INPUT_ALLOW_PRIVATE: false,
+      INPUT_FETCH_TIMEOUT_MS: 15_000,
       WEBHOOK_ALLOW_PRIVATE: false,
       MAX_ATTEMPTS: 3,
       S3_BUCKET: 'kiln',
@@ -84,9 +86,15 @@ describe('API env', () => {
     expect(problemsOf({ WEBHOOK_ALLOW_PRIVATE: 'maybe' })).toEqual([expect.stringMatching(/^WEBHOOK_ALLOW_PRIVATE:/)]);
   });
 
+  it('reads INPUT_ALLOW_PRIVATE as a boolean word and refuses others', () => {
+    expect(parseEnvOrThrow(ApiEnv, { INPUT_ALLOW_PRIVATE: 'true' }).INPUT_ALLOW_PRIVATE).toBe(true);
+    expect(parseEnvOrThrow(ApiEnv, { INPUT_ALLOW_PRIVATE: '0' }).INPUT_ALLOW_PRIVATE).toBe(false);
+    expect(problemsOf({ INPUT_ALLOW_PRIVATE: 'maybe' })).toEqual([expect.stringMatching(/^INPUT_ALLOW_PRIVATE:/)]);
+  });
+
   it('coerces numbers and enforces their ranges', () => {
-    expect(parseEnvOrThrow(ApiEnv, { PORT: '0', MAX_ATTEMPTS: '5' })).toMatchObject({ PORT: 0, MAX_ATTEMPTS: 5 });
-    const problems = problemsOf({ PORT: '-1', MAX_ATTEMPTS: '21', JOB_RETENTION_S: '59', IDEMPOTENCY_TTL_S: '1.5' });
-    expect(problems.map((p) => p.split(':')[0]).sort()).toEqual(['IDEMPOTENCY_TTL_S', 'JOB_RETENTION_S', 'MAX_ATTEMPTS', 'PORT']);
+    expect(parseEnvOrThrow(ApiEnv, { PORT: '0', MAX_ATTEMPTS: '5', INPUT_FETCH_TIMEOUT_MS: '100' })).toMatchObject({ PORT: 0, MAX_ATTEMPTS: 5, INPUT_FETCH_TIMEOUT_MS: 100 });
+    const problems = problemsOf({ PORT: '-1', MAX_ATTEMPTS: '21', JOB_RETENTION_S: '59', IDEMPOTENCY_TTL_S: '1.5', INPUT_FETCH_TIMEOUT_MS: '99' });
+    expect(problems.map((p) => p.split(':')[0]).sort()).toEqual(['IDEMPOTENCY_TTL_S', 'INPUT_FETCH_TIMEOUT_MS', 'JOB_RETENTION_S', 'MAX_ATTEMPTS', 'PORT']);
   });
 });
