@@ -2,8 +2,11 @@ import { execFileSync } from 'node:child_process';
 import { readdirSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
+import type { z } from 'zod';
 import {
   AgentToWorker,
+  BatchRequest,
+  CacheRequest,
   ErrorCode,
   GenerationRequest,
   httpStatusFor,
@@ -12,6 +15,10 @@ import {
   JSON_SCHEMA_DIR,
   protocolJsonSchemas,
   renderJsonSchema,
+  ResolvedGenerationRequest,
+  resolveScheduler,
+  suiteOf,
+  TrainingRequest,
   WorkerToAgent,
 } from './index.js';
 
@@ -126,7 +133,8 @@ describe('protocol message samples', () => {
       expect(details).toEqual(
         expect.arrayContaining([
           expect.objectContaining({ field: 'request.hyperparameters.width', rule: 'not_multiple_of' }),
-          expect.objectContaining({ field: 'request.loras', rule: 'unrecognized_keys' }),
+          expect.objectContaining({ field: 'request.loras.0.scale', rule: 'unrecognized_keys' }),
+          expect.objectContaining({ field: 'request.clip_skip', rule: 'unrecognized_keys' }),
         ]),
       );
       const py = python[sample.path]!;
@@ -134,7 +142,8 @@ describe('protocol message samples', () => {
       expect(py.problems).toEqual(
         expect.arrayContaining([
           expect.stringMatching(/^request\.hyperparameters\.width: 1001 is not a multiple of 8/),
-          expect.stringMatching(/^request: Additional properties are not allowed \('loras' was unexpected\)/),
+          expect.stringMatching(/^request\.loras\.0: Additional properties are not allowed \('scale' was unexpected\)/),
+          expect.stringMatching(/^request: Additional properties are not allowed \('clip_skip' was unexpected\)/),
         ]),
       );
     }
@@ -184,6 +193,7 @@ describe('error codes', () => {
 
 describe('GenerationRequest validation', () => {
   const valid = { model: { base: 'stabilityai/stable-diffusion-xl-base-1.0' }, conditioning: { prompt: 'a kiln at dusk' } };
+  const initImage = { s3_key: 'inputs/job-1/init.png' };
 
   it('accepts a minimal request and fills the defaults', () => {
     expect(GenerationRequest.parse(valid)).toEqual({
@@ -191,10 +201,38 @@ describe('GenerationRequest validation', () => {
       scheduler: { type: 'EulerDiscreteScheduler', steps: 30 },
       hyperparameters: { guidance_scale: 5, width: 1024, height: 1024, num_images: 1 },
       conditioning: { prompt: 'a kiln at dusk' },
-      output: { format: 'png' },
+      output: { format: 'png', quality: 90, embed_metadata: true },
       priority: 'normal',
       timeout_s: 600,
     });
+  });
+
+  it('fills the defaults inside the optional sections a request names', () => {
+    const parsed = GenerationRequest.parse({
+      ...valid,
+      scheduler: { type: 'DPM++ 2M Karras' },
+      loras: [{ name: 'kiln/lora-watercolor' }],
+      controlnets: [{ type: 'canny', image: { url: 'https://images.example.com/edges.png' } }],
+      postprocess: { upscale: { factor: 2 } },
+      performance: {},
+      output: { format: 'jpeg' },
+    });
+    expect(parsed.scheduler).toEqual({ type: 'DPM++ 2M Karras', steps: 30 });
+    expect(parsed.loras).toEqual([{ name: 'kiln/lora-watercolor', weight: 1 }]);
+    expect(parsed.controlnets).toEqual([
+      { type: 'canny', image: { url: 'https://images.example.com/edges.png' }, conditioning_scale: 1, guidance_start: 0, guidance_end: 1, preprocess: false },
+    ]);
+    expect(parsed.postprocess).toEqual({ upscale: { factor: 2 }, safety_check: false });
+    expect(parsed.performance).toEqual({ dtype: 'fp16', attention_slicing: false, vae_slicing: false, vae_tiling: false, cpu_offload: 'none', channels_last: false, compile: false });
+    expect(parsed.output).toEqual({ format: 'jpeg', quality: 90, embed_metadata: true });
+  });
+
+  it('accepts the options a scheduler does support', () => {
+    const result = GenerationRequest.safeParse({
+      ...valid,
+      scheduler: { type: 'DPMSolverMultistepScheduler', use_karras_sigmas: true, algorithm_type: 'sde-dpmsolver++', solver_order: 2, timestep_spacing: 'trailing' },
+    });
+    expect(result.error?.issues).toBeUndefined();
   });
 
   it.each([
@@ -203,10 +241,35 @@ describe('GenerationRequest validation', () => {
     ['zero steps', { scheduler: { steps: 0 } }, 'scheduler.steps', 'too_small'],
     ['guidance above 30', { hyperparameters: { guidance_scale: 30.5 } }, 'hyperparameters.guidance_scale', 'too_big'],
     ['an empty prompt', { conditioning: { prompt: '   ' } }, 'conditioning.prompt', 'too_small'],
-    ['an unknown top-level field', { loras: [{ name: 'pixel-art' }] }, 'loras', 'unrecognized_keys'],
+    ['an unknown top-level field', { clip_skip: 2 }, 'clip_skip', 'unrecognized_keys'],
     ['an unknown nested field', { hyperparameters: { clip_skip: 2 } }, 'hyperparameters.clip_skip', 'unrecognized_keys'],
+    ['an unknown scheduler', { scheduler: { type: 'PNDMScheduler' } }, 'scheduler.type', 'invalid_value'],
     ['a webhook URL that is not http(s)', { webhook: { url: 'ftp://hooks.example.com/kiln' } }, 'webhook.url', 'invalid_format'],
     ['a webhook event listed twice', { webhook: { url: 'https://hooks.example.com/kiln', events: ['completed', 'completed'] } }, 'webhook.events', 'custom'],
+    ['Karras sigmas on EulerAncestralDiscreteScheduler', { scheduler: { type: 'EulerAncestralDiscreteScheduler', use_karras_sigmas: true } }, 'scheduler.use_karras_sigmas', 'unsupported_option'],
+    ['Karras sigmas on the alias "Euler a"', { scheduler: { type: 'Euler a', use_karras_sigmas: true } }, 'scheduler.use_karras_sigmas', 'unsupported_option'],
+    ['an algorithm_type on EulerDiscreteScheduler', { scheduler: { type: 'EulerDiscreteScheduler', algorithm_type: 'dpmsolver++' } }, 'scheduler.algorithm_type', 'unsupported_option'],
+    ['sde-dpmsolver on DPMSolverSinglestepScheduler', { scheduler: { type: 'DPMSolverSinglestepScheduler', algorithm_type: 'sde-dpmsolver' } }, 'scheduler.algorithm_type', 'unsupported_option'],
+    ['a solver_order on DDIMScheduler', { scheduler: { type: 'DDIMScheduler', solver_order: 2 } }, 'scheduler.solver_order', 'unsupported_option'],
+    ['a timestep_spacing on DPMSolverSinglestepScheduler', { scheduler: { type: 'DPMSolverSinglestepScheduler', timestep_spacing: 'trailing' } }, 'scheduler.timestep_spacing', 'unsupported_option'],
+    ['an image given two ways', { image: { init: { url: 'https://images.example.com/a.png', base64: 'iVBORw0KGgo=' } } }, 'image.init', 'exactly_one'],
+    ['an image given no way', { controlnets: [{ type: 'canny', image: {} }] }, 'controlnets.0.image', 'exactly_one'],
+    ['an image URL that is not http(s)', { image: { init: { url: 'file:///etc/passwd' } } }, 'image.init.url', 'invalid_format'],
+    ['refiner options without model.refiner', { refiner: { denoising_switch: 0.7 } }, 'refiner', 'requires_model_refiner'],
+    [
+      'a refiner with img2img',
+      { model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: 'stabilityai/stable-diffusion-xl-refiner-1.0' }, image: { init: initImage } },
+      'model.refiner',
+      'unsupported_combination',
+    ],
+    ['img2img whose floor(steps × strength) is 0', { scheduler: { steps: 3 }, image: { init: initImage, strength: 0.3 } }, 'image.strength', 'no_denoising_steps'],
+    ['a LoRA named twice', { loras: [{ name: 'kiln/lora-watercolor' }, { name: 'kiln/lora-watercolor', weight: 0.5 }] }, 'loras', 'custom'],
+    ['a LoRA weight above 2', { loras: [{ name: 'kiln/lora-watercolor', weight: 2.5 }] }, 'loras.0.weight', 'too_big'],
+    ['a ControlNet whose guidance ends before it starts', { controlnets: [{ type: 'depth', image: initImage, guidance_start: 0.6, guidance_end: 0.4 }] }, 'controlnets.0.guidance_end', 'must_exceed_start'],
+    ['preprocessing a depth map', { controlnets: [{ type: 'depth', image: initImage, preprocess: true }] }, 'controlnets.0.preprocess', 'preprocess_unsupported'],
+    ['an upscale factor of 3', { postprocess: { upscale: { factor: 3 } } }, 'postprocess.upscale.factor', 'invalid_value'],
+    ['an output format Kiln cannot write', { output: { format: 'gif' } }, 'output.format', 'invalid_value'],
+    ['an unknown dtype', { performance: { dtype: 'int8' } }, 'performance.dtype', 'invalid_value'],
   ])('refuses %s, naming the field and rule', (_what, patch, field, rule) => {
     const result = GenerationRequest.safeParse({ ...valid, ...patch });
     expect(result.success).toBe(false);
@@ -215,14 +278,143 @@ describe('GenerationRequest validation', () => {
     expect(details[0]!.message.length).toBeGreaterThan(0);
   });
 
+  it('img2img runs when floor(steps × strength) is at least one step', () => {
+    expect(GenerationRequest.safeParse({ ...valid, scheduler: { steps: 4 }, image: { init: initImage, strength: 0.25 } }).success).toBe(true);
+  });
+
   it('reports every problem of one request, not just the first', () => {
     const result = GenerationRequest.safeParse({
       ...valid,
       scheduler: { steps: 0 },
       hyperparameters: { width: 1001, guidance_scale: 99 },
-      loras: [],
+      loras: [{ name: 'kiln/lora-watercolor', weight: 3 }],
     });
     const fields = issuesToDetails(result.error!.issues).map((d) => d.field).sort();
-    expect(fields).toEqual(['hyperparameters.guidance_scale', 'hyperparameters.width', 'loras', 'scheduler.steps']);
+    expect(fields).toEqual(['hyperparameters.guidance_scale', 'hyperparameters.width', 'loras.0.weight', 'scheduler.steps']);
+  });
+
+  it('the resolved request (what the worker gets) takes canonical scheduler classes only, and a seed', () => {
+    const resolved = { ...valid, hyperparameters: { seed: 7 }, scheduler: { type: 'DPMSolverMultistepScheduler' } };
+    expect(ResolvedGenerationRequest.safeParse(resolved).success).toBe(true);
+    const alias = ResolvedGenerationRequest.safeParse({ ...resolved, scheduler: { type: 'DPM++ 2M Karras' } });
+    expect(issuesToDetails(alias.error!.issues)).toEqual([expect.objectContaining({ field: 'scheduler.type', rule: 'invalid_value' })]);
+    // (with hyperparameters given: an omitted section takes its default as is, without a seed — see the report)
+    const noSeed = ResolvedGenerationRequest.safeParse({ ...valid, hyperparameters: {} });
+    expect(issuesToDetails(noSeed.error!.issues)).toEqual([expect.objectContaining({ field: 'hyperparameters.seed' })]);
+    const url = ResolvedGenerationRequest.safeParse({ ...resolved, image: { init: { url: 'https://images.example.com/a.png' } } });
+    expect(issuesToDetails(url.error!.issues).map((d) => d.field)).toContain('image.init.url');
+  });
+});
+
+describe('resolveScheduler', () => {
+  it('turns an alias into its diffusers class and the options it implies', () => {
+    expect(resolveScheduler({ type: 'DPM++ 2M SDE Karras', steps: 25 })).toEqual({
+      type: 'DPMSolverMultistepScheduler',
+      algorithm_type: 'sde-dpmsolver++',
+      use_karras_sigmas: true,
+      steps: 25,
+    });
+    expect(resolveScheduler({ type: 'Euler a', steps: 30 })).toEqual({ type: 'EulerAncestralDiscreteScheduler', steps: 30 });
+  });
+
+  it('lets options the client gave explicitly win over those the alias implies', () => {
+    expect(resolveScheduler({ type: 'DPM++ 2M Karras', steps: 30, use_karras_sigmas: false })).toEqual({
+      type: 'DPMSolverMultistepScheduler',
+      steps: 30,
+      use_karras_sigmas: false,
+    });
+  });
+
+  it('leaves a diffusers class name as it is', () => {
+    const s = { type: 'UniPCMultistepScheduler', steps: 20, solver_order: 2 };
+    expect(resolveScheduler(s)).toEqual(s);
+  });
+});
+
+describe('suiteOf', () => {
+  it('lists every model a request needs, each with the field that named it', () => {
+    const r = ResolvedGenerationRequest.parse({
+      model: { base: 'stabilityai/stable-diffusion-xl-base-1.0', refiner: 'stabilityai/stable-diffusion-xl-refiner-1.0', vae: 'madebyollin/sdxl-vae-fp16-fix' },
+      conditioning: { prompt: 'a kiln at dusk' },
+      hyperparameters: { seed: 1 },
+      loras: [{ name: 'kiln/lora-watercolor' }, { name: 'kiln/lora-pixel-art', weight: 0.5 }],
+      postprocess: { upscale: { factor: 4, upscaler: 'ai-forever/Real-ESRGAN-x4' } },
+    });
+    expect(suiteOf(r)).toEqual([
+      { name: 'stabilityai/stable-diffusion-xl-base-1.0', field: 'model.base' },
+      { name: 'stabilityai/stable-diffusion-xl-refiner-1.0', field: 'model.refiner' },
+      { name: 'madebyollin/sdxl-vae-fp16-fix', field: 'model.vae' },
+      { name: 'kiln/lora-watercolor', field: 'loras.0.name' },
+      { name: 'kiln/lora-pixel-art', field: 'loras.1.name' },
+      { name: 'ai-forever/Real-ESRGAN-x4', field: 'postprocess.upscale.upscaler' },
+    ]);
+  });
+
+  it('lists ControlNets that name a model, and no model for lanczos or a default upscaler', () => {
+    const r = ResolvedGenerationRequest.parse({
+      model: { base: 'stabilityai/sdxl-turbo' },
+      conditioning: { prompt: 'a kiln at dusk' },
+      hyperparameters: { seed: 1 },
+      controlnets: [
+        { type: 'canny', image: { s3_key: 'inputs/c0.png' } },
+        { type: 'depth', model: 'diffusers/controlnet-depth-sdxl-1.0', image: { s3_key: 'inputs/c1.png' } },
+      ],
+      postprocess: { upscale: { factor: 2, upscaler: 'lanczos' } },
+    });
+    expect(suiteOf(r)).toEqual([
+      { name: 'stabilityai/sdxl-turbo', field: 'model.base' },
+      { name: 'diffusers/controlnet-depth-sdxl-1.0', field: 'controlnets.1.model' },
+    ]);
+    expect(suiteOf({ model: { base: 'stabilityai/sdxl-turbo' }, postprocess: { upscale: { factor: 2 }, safety_check: false } })).toEqual([
+      { name: 'stabilityai/sdxl-turbo', field: 'model.base' },
+    ]);
+  });
+});
+
+describe('the other job kinds', () => {
+  const training = {
+    base_model: 'stabilityai/stable-diffusion-xl-base-1.0',
+    dataset: { s3_prefix: 'datasets/kilns/' },
+    output: { name: 'acme/kilns-v1' },
+  };
+
+  it('accept a minimal request of each kind and fill the defaults', () => {
+    expect(BatchRequest.parse({ items: [{ conditioning: { prompt: 'a' } }] })).toEqual({ defaults: {}, items: [{ conditioning: { prompt: 'a' } }], priority: 'normal' });
+    expect(CacheRequest.parse({ models: { base: 'stabilityai/sdxl-turbo' } })).toEqual({
+      models: { base: 'stabilityai/sdxl-turbo' },
+      target: { all: true },
+      location: 'vram',
+      pin: false,
+    });
+    // hyperparameters given as {}: omitted entirely, zod takes the section's default `{}` without filling it
+    expect(TrainingRequest.parse({ ...training, hyperparameters: {} })).toEqual({
+      ...training,
+      hyperparameters: {
+        rank: 16,
+        learning_rate: 1e-4,
+        steps: 1000,
+        batch_size: 1,
+        gradient_accumulation: 1,
+        resolution: 1024,
+        train_text_encoder: false,
+        checkpoint_every: 100,
+      },
+      priority: 'normal',
+      timeout_s: 24 * 3600,
+    });
+  });
+
+  it.each([
+    ['a batch with no items', BatchRequest, { items: [] }, 'items', 'too_small'],
+    ['a batch with an unknown field', BatchRequest, { items: [{}], parallelism: 4 }, 'parallelism', 'unrecognized_keys'],
+    ['a cache request naming no model', CacheRequest, { models: { loras: [] } }, 'models', 'required'],
+    ['a cache request for an unknown location', CacheRequest, { models: { base: 'stabilityai/sdxl-turbo' }, location: 'disk' }, 'location', 'invalid_value'],
+    ['a training dataset given two ways', TrainingRequest, { ...training, dataset: { s3_prefix: 'datasets/kilns/', manifest: 'datasets/kilns.json' } }, 'dataset', 'exactly_one'],
+    ['a training resolution not a multiple of 64', TrainingRequest, { ...training, hyperparameters: { resolution: 1000 } }, 'hyperparameters.resolution', 'not_multiple_of'],
+    ['a LoRA output name with two slashes', TrainingRequest, { ...training, output: { name: 'acme/kilns/v1' } }, 'output.name', 'invalid_format'],
+  ] as const)('refuses %s, naming the field and rule', (_what, schema, body, field, rule) => {
+    const result = (schema as z.ZodType).safeParse(body);
+    expect(result.success).toBe(false);
+    expect(issuesToDetails(result.error!.issues)).toEqual([expect.objectContaining({ field, rule })]);
   });
 });
