@@ -111,7 +111,7 @@ def test_capabilities_list_the_staged_models_and_only_possible_features(backend)
         BASE: "base", REFINER: "refiner", LORA: "lora", "tiny-canny": "controlnet", "tiny-depth": "controlnet"}
     assert models["tiny-canny"]["controlnet_type"] == "canny" and models["tiny-depth"]["controlnet_type"] == "depth"
     assert all(m["vram_mb"] >= 1 and m["load_ms"] >= 1 for m in models.values())
-    assert caps["features"] == ["refiner", "lora", "controlnet", "img2img", "inpaint", "upscale", "metadata"]
+    assert caps["features"] == ["refiner", "lora", "controlnet", "img2img", "inpaint", "upscale", "metadata", "training"]
     assert caps["controlnet_types"] == ["canny", "depth"] and caps["controlnet_preprocessors"] == ["canny"]
     assert caps["dtypes"] == ["fp32"]  # CPU: no fp16, no bf16
     assert caps["performance"] == ["attention_slicing", "vae_slicing", "vae_tiling", "channels_last"]

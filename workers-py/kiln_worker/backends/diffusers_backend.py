@@ -12,6 +12,16 @@ One generate request, in order:
    `pipe._interrupt`; the images of an interrupted run are discarded.
 4. Upscale, safety-check and write each image (output.save_image) with its metadata.
 
+Cache requests: `load` makes models hot (cold from_pretrained, or `.to(device)` of a pipeline kept
+warm with `.to("cpu")`) or warm in host RAM (KILN_DIFFUSERS_RAM_CACHE_MB), optionally pinned; a
+LoRA is loaded into the base named with it, else the most recently used resident base. `unload`
+drops models (and the LoRAs living in them). Pins: see residency.py; generations, loads and
+training that would need a pinned model's VRAM fail with out_of_memory naming it.
+
+Training (`train`): diffusers_parts/lora_trainer.py on the resident base pipeline (shared weights,
+no second copy); LoRAs the agent put in KILN_LORA_DIR are found by name on every lookup and listed
+by every capabilities() call.
+
 torch and diffusers are imported when the backend is constructed, so a worker without them
 fails at start with a clear message (BackendUnavailable, exit 3) instead of at the first job.
 """

@@ -16,6 +16,15 @@ a CPU generator seeded by (seed, s), and the image order of every epoch from (se
 s sees the same data and noise whether the run started at 0 or resumed at s − 1. The LoRA starts
 from `torch.manual_seed(seed)` (gaussian A, zero B, as peft initialises it).
 
+Resume, what is and is not bit-identical (CPU, same torch build): the checkpoint holds the LoRA
+weights exactly (float32), and step s's data/noise/timesteps do not depend on where the run
+started, so the checkpoint of step k and the loss of step k + 1 match the uninterrupted run. The
+AdamW moments (exp_avg, exp_avg_sq, step count) are NOT in the checkpoint (it must stay a plain
+diffusers LoRA file, loadable by `load_lora_weights`), so they restart from zero on resume and the
+weights after step k + 1, later losses and the final file differ slightly from an uninterrupted
+run. On CUDA even an uninterrupted run is not bit-reproducible (non-deterministic kernels, fp16
+autocast).
+
 The adapter is added to the resident pipeline's own modules under the name `kiln_train` (no copy
 of the base weights) and deleted afterwards, with the optimizer, so the pipeline is as it was.
 """
@@ -225,10 +234,12 @@ class LoraTrainer:
         n = len(self.items)
         per_step = self.spec.batch_size * self.spec.gradient_accumulation
         out = []
+        orders: dict[int, list[int]] = {}
         for pos in range((step - 1) * per_step, step * per_step):
             epoch, offset = divmod(pos, n)
-            order = torch.randperm(n, generator=_seeded(self.spec.seed, "epoch", epoch)).tolist()
-            out.append(order[offset])
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=_seeded(self.spec.seed, "epoch", epoch)).tolist()
+            out.append(orders[epoch][offset])
         return out
 
     def _encode_prompts(self, captions: list[str], train_te: bool):
@@ -303,12 +314,13 @@ class _null:
 
 
 def save_lora(path: str, tensors: dict, metadata: dict[str, str]) -> None:
-    """safetensors.torch.save_file to `<path>.tmp-<pid>`, fsync, then os.replace: never half a file."""
-    from safetensors.torch import save_file
+    """Atomically (tmp + fsync + os.replace) write the float32 LoRA tensors.
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    kiln_worker.safetensors_io rather than safetensors.torch.save_file: the latter writes the
+    `__metadata__` map in hash order, so the same weights could give different bytes (and sha256)
+    from run to run; this writer sorts keys and tensors, so equal weights give equal files. Both
+    are plain safetensors that `load_lora_weights` and `safetensors.torch.load_file` read.
+    """
+    from ... import safetensors_io
+
+    safetensors_io.write_atomic(path, {k: v.detach().to("cpu").float().numpy() for k, v in tensors.items()}, metadata)
