@@ -1,7 +1,9 @@
-import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { type ProgressMessage, ResolvedGenerationRequest } from '@kiln/contracts';
+import { type CheckpointMessage, type ProgressMessage, ResolvedGenerationRequest, ResolvedTrainingRequest } from '@kiln/contracts';
 import { KilnError } from '@kiln/runtime';
 import { pino } from 'pino';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
@@ -17,13 +19,15 @@ const fixtures = resolve(import.meta.dirname, '../test/fixtures');
 const log = pino({ level: 'silent' });
 const START_TIMEOUT_MS = 20_000;
 const MODEL = 'stabilityai/stable-diffusion-xl-base-1.0';
+const VAE = 'madebyollin/sdxl-vae-fp16-fix';
+const TURBO = 'stabilityai/sdxl-turbo';
 
 const realWorker: WorkerCommand = {
   file: python,
   args: ['-m', 'kiln_worker'],
   cwd: workersPy,
-  // 256² images: 160 ms per 1024² step → 10 ms per step; model loads take ~35 ms
-  env: { KILN_BACKEND: 'synthetic', KILN_SYNTHETIC_STEP_MS: '160', KILN_SYNTHETIC_LOAD_MS_PER_GB: '5', PYTHONDONTWRITEBYTECODE: '1' },
+  // 256² images: 160 ms per 1024² step → 10 ms per step; model loads take ~35 ms; training steps are free
+  env: { KILN_BACKEND: 'synthetic', KILN_SYNTHETIC_STEP_MS: '160', KILN_SYNTHETIC_LOAD_MS_PER_GB: '5', KILN_SYNTHETIC_TRAIN_STEP_MS: '0', PYTHONDONTWRITEBYTECODE: '1' },
 };
 
 const fixture = (name: string): WorkerCommand => ({
@@ -70,6 +74,36 @@ function request(opts: { steps?: number; prompt?: string } = {}) {
 
 function generateMsg(opts: { steps?: number; prompt?: string } = {}) {
   return { job_id: 'job-1', attempt: 1, job_dir: jobDir, files: {}, request: request(opts) };
+}
+
+const sha256Of = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+/** A dataset directory of `<index>.png` images (tiny solid squares, written by the worker's own PNG encoder). */
+function writeDataset(dir: string, colors: [number, number, number][]): void {
+  mkdirSync(dir, { recursive: true });
+  const script = `
+import json, sys
+import numpy as np
+from kiln_worker.png import write_png
+for i, rgb in enumerate(json.loads(sys.argv[2])):
+    write_png(f"{sys.argv[1]}/{i}.png", np.full((32, 32, 3), rgb, dtype=np.uint8))
+`;
+  execFileSync(python, ['-c', script, dir, JSON.stringify(colors)], { cwd: workersPy });
+}
+
+function trainMsg(datasetDir: string, steps: number, checkpointEvery: number) {
+  const request = ResolvedTrainingRequest.parse({
+    base_model: MODEL,
+    dataset: {
+      items: [
+        { image: 'datasets/squares/0.png', caption: 'a red square' },
+        { image: 'datasets/squares/1.png', caption: 'a blue square' },
+      ],
+    },
+    output: { name: 'test/squares' },
+    hyperparameters: { resolution: 256, steps, checkpoint_every: checkpointEvery, seed: 3 },
+  });
+  return { job_id: 'train-job-1', attempt: 1, job_dir: jobDir, dataset_dir: datasetDir, resume: null, request };
 }
 
 /** Resolves with the first progress message of `stage`, so a test can act mid-request. */
@@ -182,6 +216,94 @@ describe('WorkerProcess with the real synthetic worker', () => {
     const exitErr = await exited;
     expect(exitErr?.code).toBe('canceled');
     expect(worker.state).toBe('defunct');
+  });
+
+  it('load() makes models resident (pinned when asked) and resolves with `loaded`; unload() frees them', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+
+    const hot = worker.load([MODEL, VAE], 'vram', true);
+    expect(worker.state).toBe('busy');
+    const loaded = await hot.done;
+    expect(worker.state).toBe('ready');
+    expect(loaded.type).toBe('loaded');
+    expect(loaded.id).toBe(hot.id);
+    expect(loaded.models).toEqual([MODEL, VAE]);
+    expect(loaded.timings.load_ms).toBeGreaterThanOrEqual(0);
+    const resident = Object.fromEntries(loaded.state.resident.map((r) => [r.name, r]));
+    expect(resident[MODEL]).toMatchObject({ location: 'vram', pinned: true });
+    expect(resident[VAE]).toMatchObject({ location: 'vram', pinned: true });
+    expect(worker.lastState).toEqual(loaded.state);
+
+    const warm = await worker.load([TURBO], 'ram', false).done;
+    expect(warm.models).toEqual([TURBO]);
+    expect(warm.state.resident.find((r) => r.name === TURBO)).toMatchObject({ location: 'ram', pinned: false });
+
+    const freed = await worker.unload([VAE, TURBO]).done;
+    expect(freed.type).toBe('loaded');
+    expect([...freed.models].sort()).toEqual([VAE, TURBO].sort());
+    expect(freed.state.resident.map((r) => r.name)).toEqual([MODEL]);
+
+    const err = await rejection(worker.load(['someone/unknown-model'], 'vram', false).done);
+    expect(err.code).toBe('model_not_found');
+    expect(worker.state).toBe('ready');
+
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
+  it('train() reports progress with loss and checkpoints as it goes, and resolves with `trained`', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const datasetDir = join(jobDir, 'dataset');
+    writeDataset(datasetDir, [[200, 30, 30], [30, 30, 200]]);
+
+    const progress: ProgressMessage[] = [];
+    // the file must be complete when the agent hears of it (it uploads it right away): hash it then
+    const checkpoints: (CheckpointMessage & { sha256_on_arrival: string })[] = [];
+    const run = worker.train(trainMsg(datasetDir, 5, 2), (m) => progress.push(m), (m) => checkpoints.push({ ...m, sha256_on_arrival: sha256Of(m.path) }));
+    expect(worker.state).toBe('busy');
+    const trained = await run.done;
+    expect(worker.state).toBe('ready');
+
+    expect(trained.type).toBe('trained');
+    expect(trained.id).toBe(run.id);
+    expect(trained.steps).toBe(5);
+    expect(Number.isFinite(trained.final_loss)).toBe(true);
+    expect(trained.path.startsWith(jobDir)).toBe(true);
+    expect(statSync(trained.path).size).toBe(trained.bytes);
+    expect(sha256Of(trained.path)).toBe(trained.sha256);
+    expect(trained.state.resident.map((r) => r.name)).toContain(MODEL);
+
+    // every 2 steps, never at the last one (the result is that file)
+    expect(checkpoints.map((c) => c.step)).toEqual([2, 4]);
+    for (const c of checkpoints) {
+      expect(c.id).toBe(run.id);
+      expect(c.path.startsWith(jobDir)).toBe(true);
+      expect(c.sha256_on_arrival).toBe(c.sha256);
+      expect(statSync(c.path).size).toBe(c.bytes);
+    }
+    const steps = progress.filter((p) => p.stage === 'train');
+    expect(steps.map((p) => p.step)).toEqual([1, 2, 3, 4, 5]);
+    expect(steps.every((p) => p.total === 5 && typeof p.loss === 'number')).toBe(true);
+    expect(steps.at(-1)!.loss).toBe(trained.final_loss);
+
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
+  it('train() with a dataset image missing rejects as invalid_request naming the item, and the worker stays usable', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const datasetDir = join(jobDir, 'dataset');
+    writeDataset(datasetDir, [[200, 30, 30]]); // item 1 has no file
+    const err = await rejection(worker.train(trainMsg(datasetDir, 4, 2), () => {}, () => {}).done);
+    expect(err.code).toBe('invalid_request');
+    expect(err.message).toContain('dataset.items.1.image');
+    expect(worker.state).toBe('ready');
+    expect((await worker.load([MODEL], 'vram', false).done).models).toEqual([MODEL]);
+    await worker.stop();
+    expect(await exited).toBeNull();
   });
 
   it('stop() ends an idle worker cleanly: no exit error, state defunct, process gone', async () => {
