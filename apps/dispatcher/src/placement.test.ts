@@ -4,6 +4,9 @@ import { type AgentView, type Candidate, type Decision, plan } from './placement
 
 const SDXL = 'stabilityai/stable-diffusion-xl-base-1.0';
 const TURBO = 'stabilityai/sdxl-turbo';
+const JUGGERNAUT = 'RunDiffusion/Juggernaut-XL-v9';
+const LORA = 'kiln/lora-watercolor';
+const CANNY = 'diffusers/controlnet-canny-sdxl-1.0';
 const RANK = { high: 1, normal: 5, low: 10 } as const;
 const AGING_MS = 60_000;
 const LOAD_MS = 3_000;
@@ -11,9 +14,14 @@ const LOAD_MS = 3_000;
 const catalog: ModelInfo[] = [
   { name: SDXL, kind: 'base', vram_mb: 7_000, load_ms: LOAD_MS },
   { name: TURBO, kind: 'base', vram_mb: 7_000, load_ms: LOAD_MS },
+  { name: JUGGERNAUT, kind: 'base', vram_mb: 7_000, load_ms: LOAD_MS },
+  { name: LORA, kind: 'lora', vram_mb: 100, load_ms: 50 },
+  { name: CANNY, kind: 'controlnet', vram_mb: 2_500, load_ms: 1_000, controlnet_type: 'canny' },
 ];
 
-function agent(id: string, over: Partial<Omit<AgentView, 'resident'>> & { resident?: string[] } = {}): AgentView {
+const modelsWithout = (...names: string[]) => new Map(catalog.filter((m) => !names.includes(m.name)).map((m) => [m.name, m]));
+
+function agent(id: string, over: Partial<Omit<AgentView, 'resident' | 'pinned'>> & { resident?: string[]; pinned?: string[] } = {}): AgentView {
   return {
     id,
     free: 2,
@@ -23,6 +31,7 @@ function agent(id: string, over: Partial<Omit<AgentView, 'resident'>> & { reside
     models: new Map(catalog.map((m) => [m.name, m])),
     ...over,
     resident: new Set(over.resident ?? []),
+    pinned: new Set(over.pinned ?? []),
   };
 }
 
@@ -175,5 +184,133 @@ describe('plan(): jobs that cannot run', () => {
     );
     expect(decisions.bad).toMatchObject({ kind: 'infeasible' });
     expect(decisions.good).toMatchObject({ kind: 'place', agentId: 'only' });
+  });
+});
+
+describe('plan(): the whole suite of a request (adapters)', () => {
+  it('places a job only on an agent that has every model of its suite', () => {
+    const decisions = plan([job('j1', { adapters: [LORA, CANNY] })], [agent('a-no-canny', { models: modelsWithout(CANNY) }), agent('b')], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b', load: true }]);
+  });
+
+  it('says which model no live agent has, and when the suite is only split across agents', () => {
+    expect(plan([job('j1', { adapters: ['someone/unknown-lora'] })], [agent('a')], opts())).toEqual([
+      { jobId: 'j1', kind: 'infeasible', reason: 'no live agent can load model someone/unknown-lora' },
+    ]);
+    const split = plan([job('j1', { adapters: [CANNY] })], [agent('a', { models: modelsWithout(CANNY) }), agent('b', { models: modelsWithout(SDXL) })], opts());
+    expect(split).toEqual([{ jobId: 'j1', kind: 'infeasible', reason: `no live agent has every model of this request (${SDXL}, ${CANNY})` }]);
+  });
+
+  it('counts the adapters in the VRAM a job needs', () => {
+    // 7 000 base + 1 200 activations fit in 10 000 MB; with a 2 500 MB ControlNet they do not
+    const small = { vramTotalMb: 10_000 };
+    expect(plan([job('j1')], [agent('small', small)], opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'small', load: true }]);
+    expect(plan([job('j1', { adapters: [CANNY] })], [agent('small', small)], opts())).toEqual([
+      { jobId: 'j1', kind: 'infeasible', reason: `no live agent has enough VRAM for ${SDXL} with this request` },
+    ]);
+    expect(plan([job('j1', { adapters: [CANNY] })], [agent('a-small', small), agent('b-big')], opts())).toEqual([
+      { jobId: 'j1', kind: 'place', agentId: 'b-big', load: true },
+    ]);
+  });
+
+  it('counts a missing adapter as a load, even when the base model is resident', () => {
+    expect(plan([job('j1', { adapters: [LORA] })], [agent('only', { resident: [SDXL] })], opts())).toEqual([
+      { jobId: 'j1', kind: 'place', agentId: 'only', load: true },
+    ]);
+  });
+
+  it("counts the adapters' load time in the cost: the agent holding the whole suite wins", () => {
+    // both hold the base model; "a-base-only" would win the id tie-break if the ControlNet's load were free
+    const decisions = plan([job('j1', { adapters: [CANNY] })], [agent('a-base-only', { resident: [SDXL] }), agent('b-suite', { resident: [SDXL, CANNY] })], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-suite', load: false }]);
+  });
+
+  it('keeps the adapters resident for later jobs of the same plan', () => {
+    const jobs = [job('j1', { adapters: [LORA], waitedMs: 20 }), job('j2', { adapters: [LORA], waitedMs: 10 })];
+    const decisions = byJob(plan(jobs, [agent('only', { free: 2 })], opts()));
+    expect(decisions.j1).toEqual({ jobId: 'j1', kind: 'place', agentId: 'only', load: true });
+    expect(decisions.j2).toEqual({ jobId: 'j2', kind: 'place', agentId: 'only', load: false });
+  });
+});
+
+describe('plan(): pinned models', () => {
+  // 16 000 MB holds two 7 000 MB models; a third (with 1 200 MB of activations) must evict one
+  const tight = (pinned: string[]) => agent('only', { vramTotalMb: 16_000, resident: [TURBO, JUGGERNAUT], pinned, free: 2 });
+  // the SDXL job goes first (it waited longer); then a TURBO job on the same agent
+  const jobs = () => [job('sdxl', { waitedMs: 10_000 }), job('turbo', { model: TURBO })];
+
+  it('never evicts a pinned model: a later job for it finds it resident', () => {
+    const decisions = plan(jobs(), [tight([TURBO])], opts());
+    expect(decisions).toEqual([
+      { jobId: 'sdxl', kind: 'place', agentId: 'only', load: true },
+      { jobId: 'turbo', kind: 'place', agentId: 'only', load: false },
+    ]);
+  });
+
+  it('evicts the least recently used model when nothing is pinned', () => {
+    // the contrast to the test above: TURBO, least recently used, makes room for SDXL
+    const decisions = plan(jobs(), [tight([])], opts());
+    expect(decisions).toEqual([
+      { jobId: 'sdxl', kind: 'place', agentId: 'only', load: true },
+      { jobId: 'turbo', kind: 'place', agentId: 'only', load: true },
+    ]);
+  });
+
+  it("counts pinned models' VRAM against what a job can have", () => {
+    // 7 000 pinned + 7 000 + 2 500 activations = 16 500 MB > 16 000 MB; without the pin it fits
+    const big = job('j1', { activationMb: 2_500 });
+    expect(plan([big], [agent('only', { vramTotalMb: 16_000, resident: [TURBO], pinned: [TURBO] })], opts())).toEqual([
+      { jobId: 'j1', kind: 'infeasible', reason: `no live agent has enough VRAM for ${SDXL} with this request` },
+    ]);
+    expect(plan([big], [agent('only', { vramTotalMb: 16_000, resident: [TURBO] })], opts())).toEqual([
+      { jobId: 'j1', kind: 'place', agentId: 'only', load: true },
+    ]);
+    // "a-pinned" would win the id tie-break
+    expect(plan([big], [agent('a-pinned', { vramTotalMb: 16_000, resident: [TURBO], pinned: [TURBO] }), agent('b', { vramTotalMb: 16_000 })], opts())).toEqual([
+      { jobId: 'j1', kind: 'place', agentId: 'b', load: true },
+    ]);
+  });
+
+  it('does not count a pinned model twice when the job itself uses it', () => {
+    // 7 000 (pinned, and the job's own base) + 8 000 activations = 15 000 MB ≤ 16 000 MB
+    const decisions = plan([job('j1', { activationMb: 8_000 })], [agent('only', { vramTotalMb: 16_000, resident: [SDXL], pinned: [SDXL] })], opts());
+    expect(decisions).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'only', load: false }]);
+  });
+});
+
+describe('plan(): the cost of evicting what other jobs need', () => {
+  // 10 000 MB holds one base model: loading TURBO evicts SDXL; one slot
+  const oneModel = () => [agent('only', { vramTotalMb: 10_000, resident: [SDXL], free: 1 })];
+
+  it('a job whose model is resident beats one that would evict it, though the latter waited longer than its own load', () => {
+    // turbo's cost: 3 000 load + 3 000 to reload SDXL for the waiting job = 6 000; it waited 4 000
+    const jobs = [job('turbo', { model: TURBO, waitedMs: 4_000 }), job('sdxl', { waitedMs: 0 })];
+    expect(placedIds(plan(jobs, oneModel(), opts()))).toEqual(['sdxl']);
+  });
+
+  it('the same job goes first when no waiting job needs what it evicts', () => {
+    // the contrast: without the SDXL job, evicting SDXL costs nothing extra, so turbo (cost 3 000) is placed…
+    expect(plan([job('turbo', { model: TURBO, waitedMs: 4_000 })], oneModel(), opts())).toEqual([
+      { jobId: 'turbo', kind: 'place', agentId: 'only', load: true },
+    ]);
+    // …and it beats a job for a model not resident either, which evicts SDXL just the same
+    const jobs = [job('turbo', { model: TURBO, waitedMs: 4_000 }), job('juggernaut', { model: JUGGERNAUT, waitedMs: 0 })];
+    expect(placedIds(plan(jobs, oneModel(), opts()))).toEqual(['turbo']);
+  });
+
+  it('the evicting job goes first once it has waited longer than the cost it causes', () => {
+    const jobs = [job('turbo', { model: TURBO, waitedMs: 7_000 }), job('sdxl', { waitedMs: 0 })];
+    expect(placedIds(plan(jobs, oneModel(), opts()))).toEqual(['turbo']);
+  });
+
+  it('counts the reload of an adapter another waiting job needs', () => {
+    // 10 000 MB: SDXL + CANNY (9 500 MB) resident; a TURBO job must evict both
+    const agents = [agent('only', { vramTotalMb: 10_000, resident: [CANNY, SDXL], free: 1 })];
+    // turbo: 3 000 load + 3 000 (SDXL) + 1 000 (CANNY) = 7 000 for the waiting canny job; waited 6 500
+    const jobs = [job('turbo', { model: TURBO, waitedMs: 6_500 }), job('canny', { adapters: [CANNY], activationMb: 400 })];
+    expect(placedIds(plan(jobs, agents, opts()))).toEqual(['canny']);
+    // without a job needing CANNY (only SDXL): 3 000 + 3 000 = 6 000 < 6 500 waited
+    const plain = [job('turbo', { model: TURBO, waitedMs: 6_500 }), job('sdxl', { activationMb: 400 })];
+    expect(placedIds(plan(plain, agents, opts()))).toEqual(['turbo']);
   });
 });
