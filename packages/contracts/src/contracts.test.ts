@@ -19,6 +19,7 @@ import {
   resolveScheduler,
   suiteOf,
   TrainingRequest,
+  trainingVramMb,
   WorkerToAgent,
 } from './index.js';
 
@@ -416,5 +417,24 @@ describe('the other job kinds', () => {
     const result = (schema as z.ZodType).safeParse(body);
     expect(result.success).toBe(false);
     expect(issuesToDetails(result.error!.issues)).toEqual([expect.objectContaining({ field, rule })]);
+  });
+});
+
+describe('absent sections are parsed, not copied', () => {
+  it('a training request without hyperparameters gets every default', () => {
+    const r = TrainingRequest.parse({ base_model: 'b', dataset: { s3_prefix: 'd/' }, output: { name: 'n' } });
+    expect(r.hyperparameters).toMatchObject({ rank: 16, steps: 1000, batch_size: 1, resolution: 1024, checkpoint_every: 100, train_text_encoder: false });
+    expect(Number.isFinite(trainingVramMb(r))).toBe(true);
+  });
+
+  it('a resolved generation request without hyperparameters is refused: the seed is required', () => {
+    const r = ResolvedGenerationRequest.safeParse({ model: { base: 'b' }, conditioning: { prompt: 'p' } });
+    expect(r.success).toBe(false);
+    expect(r.error!.issues.map((i) => i.path.join('.'))).toContain('hyperparameters.seed');
+  });
+
+  it('an upscale factor of 3 names both allowed values', () => {
+    const r = GenerationRequest.safeParse({ model: { base: 'b' }, conditioning: { prompt: 'p' }, postprocess: { upscale: { factor: 3 } } });
+    expect(r.error!.issues[0]!.message).toContain('2|4');
   });
 });

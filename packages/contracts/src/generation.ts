@@ -154,8 +154,9 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
         refiner: ModelName.optional().describe('refiner for the ensemble of experts, e.g. stabilityai/stable-diffusion-xl-refiner-1.0'),
         vae: ModelName.optional().describe('replaces the pipeline VAE, e.g. madebyollin/sdxl-vae-fp16-fix'),
       }),
-      scheduler: Scheduler.default({ type: 'EulerDiscreteScheduler', steps: 30 } as never),
-      hyperparameters: Hyperparameters.default({ guidance_scale: 5, width: 1024, height: 1024, num_images: 1 } as never),
+      scheduler: Scheduler.prefault({}),
+      // prefault: an absent object is parsed from {}, so its defaults fill in and its rules hold
+      hyperparameters: Hyperparameters.prefault({} as never),
       refiner: z
         .strictObject({
           denoising_switch: z.number().min(0.5).max(0.99).default(0.8).describe('fraction of the noise schedule the base model runs'),
@@ -194,7 +195,7 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
         .optional(),
       postprocess: z
         .strictObject({
-          upscale: z.strictObject({ factor: z.union([z.literal(2), z.literal(4)]), upscaler: ModelName.optional().describe('an upscaler model; default: the best available, else lanczos') }).optional(),
+          upscale: z.strictObject({ factor: z.literal([2, 4]), upscaler: ModelName.optional().describe('an upscaler model; default: the best available, else lanczos') }).optional(),
           safety_check: z.boolean().default(false),
         })
         .optional(),
@@ -204,7 +205,7 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
           quality: z.number().int().min(1).max(100).default(90).describe('jpeg and webp'),
           embed_metadata: z.boolean().default(true),
         })
-        .default({ format: 'png', quality: 90, embed_metadata: true }),
+        .prefault({}),
       performance: z
         .strictObject({
           dtype: z.enum(['fp16', 'bf16', 'fp32']).default('fp16'),

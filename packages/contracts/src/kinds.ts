@@ -96,7 +96,7 @@ function trainingSchema<D extends z.ZodType, Seed extends z.ZodType>(dataset: D,
         train_text_encoder: z.boolean().default(false),
         checkpoint_every: z.number().int().min(1).max(TRAINING_LIMITS.maxSteps).default(100),
       })
-      .default({} as never),
+      .prefault({} as never),
     priority: Priority.default('normal'),
     webhook: WebhookSpec.optional(),
     timeout_s: z.number().int().min(1).max(TRAINING_LIMITS.maxTimeoutS).default(24 * 3600),
