@@ -195,6 +195,6 @@ describe('API keys', () => {
     const queues = await farm.get('/admin/queues/api/queues', { authorization: `Bearer ${key}` });
     expect(queues.status).toBe(200);
     const names = queues.body.queues.map((q: any) => q.name);
-    expect(names).toEqual(expect.arrayContaining(['intake', 'webhooks']));
+    expect(names).toEqual(expect.arrayContaining(['intake', 'groups', 'webhooks']));
   });
 });

@@ -41,6 +41,11 @@ describe('batches', () => {
       const payload = new Webhook(WEBHOOK_SECRET).verify(receiver.received[0]!.body, receiver.received[0]!.headers) as any;
       expect(payload.type).toBe('batch.completed');
       expect(payload.data.counts.failed).toBe(1);
+      // Bull Board shows the batch on the groups queue, completed once its children ended
+      await farm.waitFor(async () => {
+        const q = (await farm.get('/admin/queues/api/queues?activeQueue=groups&status=completed')).body.queues.find((x: any) => x.name === 'groups');
+        return q?.counts?.completed >= 1 && q.jobs.some((j: any) => j.id === id && j.progress === 100 && j.returnValue?.status === 'partially_succeeded');
+      }, 10_000, 'batch visible in Bull Board');
     } finally {
       await receiver.close();
     }

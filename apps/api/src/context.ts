@@ -1,4 +1,4 @@
-import type { AgentRegistry, LoraRegistry, DeliveryData, IntakeData, Jobs, JobStore, Keys, Logger, Redis, Storage } from '@kiln/runtime';
+import type { AgentRegistry, LoraRegistry, DeliveryData, GroupTrackData, IntakeData, Jobs, JobStore, Keys, Logger, Redis, Storage } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { ApiEnv } from './env.js';
 
@@ -15,6 +15,7 @@ export interface ApiContext {
   storage: Storage;
   intake: Queue<IntakeData>;
   webhookQueue: Queue<DeliveryData>;
+  groupsQueue: Queue<GroupTrackData>;
 }
 
 declare module 'fastify' {

@@ -12,6 +12,8 @@ import {
   createLogger,
   createRedis,
   type DeliveryData,
+  groupTracker,
+  type GroupTrackData,
   type IntakeData,
   Jobs,
   JobStore,
@@ -45,6 +47,14 @@ const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLI
 const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups);
 const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`, env.LEASE_TTL_MS);
 const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease, new LoraRegistry(redis, keys));
+
+// every dispatcher keeps the groups queue's entries current for Bull Board
+const tracker = new Worker<GroupTrackData>(QUEUES.groups, groupTracker(groups), {
+  connection: createRedis(env.REDIS_URL, 'kiln-groups'),
+  prefix: env.KILN_PREFIX,
+  concurrency: 256,
+});
+tracker.on('error', (err) => log.warn({ err: err.message }, 'group tracker error'));
 
 let deliverer: Worker<DeliveryData> | null = null;
 if (env.WEBHOOK_SECRET) {
@@ -93,6 +103,7 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
   await runAll([
     () => lease.release(),
     () => deliverer?.close(),
+    () => tracker.close(),
     () => dispatcher.close(),
     () => intake.close(),
     () => webhookQueue.close(),

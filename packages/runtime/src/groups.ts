@@ -1,4 +1,5 @@
 import { GroupEvent, type GroupRecord, type GroupStatus, type StoredGroup, type StoredJob, StoredGroup as StoredGroupSchema, WebhookDelivery } from '@kiln/contracts';
+import type { Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { JobStore } from './job-store.js';
@@ -28,6 +29,10 @@ export class GroupStore {
   async get(id: string): Promise<StoredGroup | null> {
     const raw = await this.redis.hget(this.keys.group(id), 'record');
     return raw ? StoredGroupSchema.parse(JSON.parse(raw)) : null;
+  }
+
+  async doneCount(id: string): Promise<number> {
+    return Number((await this.redis.hget(this.keys.group(id), 'done')) ?? 0);
   }
 
   /** Counts one more ended child; returns true for the child that ended the group. */
@@ -107,4 +112,33 @@ export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: 
   const self = new URL(`${path}/${group.id}`, publicUrl).toString();
   const { children: _ids, ...rest } = group;
   return { ...rest, counts, children: list, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+}
+
+export interface GroupTrackData {
+  group_id: string;
+  total: number;
+}
+
+/** Puts a new group on the `groups` queue, so Bull Board shows it until its children end. */
+export async function trackGroup(queue: Queue<GroupTrackData>, group: StoredGroup): Promise<void> {
+  await queue.add(group.kind, { group_id: group.id, total: group.children.length }, { jobId: group.id, removeOnComplete: { age: 7 * 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } });
+}
+
+/**
+ * The `groups` queue's processor (run by every dispatcher): holds the entry active with the
+ * share of children that ended as its progress, and completes it — or fails it, for a group
+ * that failed — when the group ends. Only a view: the group ends by its children either way.
+ */
+export function groupTracker(groups: GroupStore, pollMs = 1_000) {
+  return async (entry: Job<GroupTrackData>): Promise<{ status: GroupStatus }> => {
+    for (;;) {
+      const group = await groups.get(entry.data.group_id);
+      if (!group) throw new Error(`group ${entry.data.group_id} expired`);
+      const ended = ['succeeded', 'partially_succeeded', 'canceled', 'failed'].includes(group.status);
+      await entry.updateProgress(ended ? 100 : Math.floor((100 * (await groups.doneCount(group.id))) / Math.max(1, entry.data.total)));
+      if (group.status === 'failed') throw new Error('every child failed');
+      if (ended) return { status: group.status };
+      await new Promise((r) => setTimeout(r, pollMs));
+    }
+  };
 }

@@ -27,6 +27,8 @@ export class Keys {
 export const QUEUES = {
   intake: 'intake',
   webhooks: 'webhooks',
+  /** one entry per batch or cache request, active until its children end: Bull Board's view of groups */
+  groups: 'groups',
   agent: (agentId: string) => `agent.${agentId}`,
 } as const;
 

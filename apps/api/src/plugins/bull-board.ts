@@ -9,14 +9,15 @@ import type { ApiContext } from '../context.js';
 export const BOARD_PATH = '/admin/queues';
 
 /**
- * Bull Board at /admin/queues with every Kiln queue: intake, webhooks, and one queue per
+ * Bull Board at /admin/queues with every Kiln queue: intake, groups (batches and cache
+ * requests, with their progress), webhooks, and one queue per
  * agent — agents come and go, so the list is refreshed from the registry.
  */
 export async function registerBullBoard(app: FastifyInstance, ctx: ApiContext): Promise<() => Promise<void>> {
   const adapter = new FastifyAdapter();
   adapter.setBasePath(BOARD_PATH);
   const board = createBullBoard({
-    queues: [new BullMQAdapter(ctx.intake), new BullMQAdapter(ctx.webhookQueue)],
+    queues: [new BullMQAdapter(ctx.intake), new BullMQAdapter(ctx.groupsQueue, { readOnlyMode: true }), new BullMQAdapter(ctx.webhookQueue)],
     serverAdapter: adapter,
     options: { uiConfig: { boardTitle: 'Kiln' } },
   });

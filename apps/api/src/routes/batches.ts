@@ -10,7 +10,7 @@ import {
   resolveScheduler,
   type StoredGroup,
 } from '@kiln/contracts';
-import { groupRecord, KilnError } from '@kiln/runtime';
+import { groupRecord, KilnError, trackGroup } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -121,6 +121,7 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       };
       // the group first: a child that ends fast must find it
       await ctx.jobs.groups.create(group);
+      await trackGroup(ctx.groupsQueue, group);
       for (const c of children) await ctx.store.create(c);
       for (const c of children) await ctx.jobs.enqueue(c);
       const record = await view(group);

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, EvictRequest, type ModelInfo, type StoredGroup } from '@kiln/contracts';
-import { groupRecord, KilnError, QUEUES } from '@kiln/runtime';
+import { groupRecord, KilnError, trackGroup, QUEUES } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -49,6 +49,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     }));
     const group: StoredGroup = { id: groupId, kind: 'cache', client, status: 'running', priority: 'high', children: children.map((c) => c.id), webhook, cancel_requested: false, created_at: now, finished_at: null };
     await ctx.jobs.groups.create(group);
+    await trackGroup(ctx.groupsQueue, group);
     for (const c of children) {
       await ctx.store.create(c);
       const q = new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX });
