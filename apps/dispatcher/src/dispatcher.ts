@@ -154,7 +154,7 @@ export class Dispatcher {
       waitedMs: now - entry.timestamp,
       client: job.client,
     }));
-    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY });
+    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY, warmLoadFactor: this.env.WARM_LOAD_FACTOR });
 
     for (const d of decisions) {
       const { entry, job } = byId.get(d.jobId)!;
@@ -209,6 +209,7 @@ export class Dispatcher {
           // least recently used first, as the worker evicts
           resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
           pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
+          warm: new Set(a.resident.filter((r) => r.location === 'ram').map((r) => r.name)),
           models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
         };
       }),

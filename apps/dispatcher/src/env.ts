@@ -13,6 +13,7 @@ export const DispatcherEnv = CommonEnv.extend(StorageEnv.shape)
     INTAKE_WINDOW: z.coerce.number().int().min(1).max(10_000).default(500),
     AGENT_SLOTS: z.coerce.number().int().min(1).max(8).default(2).describe('jobs held per agent: the running one plus the next'),
     PLACEMENT_POLICY: z.enum(['affinity', 'fifo']).default('affinity').describe('fifo: plain competing consumers, the benchmark baseline'),
+    WARM_LOAD_FACTOR: z.coerce.number().min(0).max(1).default(0.15).describe('cost of bringing a warm (host RAM) model into VRAM, as a fraction of a cold load'),
     WEBHOOK_CONCURRENCY: z.coerce.number().int().min(1).max(256).default(16),
   });
 export type DispatcherEnv = z.infer<typeof DispatcherEnv>;

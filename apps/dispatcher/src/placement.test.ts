@@ -314,3 +314,16 @@ describe('plan(): the cost of evicting what other jobs need', () => {
     expect(placedIds(plan(plain, agents, opts()))).toEqual(['turbo']);
   });
 });
+
+describe('plan(): warm models in host RAM', () => {
+  it('prefers the agent that keeps the model warm over one that must load it from disk', () => {
+    // both must bring the model into VRAM; "b-warm" has it in RAM, which costs 15% of a cold load
+    const agents = [agent('a-cold', { inflight: 0 }), { ...agent('b-warm', { inflight: 1, free: 1, avgJobMs: 1_000 }), warm: new Set([SDXL]) }];
+    expect(plan([job('j1')], agents, opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-warm', load: true }]);
+  });
+
+  it('without the warm copy the idle agent wins', () => {
+    const agents = [agent('a-cold', { inflight: 0 }), agent('b-busy', { inflight: 1, free: 1, avgJobMs: 1_000 })];
+    expect(plan([job('j1')], agents, opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'a-cold', load: true }]);
+  });
+});

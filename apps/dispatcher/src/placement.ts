@@ -31,6 +31,8 @@ export interface AgentView {
   resident: Set<string>;
   /** models a cache request pinned: never evicted */
   pinned?: Set<string>;
+  /** models kept warm in host RAM: bringing one into VRAM costs a fraction of a cold load */
+  warm?: Set<string>;
   models: Map<string, ModelInfo>;
 }
 
@@ -56,6 +58,8 @@ export interface PlacementOptions {
    * with a free slot, ignoring what is resident — kept as the benchmark's baseline.
    */
   policy?: 'affinity' | 'fifo';
+  /** a warm (host RAM) model loads in this fraction of its cold load time; default 0.15 */
+  warmLoadFactor?: number;
 }
 
 export type Decision =
@@ -111,7 +115,10 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   };
   const cost = (a: AgentState, c: Candidate): number => {
     if (fifo) return a.inflight;
-    const loads = suite(c).filter((name) => !a.resident.has(name)).reduce((s, name) => s + a.models.get(name)!.load_ms, 0);
+    const warmFactor = opts.warmLoadFactor ?? 0.15;
+    const loads = suite(c)
+      .filter((name) => !a.resident.has(name))
+      .reduce((s, name) => s + a.models.get(name)!.load_ms * (a.warm?.has(name) ? warmFactor : 1), 0);
     if (loads === 0) return a.inflight * a.avgJobMs;
     const evictPenalty = evictions(a, c)
       .filter((name) => (demand.get(name) ?? 0) > 0)
