@@ -14,7 +14,7 @@ import {
 import { type Job, Queue, type ConnectionOptions } from 'bullmq';
 import type { DispatcherEnv } from './env.js';
 import type { Lease } from './lease.js';
-import { type AgentView, type Candidate, plan } from './placement.js';
+import { type AgentView, type Candidate, plan, projectResidency } from './placement.js';
 
 const DEFAULT_JOB_MS = 1_000;
 
@@ -179,9 +179,10 @@ export class Dispatcher {
         { message: `placed on ${d.agentId}${d.load ? ' (model load needed)' : ' (model resident)'}` },
       );
       if (claimed) {
+        const demand = demandOf(job);
         await this.agentQueue(d.agentId).add(
           'generation',
-          { job_id: job.id, attempt: claimed.attempt, client: job.client },
+          { job_id: job.id, attempt: claimed.attempt, client: job.client, models: [demand.model, ...(demand.adapters ?? [])], activation_mb: demand.activationMb },
           { jobId: agentJobId(job.id, claimed.attempt), removeOnComplete: true, removeOnFail: true },
         );
         this.log.debug({ job: job.id, agent: d.agentId, attempt: claimed.attempt, load: d.load }, 'placed');
@@ -200,17 +201,24 @@ export class Dispatcher {
       usable.map(async (a) => {
         const held = (await this.agentQueue(a.agent_id).getJobs(['active', 'waiting', 'prioritized', 'delayed'])).filter(Boolean);
         for (const h of held) if (h.data?.client) running.set(h.data.client, (running.get(h.data.client) ?? 0) + 1);
-        return {
-          id: a.agent_id,
-          free: Math.max(0, this.env.AGENT_SLOTS - held.length),
-          inflight: held.length,
-          avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
+        // held jobs, oldest first: the running one, then the next
+        const queued = [...held].sort((x, y) => x.timestamp - y.timestamp).map((h) => ({ models: h.data?.models ?? [], activationMb: h.data?.activation_mb ?? 0 }));
+        const base = {
           vramTotalMb: a.gpu.vram_total_mb,
           // least recently used first, as the worker evicts
           resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
           pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
-          warm: new Set(a.resident.filter((r) => r.location === 'ram').map((r) => r.name)),
           models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
+        };
+        const projected = projectResidency(base, queued);
+        return {
+          ...base,
+          id: a.agent_id,
+          free: Math.max(0, this.env.AGENT_SLOTS - held.length),
+          inflight: held.length,
+          avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
+          resident: projected,
+          warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
         };
       }),
     );

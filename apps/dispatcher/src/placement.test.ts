@@ -1,6 +1,6 @@
 import type { ModelInfo } from '@kiln/contracts';
 import { describe, expect, it } from 'vitest';
-import { type AgentView, type Candidate, type Decision, plan } from './placement.js';
+import { type AgentView, type Candidate, type Decision, plan, projectResidency } from './placement.js';
 
 const SDXL = 'stabilityai/stable-diffusion-xl-base-1.0';
 const TURBO = 'stabilityai/sdxl-turbo';
@@ -325,5 +325,26 @@ describe('plan(): warm models in host RAM', () => {
   it('without the warm copy the idle agent wins', () => {
     const agents = [agent('a-cold', { inflight: 0 }), agent('b-busy', { inflight: 1, free: 1, avgJobMs: 1_000 })];
     expect(plan([job('j1')], agents, opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'a-cold', load: true }]);
+  });
+});
+
+describe('projectResidency: what VRAM will hold once queued jobs ran', () => {
+  const a = { resident: new Set([SDXL]), pinned: new Set<string>(), models: new Map(catalog.map((m) => [m.name, m])), vramTotalMb: 10_240 };
+
+  it('a queued job for another model evicts the resident one when both do not fit', () => {
+    expect([...projectResidency(a, [{ models: [TURBO], activationMb: 1_200 }])]).toEqual([TURBO]);
+  });
+
+  it('keeps both when they fit, the newest last', () => {
+    expect([...projectResidency({ ...a, vramTotalMb: 24_576 }, [{ models: [TURBO], activationMb: 1_200 }])]).toEqual([SDXL, TURBO]);
+  });
+
+  it('never projects a pinned model out', () => {
+    expect([...projectResidency({ ...a, pinned: new Set([SDXL]) }, [{ models: [TURBO], activationMb: 1_200 }])]).toContain(SDXL);
+  });
+
+  it('and then placement no longer calls the evicted model resident', () => {
+    const held = { ...agent('holder', { inflight: 1, free: 1 }), resident: projectResidency(a, [{ models: [TURBO], activationMb: 1_200 }]) };
+    expect(plan([job('j1', { model: SDXL })], [held], opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'holder', load: true }]);
   });
 });

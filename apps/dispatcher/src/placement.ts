@@ -165,6 +165,34 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
 
 const suite = (c: Candidate): string[] => [c.model, ...(c.adapters ?? [])];
 
+/**
+ * What an agent's VRAM will hold once the jobs already on its queue have run: heartbeats show
+ * the present, but a job placed a moment ago will load its models and evict others (least
+ * recently used, never pinned) before anything placed now runs. Without this, placement keeps
+ * sending jobs for a model that a queued job is about to evict.
+ */
+export function projectResidency(a: Pick<AgentView, 'resident' | 'pinned' | 'models' | 'vramTotalMb'>, queued: { models: string[]; activationMb: number }[]): Set<string> {
+  const resident = new Set(a.resident);
+  const vram = (name: string) => a.models.get(name)?.vram_mb ?? 0;
+  for (const { models: members, activationMb } of queued) {
+    const missing = members.filter((name) => !resident.has(name) && a.models.has(name));
+    let used = [...resident].reduce((s, name) => s + vram(name), 0);
+    const need = missing.reduce((s, name) => s + vram(name), 0) + activationMb;
+    for (const name of [...resident]) {
+      if (used + need <= a.vramTotalMb) break;
+      if (members.includes(name) || a.pinned?.has(name)) continue;
+      resident.delete(name);
+      used -= vram(name);
+    }
+    for (const name of members) {
+      if (!a.models.has(name)) continue;
+      resident.delete(name);
+      resident.add(name); // most recently used
+    }
+  }
+  return resident;
+}
+
 function infeasibleReason(c: Candidate, agents: AgentState[]): string {
   if (agents.length === 0) return 'no live agent';
   const missing = suite(c).filter((name) => !agents.some((a) => a.models.has(name)));

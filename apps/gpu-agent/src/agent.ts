@@ -169,7 +169,6 @@ export class Agent {
       await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       return;
     }
-    const started = Date.now();
     this.current = { job, requestId: null, cancel: null };
     this.state = 'busy';
     void this.heartbeat().catch(() => {});
@@ -198,8 +197,6 @@ export class Agent {
           await this.runCache(job, ctx);
           break;
       }
-      // placement estimates a generation's wait from this; cache and training runs would skew it
-      if (job.kind === 'generation') this.recordDuration(Date.now() - started);
     } catch (err) {
       const reason = this.current?.cancel;
       if (reason === 'handback') {
@@ -306,6 +303,10 @@ export class Agent {
     });
     if (!done) this.log.warn({ job: job.id }, 'finished a job that was taken back meanwhile; result dropped');
     else this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+    // placement's estimate of how long a job holds this GPU. Model loads are left out: placement
+    // charges them separately, and counting them here would make a thrashing agent look slow,
+    // which sends more jobs elsewhere and makes it thrash more.
+    this.recordDuration(Date.now() - started - result.timings.model_load_ms);
   }
 
   /**

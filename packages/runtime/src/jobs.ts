@@ -22,6 +22,10 @@ export interface AgentJobData {
   job_id: string;
   attempt: number;
   client: string;
+  /** the models this job will make resident, so placement can project the agent's VRAM */
+  models?: string[];
+  /** working VRAM it needs on top of them */
+  activation_mb?: number;
 }
 
 /** Intake entry id: one per (job, queueing), so re-adding after a crash is a no-op. */

@@ -53,7 +53,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     for (const c of children) {
       await ctx.store.create(c);
       const q = new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX });
-      await q.add('cache', { job_id: c.id, attempt: 1, client }, { jobId: `${c.id}-a1`, removeOnComplete: true, removeOnFail: true, priority: 1 });
+      await q.add('cache', { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, removeOnComplete: true, removeOnFail: true, priority: 1 });
       await q.close();
     }
     return group;
