@@ -16,7 +16,6 @@ import type { DispatcherEnv } from './env.js';
 import type { Lease } from './lease.js';
 import { type AgentView, type Candidate, plan, projectResidency } from './placement.js';
 
-const DEFAULT_JOB_MS = 1_000;
 
 /** The models a job needs resident and the working VRAM on top, by kind. */
 function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activationMb'> {
@@ -195,6 +194,10 @@ export class Dispatcher {
   private async agentViews(live: AgentHeartbeat[]): Promise<{ agents: AgentView[]; running: Map<string, number> }> {
     const usable = live.filter((a) => a.capabilities && (a.state === 'ready' || a.state === 'busy'));
     const running = new Map<string, number>();
+    // an agent with no finished job yet is assumed as fast as the others; with no history at
+    // all, jobs are assumed short next to model loads, so affinity wins until measured
+    const known = usable.map((a) => a.avg_job_ms).filter((v): v is number => v !== null);
+    const fleetJobMs = known.length ? known.reduce((s, v) => s + v, 0) / known.length : 0;
     // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
     const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
     const agents = await Promise.all(
@@ -216,7 +219,7 @@ export class Dispatcher {
           id: a.agent_id,
           free: Math.max(0, this.env.AGENT_SLOTS - held.length),
           inflight: held.length,
-          avgJobMs: a.avg_job_ms ?? DEFAULT_JOB_MS,
+          avgJobMs: a.avg_job_ms ?? fleetJobMs,
           resident: projected,
           warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
         };

@@ -348,3 +348,11 @@ describe('projectResidency: what VRAM will hold once queued jobs ran', () => {
     expect(plan([job('j1', { model: SDXL })], [held], opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'holder', load: true }]);
   });
 });
+
+describe('plan(): between equals, an agent with room beats one that must evict', () => {
+  it('loads onto the empty agent rather than evicting a model nobody is waiting for', () => {
+    // "a-full" wins the id tie-break, but would have to push SDXL out of its 10 GB
+    const agents = [agent('a-full', { vramTotalMb: 10_240, resident: [SDXL] }), agent('b-empty', { vramTotalMb: 10_240 })];
+    expect(plan([job('j1', { model: TURBO })], agents, opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-empty', load: true }]);
+  });
+});

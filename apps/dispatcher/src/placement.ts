@@ -120,9 +120,9 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
       .filter((name) => !a.resident.has(name))
       .reduce((s, name) => s + a.models.get(name)!.load_ms * (a.warm?.has(name) ? warmFactor : 1), 0);
     if (loads === 0) return a.inflight * a.avgJobMs;
-    const evictPenalty = evictions(a, c)
-      .filter((name) => (demand.get(name) ?? 0) > 0)
-      .reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0), 0);
+    // evicting a model waiting jobs need costs its reload; any other eviction a tenth of it,
+    // since traffic for it may come back (so between equals, an agent with room wins)
+    const evictPenalty = evictions(a, c).reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0) * ((demand.get(name) ?? 0) > 0 ? 1 : 0.1), 0);
     return a.inflight * a.avgJobMs + loads + evictPenalty;
   };
 
