@@ -514,7 +514,9 @@ export class Agent {
       if (!entry?.data) continue;
       const job = await this.jobs.store.get(entry.data.job_id);
       if (job?.status === 'running' && job.agent === this.id && job.attempt === entry.data.attempt) {
-        await this.jobs.handBack(job, entry.data.attempt, `agent ${this.id} is shutting down`);
+        // a cache task belongs to this agent: it ends here; anything else goes back to placement
+        if (job.kind === 'cache') await this.jobs.retryOrFail(job, new KilnError('agent_lost', `agent ${this.id} shut down before loading`), entry.data.attempt);
+        else await this.jobs.handBack(job, entry.data.attempt, `agent ${this.id} is shutting down`);
       }
     }
     await queue.obliterate({ force: true }).catch(() => {});
