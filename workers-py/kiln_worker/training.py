@@ -8,6 +8,8 @@ Fields are named relative to the request, as the API names them (`dataset.items.
 
 from __future__ import annotations
 
+import json
+
 import glob
 import hashlib
 import math
@@ -126,3 +128,35 @@ def read_resume(resume: dict | None, expected: dict[str, str], total_steps: int)
             return f"{path!r} was trained with {key}={meta.get(key)!r}, this request has {value!r}"
     return tensors, step
 
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What decides a LoRA run's weights (everything but the output name), from a train request.
+
+    Both backends derive their deterministic run id from it, so a checkpoint is continued only
+    by the run that wrote it.
+    """
+
+    base_model: str
+    name: str
+    seed: int
+    dataset: str  # dataset_digest
+    learning_rate: float
+    rank: int
+    alpha: float
+    resolution: int
+    batch_size: int
+    gradient_accumulation: int
+    train_text_encoder: bool
+
+    @classmethod
+    def of(cls, request: dict, dataset: str):
+        hp = request["hyperparameters"]
+        return cls(request["base_model"], request["output"]["name"], int(hp["seed"]), dataset, float(hp["learning_rate"]),
+                   int(hp["rank"]), float(hp.get("alpha") or hp["rank"]), int(hp["resolution"]), int(hp["batch_size"]),
+                   int(hp["gradient_accumulation"]), bool(hp["train_text_encoder"]))
+
+    @property
+    def run_id(self) -> str:
+        ident = {k: v for k, v in self.__dict__.items() if k != "name"}  # the output name doesn't change the weights
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:32]

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from ..training import TrainingSpec
 
 FEATURES = 64  # the synthetic layers' width: lora_A is [rank, 64], lora_B is [64, rank]
 UNET_BLOCKS = ("down_blocks.1.attentions.0", "down_blocks.2.attentions.0", "mid_block.attentions.0", "up_blocks.0.attentions.0")
@@ -37,30 +38,8 @@ def module_names(train_text_encoder: bool) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Run:
-    base_model: str
-    name: str
-    seed: int
-    dataset: str  # training.dataset_digest
-    learning_rate: float
-    rank: int
-    alpha: float
-    resolution: int
-    batch_size: int
-    gradient_accumulation: int
-    train_text_encoder: bool
-
-    @classmethod
-    def of(cls, request: dict, dataset: str) -> "Run":
-        hp = request["hyperparameters"]
-        return cls(request["base_model"], request["output"]["name"], int(hp["seed"]), dataset, float(hp["learning_rate"]),
-                   int(hp["rank"]), float(hp.get("alpha") or hp["rank"]), int(hp["resolution"]), int(hp["batch_size"]),
-                   int(hp["gradient_accumulation"]), bool(hp["train_text_encoder"]))
-
-    @property
-    def run_id(self) -> str:
-        ident = {k: v for k, v in self.__dict__.items() if k != "name"}  # the output name doesn't change the weights
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+class Run(TrainingSpec):
+    """The synthetic run: a deterministic loss curve and weights from the spec."""
 
     def _unit(self, *parts: object) -> float:
         """A uniform number in [0, 1) from the run and `parts`."""

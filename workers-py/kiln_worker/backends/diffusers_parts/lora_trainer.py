@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...errors import WorkerError
+from ...training import TrainingSpec
 
 ADAPTER = "kiln_train"
 UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
@@ -49,30 +50,8 @@ FORMAT = "kiln-diffusers-lora"
 
 
 @dataclass(frozen=True)
-class RunSpec:
-    base_model: str
-    name: str
-    seed: int
-    dataset: str
-    learning_rate: float
-    rank: int
-    alpha: float
-    resolution: int
-    batch_size: int
-    gradient_accumulation: int
-    train_text_encoder: bool
-
-    @classmethod
-    def of(cls, request: dict, dataset: str) -> "RunSpec":
-        hp = request["hyperparameters"]
-        return cls(request["base_model"], request["output"]["name"], int(hp["seed"]), dataset, float(hp["learning_rate"]),
-                   int(hp["rank"]), float(hp.get("alpha") or hp["rank"]), int(hp["resolution"]), int(hp["batch_size"]),
-                   int(hp["gradient_accumulation"]), bool(hp["train_text_encoder"]))
-
-    @property
-    def run_id(self) -> str:
-        ident = {k: v for k, v in self.__dict__.items() if k != "name"}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+class RunSpec(TrainingSpec):
+    """The diffusers run; its checkpoints carry the keys a resume must match."""
 
     def resume_keys(self) -> dict[str, str]:
         """Metadata a checkpoint must carry unchanged to be continued (training.read_resume)."""
