@@ -7,46 +7,30 @@
 import { hostname } from 'node:os';
 import { randomUUID } from 'node:crypto';
 import {
-  AgentRegistry,
-  GroupStore,
+  createJobServices,
   createLogger,
   createRedis,
   type DeliveryData,
   groupTracker,
   type GroupTrackData,
-  type IntakeData,
-  Jobs,
-  JobStore,
-  Keys,
-  LoraRegistry,
   onShutdown,
   parseEnv,
   QUEUES,
   runAll,
-  Storage,
-  WebhookOutbox,
   webhookDeliverer,
 } from '@kiln/runtime';
-import { Queue, Worker } from 'bullmq';
+import { Worker } from 'bullmq';
 import { Dispatcher } from './dispatcher.js';
 import { DispatcherEnv } from './env.js';
 import { Lease } from './lease.js';
 
 const env = parseEnv(DispatcherEnv, 'dispatcher');
 const log = createLogger('dispatcher', env.LOG_LEVEL);
-const keys = new Keys(env.KILN_PREFIX);
-const redis = createRedis(env.REDIS_URL, 'kiln-dispatcher');
+const services = createJobServices(env, 'kiln-dispatcher');
+const { redis, keys, store, groups, intake, jobs } = services;
 const sub = createRedis(env.REDIS_URL, 'kiln-dispatcher-sub');
-const storage = new Storage(env);
-const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
-const groups = new GroupStore(redis, keys, env.JOB_RETENTION_S);
-const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
-const intake = new Queue<IntakeData>(QUEUES.intake, queueOpts);
-const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
-const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
-const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups);
 const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.pid}:${randomUUID().slice(0, 8)}`, env.LEASE_TTL_MS);
-const dispatcher = new Dispatcher(env, log, redis, intake, jobs, new AgentRegistry(redis, keys), lease, new LoraRegistry(redis, keys));
+const dispatcher = new Dispatcher(env, log, redis, intake, jobs, services.registry, lease, services.loras);
 
 // every dispatcher keeps the groups queue's entries current for Bull Board
 const tracker = new Worker<GroupTrackData>(QUEUES.groups, groupTracker(groups), {
@@ -105,10 +89,8 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
     () => deliverer?.close(),
     () => tracker.close(),
     () => dispatcher.close(),
-    () => intake.close(),
-    () => webhookQueue.close(),
     () => sub.quit(),
-    () => redis.quit(),
+    () => services.close(),
   ]);
   log.info('dispatcher stopped');
 });

@@ -13,3 +13,4 @@ export * from './registry.js';
 export * from './webhooks.js';
 export { guardedGet, publicOnlyLookup } from './net-guard.js';
 export * from './shutdown.js';
+export * from './services.js';

@@ -146,3 +146,25 @@ export class Jobs {
     return queued;
   }
 }
+
+/** The fields every new job starts with, whatever its kind: queued, never placed, no results. */
+export function newJobFields(id: string, client: string, priority: Priority, groupId: string | null = null, now = new Date().toISOString()) {
+  return {
+    id,
+    client,
+    status: 'queued' as const,
+    stage: 'queued' as const,
+    attempt: 0,
+    agent: null,
+    priority,
+    progress: null,
+    outputs: [],
+    error: null,
+    timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
+    cancel_requested: false,
+    group_id: groupId,
+    created_at: now,
+    started_at: null,
+    finished_at: null,
+  };
+}

@@ -10,7 +10,7 @@ import {
   resolveScheduler,
   type StoredGroup,
 } from '@kiln/contracts';
-import { groupRecord, KilnError, trackGroup } from '@kiln/runtime';
+import { groupRecord, KilnError, newJobFields, trackGroup } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -87,24 +87,9 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         const hp = { ...withImages.hyperparameters, seed: withImages.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
         const request = ResolvedGenerationRequest.parse({ ...withImages, hyperparameters: hp });
         children.push({
-          id,
+          ...newJobFields(id, req.client, request.priority, batchId, now),
           kind: 'generation',
-          client: req.client,
-          status: 'queued',
-          stage: 'queued',
-          attempt: 0,
-          agent: null,
-          priority: request.priority,
           request,
-          progress: null,
-          outputs: [],
-          error: null,
-          timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
-          cancel_requested: false,
-          group_id: batchId,
-          created_at: now,
-          started_at: null,
-          finished_at: null,
         });
       }
       const group: StoredGroup = {

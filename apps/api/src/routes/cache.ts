@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, EvictRequest, type ModelInfo, type StoredGroup } from '@kiln/contracts';
-import { groupRecord, KilnError, trackGroup, QUEUES } from '@kiln/runtime';
+import { groupRecord, KilnError, newJobFields, QUEUES, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -26,26 +26,16 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   async function dispatch(client: string, tasks: CacheTask[], webhook: StoredGroup['webhook']): Promise<StoredGroup> {
     const groupId = randomUUID();
     const now = new Date().toISOString();
+    // a cache task belongs to its target agent: it starts placed there, on attempt 1
     const children: CacheJob[] = tasks.map((t) => ({
-      id: randomUUID(),
+      ...newJobFields(randomUUID(), client, 'high', groupId, now),
       kind: 'cache',
-      client,
       status: 'running',
       stage: 'dispatched',
       attempt: 1,
       agent: t.target_agent,
-      priority: 'high',
       request: t,
-      progress: null,
-      outputs: [],
-      error: null,
-      timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
-      cancel_requested: false,
-      group_id: groupId,
       cache: null,
-      created_at: now,
-      started_at: null,
-      finished_at: null,
     }));
     const group: StoredGroup = { id: groupId, kind: 'cache', client, status: 'running', priority: 'high', children: children.map((c) => c.id), webhook, cancel_requested: false, created_at: now, finished_at: null };
     await ctx.jobs.groups.create(group);

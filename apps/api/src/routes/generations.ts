@@ -1,6 +1,6 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { GenerationRequest, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob } from '@kiln/contracts';
-import { jobRecord, KilnError } from '@kiln/runtime';
+import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -65,24 +65,9 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           const stored = ResolvedGenerationRequest.parse({ ...request, hyperparameters: hp });
           const now = new Date().toISOString();
           const job: StoredJob = {
-            id,
+            ...newJobFields(id, req.client, stored.priority, null, now),
             kind: 'generation',
-            client: req.client,
-            status: 'queued',
-            stage: 'queued',
-            attempt: 0,
-            agent: null,
-            priority: stored.priority,
             request: stored,
-            progress: null,
-            outputs: [],
-            error: null,
-            timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
-            cancel_requested: false,
-            group_id: null,
-            created_at: now,
-            started_at: null,
-            finished_at: null,
           };
           await ctx.store.create(job);
           await ctx.jobs.enqueue(job);

@@ -1,6 +1,6 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { IMAGE_LIMITS, LIMITS, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainingRequest, trainingVramMb } from '@kiln/contracts';
-import { jobRecord, KilnError } from '@kiln/runtime';
+import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -89,25 +89,10 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         hyperparameters: { ...body.hyperparameters, seed: body.hyperparameters.seed ?? randomInt(0, MAX_SEED) },
       });
       const job: TrainingJob = {
-        id,
+        ...newJobFields(id, req.client, request.priority),
         kind: 'training',
-        client: req.client,
-        status: 'queued',
-        stage: 'queued',
-        attempt: 0,
-        agent: null,
-        priority: request.priority,
         request,
-        progress: null,
-        outputs: [],
-        error: null,
-        timings: { queued_ms: null, model_load_ms: null, inference_ms: null, upload_ms: null, total_ms: null },
-        cancel_requested: false,
-        group_id: null,
         training: { step: 0, total: request.hyperparameters.steps, loss: null, last_checkpoint: null, lora: null },
-        created_at: new Date().toISOString(),
-        started_at: null,
-        finished_at: null,
       };
       await ctx.store.create(job);
       await ctx.jobs.enqueue(job);
