@@ -8,6 +8,10 @@ export const ErrorCode = z.enum([
   // API-level
   'validation_failed',
   'unauthorized',
+  'forbidden',
+  'rate_limited',
+  'quota_exceeded',
+  'idempotency_mismatch',
   'not_found',
   'conflict',
   'payload_too_large',
@@ -25,6 +29,7 @@ export const ErrorCode = z.enum([
   'timeout',
   'canceled',
   'max_attempts_exceeded',
+  'integrity_failed',
 ]);
 export type ErrorCode = z.infer<typeof ErrorCode>;
 
@@ -40,6 +45,11 @@ export function isRetryable(code: ErrorCode): boolean {
       return true;
     case 'validation_failed':
     case 'unauthorized':
+    case 'forbidden':
+    case 'rate_limited':
+    case 'quota_exceeded':
+    case 'idempotency_mismatch':
+    case 'integrity_failed': // the stored object is not what the registry recorded: another try reads the same bytes
     case 'not_found':
     case 'conflict':
     case 'payload_too_large':
@@ -62,6 +72,13 @@ export function httpStatusFor(code: ErrorCode): number {
       return 400;
     case 'unauthorized':
       return 401;
+    case 'forbidden':
+      return 403;
+    case 'rate_limited':
+    case 'quota_exceeded':
+      return 429;
+    case 'idempotency_mismatch':
+      return 422;
     case 'not_found':
     case 'model_not_found':
       return 404;
@@ -82,6 +99,7 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'worker_crashed':
     case 'worker_protocol':
     case 'max_attempts_exceeded':
+    case 'integrity_failed':
     case 'internal':
       return 500;
   }
