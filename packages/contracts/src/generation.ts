@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { Text } from './text.js';
 
 /**
  * The generation request ("prompt submission"), v1. One schema from API to worker: the API
@@ -146,7 +147,7 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
       num_images: z.number().int().min(1).max(LIMITS.maxImages).default(1),
     })
     .refine((h) => h.width * h.height <= LIMITS.maxPixels, { message: `width × height must be at most ${LIMITS.maxPixels} pixels`, path: ['width'] });
-  const ModelName = z.string().min(1).max(200);
+  const ModelName = Text.min(1).max(200);
   return z
     .strictObject({
       model: z.strictObject({
@@ -164,8 +165,8 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
         })
         .optional(),
       conditioning: z.strictObject({
-        prompt: z.string().trim().min(1, 'must not be empty').max(LIMITS.maxPromptChars),
-        negative_prompt: z.string().max(LIMITS.maxPromptChars).optional(),
+        prompt: Text.trim().min(1, 'must not be empty').max(LIMITS.maxPromptChars),
+        negative_prompt: Text.max(LIMITS.maxPromptChars).optional(),
       }),
       loras: z
         .array(z.strictObject({ name: ModelName, weight: z.number().min(-2).max(2).default(1) }))

@@ -1,4 +1,5 @@
 export * from './errors.js';
+export * from './text.js';
 export * from './generation.js';
 export * from './kinds.js';
 export * from './job.js';

@@ -1,12 +1,14 @@
 import { z } from 'zod';
 import { LIMITS, MAX_SEED, Priority, WebhookSpec } from './generation.js';
+import { Text } from './text.js';
 
 /**
  * The other job kinds: batch (many generations as one unit), cache (model residency on chosen
  * agents) and training (a LoRA fine-tune whose result generations can use by name).
  */
 
-const ModelName = z.string().min(1).max(200);
+const ModelName = Text.min(1).max(200);
+const AgentId = Text.min(1).max(200);
 const S3Key = z.string().min(1).max(512).regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only');
 
 // ---- batch -------------------------------------------------------------------------------
@@ -44,7 +46,7 @@ export const CacheRequest = z.strictObject({
     .union([
       z.strictObject({ all: z.literal(true) }),
       z.strictObject({ replicas: z.number().int().min(1).max(256) }),
-      z.strictObject({ agents: z.array(z.string().min(1)).min(1).max(256) }),
+      z.strictObject({ agents: z.array(AgentId).min(1).max(256) }),
     ])
     .default({ all: true }),
   location: z.enum(['vram', 'ram']).default('vram').describe('vram: hot, ready to run; ram: warm, cheaper to bring in than from disk'),
@@ -55,7 +57,7 @@ export type CacheRequest = z.output<typeof CacheRequest>;
 
 export const EvictRequest = z.strictObject({
   models: z.array(ModelName).min(1).max(32),
-  agents: z.array(z.string().min(1)).min(1).optional().describe('default: every live agent'),
+  agents: z.array(AgentId).min(1).optional().describe('default: every live agent'),
 });
 
 /** One agent's share of a cache request (or eviction), run on that agent's queue. */
