@@ -8,6 +8,7 @@ import {
   BatchRequest,
   CacheRequest,
   ErrorCode,
+  faultClass,
   GenerationRequest,
   httpStatusFor,
   isRetryable,
@@ -179,6 +180,13 @@ describe('error codes', () => {
     for (const code of ErrorCode.options) {
       expect({ code, retryable: isRetryable(code), status: httpStatusFor(code) }).toEqual({ code, ...expected[code] });
     }
+  });
+
+  it('only a job\'s own failures spend its attempts; infrastructure faults are retried without counting', () => {
+    const of = (cls: string) => ErrorCode.options.filter((c) => faultClass(c) === cls).sort();
+    expect(of('job')).toEqual(['out_of_memory', 'worker_crashed', 'worker_protocol']);
+    expect(of('infra')).toEqual(['agent_lost', 'storage_failed', 'unavailable']);
+    for (const code of ErrorCode.options) expect(isRetryable(code)).toBe(faultClass(code) !== 'final');
   });
 
   it('the Python worker decides retryability the same way for every code', () => {

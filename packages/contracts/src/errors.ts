@@ -2,7 +2,8 @@ import { z } from 'zod';
 
 /**
  * Every error Kiln reports — on the API, on a job record, from the worker — carries one of
- * these codes. Whether a failure is worth another attempt is decided once, in `isRetryable`.
+ * these codes. Whether a failure is worth another attempt, and what it costs, is decided once, in
+ * `faultClass`.
  */
 export const ErrorCode = z.enum([
   // API-level
@@ -33,16 +34,27 @@ export const ErrorCode = z.enum([
 ]);
 export type ErrorCode = z.infer<typeof ErrorCode>;
 
+/**
+ * Whose fault a failed attempt was, which decides what it costs:
+ *  - `job`: the job itself (the worker crashed or ran out of memory on it): another attempt,
+ *    counted against MAX_ATTEMPTS;
+ *  - `infra`: the infrastructure (storage or Redis unavailable, the agent lost): retried,
+ *    then re-placed without spending an attempt, until INFRA_RETRY_DEADLINE_S;
+ *  - `final`: another attempt cannot help (bad input, its own timeout, canceled).
+ */
+export type FaultClass = 'job' | 'infra' | 'final';
+
 /** Exhaustive: adding a code without deciding here is a type error. */
-export function isRetryable(code: ErrorCode): boolean {
+export function faultClass(code: ErrorCode): FaultClass {
   switch (code) {
     case 'out_of_memory': // another agent (or a fresh worker) may have room
     case 'worker_crashed':
     case 'worker_protocol':
+      return 'job';
     case 'agent_lost':
     case 'storage_failed':
     case 'unavailable':
-      return true;
+      return 'infra';
     case 'validation_failed':
     case 'unauthorized':
     case 'forbidden':
@@ -60,8 +72,13 @@ export function isRetryable(code: ErrorCode): boolean {
     case 'timeout':
     case 'canceled':
     case 'max_attempts_exceeded':
-      return false;
+      return 'final';
   }
+}
+
+/** Whether a failure is worth another attempt at all (a job or infrastructure fault). */
+export function isRetryable(code: ErrorCode): boolean {
+  return faultClass(code) !== 'final';
 }
 
 /** HTTP status for an error code when the API reports it directly. */
