@@ -20,6 +20,14 @@ NON_RETRYABLE_CODES = frozenset(
     {
         "validation_failed",
         "unauthorized",
+        "forbidden",
+        "rate_limited",
+        "quota_exceeded",
+        "idempotency_mismatch",
+        "request_timeout",
+        "uri_too_long",
+        "headers_too_large",
+        "unsupported_media_type",
         "not_found",
         "conflict",
         "payload_too_large",
@@ -30,6 +38,7 @@ NON_RETRYABLE_CODES = frozenset(
         "timeout",
         "canceled",
         "max_attempts_exceeded",
+        "integrity_failed",
     }
 )
 ERROR_CODES = RETRYABLE_CODES | NON_RETRYABLE_CODES

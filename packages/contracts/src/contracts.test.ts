@@ -157,6 +157,14 @@ describe('error codes', () => {
   const expected: Record<ErrorCode, { retryable: boolean; status: number }> = {
     validation_failed: { retryable: false, status: 400 },
     unauthorized: { retryable: false, status: 401 },
+    forbidden: { retryable: false, status: 403 },
+    rate_limited: { retryable: false, status: 429 },
+    quota_exceeded: { retryable: false, status: 429 },
+    idempotency_mismatch: { retryable: false, status: 422 },
+    request_timeout: { retryable: false, status: 408 },
+    uri_too_long: { retryable: false, status: 414 },
+    headers_too_large: { retryable: false, status: 431 },
+    unsupported_media_type: { retryable: false, status: 415 },
     not_found: { retryable: false, status: 404 },
     conflict: { retryable: false, status: 409 },
     payload_too_large: { retryable: false, status: 413 },
@@ -173,6 +181,7 @@ describe('error codes', () => {
     timeout: { retryable: false, status: 504 },
     canceled: { retryable: false, status: 409 },
     max_attempts_exceeded: { retryable: false, status: 500 },
+    integrity_failed: { retryable: false, status: 500 },
   };
 
   it('every code has a retry decision and an HTTP error status', () => {

@@ -14,6 +14,11 @@ export const ErrorCode = z.enum([
   'quota_exceeded',
   'idempotency_mismatch',
   'not_found',
+  // the HTTP layer's own refusals: slow, oversized or unparseable requests
+  'request_timeout',
+  'uri_too_long',
+  'headers_too_large',
+  'unsupported_media_type',
   'conflict',
   'payload_too_large',
   'unschedulable',
@@ -63,6 +68,10 @@ export function faultClass(code: ErrorCode): FaultClass {
     case 'idempotency_mismatch':
     case 'integrity_failed': // the stored object is not what the registry recorded: another try reads the same bytes
     case 'not_found':
+    case 'request_timeout':
+    case 'uri_too_long':
+    case 'headers_too_large':
+    case 'unsupported_media_type':
     case 'conflict':
     case 'payload_too_large':
     case 'unschedulable':
@@ -99,11 +108,19 @@ export function httpStatusFor(code: ErrorCode): number {
     case 'not_found':
     case 'model_not_found':
       return 404;
+    case 'request_timeout':
+      return 408;
     case 'conflict':
     case 'canceled':
       return 409;
     case 'payload_too_large':
       return 413;
+    case 'uri_too_long':
+      return 414;
+    case 'unsupported_media_type':
+      return 415;
+    case 'headers_too_large':
+      return 431;
     case 'unschedulable':
       return 422;
     case 'unavailable':
