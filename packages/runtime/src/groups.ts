@@ -6,10 +6,34 @@ import type { JobStore } from './job-store.js';
 import type { Storage } from './storage.js';
 
 /**
+ * patch-group (KEYS: group, events, deliveries) — replaces a group's record with one the caller
+ * derived from the record it read, if that is still the record (else returns 0: read again)
+ * and the group has not ended (returns -1). A patch that ends the group (ttl > 0) marks it
+ * ended, so it ends exactly once, and starts its retention.
+ * ARGV: record read, new record, event JSON ('' = none), ttl s (0 = not an end).
+ */
+const PATCH_GROUP = `
+if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return -1 end
+if redis.call('HGET', KEYS[1], 'record') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[2])
+if ARGV[3] ~= '' then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('HSET', KEYS[1], 'ended', '1')
+  for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
+end
+return 1
+`;
+
+const ENDED: readonly GroupStatus[] = ['succeeded', 'failed', 'partially_succeeded', 'canceled'];
+
+/**
  * Groups: a batch, or a cache request, as one unit over many jobs. The group keeps its
- * children's ids and a counter of children that ended; the child whose end brings the counter
- * to the total finalizes the group (exactly one does: HINCRBY is atomic), so a group never
- * waits forever on a failed child.
+ * children's ids, their number (`total`) and a counter of children that ended. The counter
+ * moves in the same step as the child's end (JobStore's end-job), and the child that brings
+ * it to the total also puts the group's announcement in the outbox; the drainer then
+ * finishes the group (`finish`, once) and fires its webhook. So a group never waits forever
+ * on a failed child, and no crash leaves it open.
  */
 export class GroupStore {
   constructor(
@@ -21,7 +45,7 @@ export class GroupStore {
   async create(group: StoredGroup): Promise<void> {
     await this.redis
       .multi()
-      .hset(this.keys.group(group.id), { record: JSON.stringify(group), done: '0' })
+      .hset(this.keys.group(group.id), { record: JSON.stringify(group), done: '0', total: String(group.children.length) })
       .rpush(this.keys.groupEvents(group.id), JSON.stringify(groupEvent(group.status, 'submitted')))
       .exec();
   }
@@ -35,40 +59,43 @@ export class GroupStore {
     return Number((await this.redis.hget(this.keys.group(id), 'done')) ?? 0);
   }
 
-  /** Counts one more ended child; returns true for the child that ended the group. */
-  async childEnded(id: string, total: number): Promise<boolean> {
-    return (await this.redis.hincrby(this.keys.group(id), 'done', 1)) === total;
-  }
-
-  /** Sets the group's status unless it already ended; returns the group if it changed. */
+  /** Ends the group with `status` unless it already ended; returns the group if this call ended it. */
   async finish(id: string, status: GroupStatus): Promise<StoredGroup | null> {
-    const group = await this.get(id);
-    if (!group || ['succeeded', 'failed', 'partially_succeeded', 'canceled'].includes(group.status)) return null;
-    const done = { ...group, status, finished_at: new Date().toISOString() };
-    await this.redis
-      .multi()
-      .hset(this.keys.group(id), 'record', JSON.stringify(done))
-      .rpush(this.keys.groupEvents(id), JSON.stringify(groupEvent(status)))
-      .expire(this.keys.group(id), this.retentionS)
-      .expire(this.keys.groupEvents(id), this.retentionS)
-      .expire(this.keys.groupDeliveries(id), this.retentionS)
-      .exec();
-    return done;
+    return this.patch(id, { status, finished_at: new Date().toISOString() }, { event: groupEvent(status), end: true });
   }
 
   async markRunning(id: string): Promise<void> {
-    const group = await this.get(id);
-    if (group?.status !== 'queued') return;
-    await this.redis.hset(this.keys.group(id), 'record', JSON.stringify({ ...group, status: 'running' }));
-    await this.redis.rpush(this.keys.groupEvents(id), JSON.stringify(groupEvent('running')));
+    await this.patch(id, { status: 'running' }, { from: 'queued', event: groupEvent('running') });
   }
 
+  /** Flags the group canceled-on-request (unless it ended); returns the group as it now is. */
   async requestCancel(id: string): Promise<StoredGroup | null> {
-    const group = await this.get(id);
-    if (!group) return null;
-    const next = { ...group, cancel_requested: true };
-    await this.redis.hset(this.keys.group(id), 'record', JSON.stringify(next));
-    return next;
+    return (await this.patch(id, { cancel_requested: true })) ?? this.get(id);
+  }
+
+  /** Merges `fields` into the record (see PATCH_GROUP); the group as patched, or null if nothing changed. */
+  private async patch(id: string, fields: Partial<StoredGroup>, opts: { from?: GroupStatus; event?: GroupEvent; end?: boolean } = {}): Promise<StoredGroup | null> {
+    const k = this.keys;
+    for (;;) {
+      const raw = await this.redis.hget(k.group(id), 'record');
+      if (!raw) return null;
+      const group = StoredGroupSchema.parse(JSON.parse(raw));
+      if (groupEnded(group) || (opts.from && group.status !== opts.from)) return null;
+      const next = { ...group, ...fields };
+      const res = (await this.redis.eval(
+        PATCH_GROUP,
+        3,
+        k.group(id),
+        k.groupEvents(id),
+        k.groupDeliveries(id),
+        raw,
+        JSON.stringify(next),
+        opts.event ? JSON.stringify(opts.event) : '',
+        String(opts.end ? this.retentionS : 0),
+      )) as number;
+      if (res === 1) return next;
+      if (res === -1) return null;
+    }
   }
 
   async addDelivery(id: string, d: WebhookDelivery): Promise<void> {
@@ -80,6 +107,9 @@ export class GroupStore {
     return { events: events.map((e) => GroupEvent.parse(JSON.parse(e))), deliveries: deliveries.map((d) => WebhookDelivery.parse(JSON.parse(d))) };
   }
 }
+
+/** Whether the group has ended (any final status). */
+export const groupEnded = (group: StoredGroup) => ENDED.includes(group.status);
 
 /** How a group ended, from its children: canceled on request, else by how many succeeded. */
 export function groupOutcome(group: StoredGroup, children: (StoredJob | null)[]): GroupStatus {
@@ -134,7 +164,7 @@ export function groupTracker(groups: GroupStore, pollMs = 1_000) {
     for (;;) {
       const group = await groups.get(entry.data.group_id);
       if (!group) throw new Error(`group ${entry.data.group_id} expired`);
-      const ended = ['succeeded', 'partially_succeeded', 'canceled', 'failed'].includes(group.status);
+      const ended = groupEnded(group);
       await entry.updateProgress(ended ? 100 : Math.floor((100 * (await groups.doneCount(group.id))) / Math.max(1, entry.data.total)));
       if (group.status === 'failed') throw new Error('every child failed');
       if (ended) return { status: group.status };

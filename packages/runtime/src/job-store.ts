@@ -16,12 +16,16 @@ import type { Keys } from './keys.js';
  * different fields never clobber each other), plus append-only lists of lifecycle events
  * and webhook deliveries.
  *
- * Every write goes through one Lua script that checks a guard first — the statuses the job
+ * Every write goes through a Lua script that checks a guard first — the statuses the job
  * may be in and, for agents, the attempt they hold — so a late write from a stale attempt
- * or after cancellation is refused instead of corrupting the record.
+ * or after cancellation is refused instead of corrupting the record. One script per
+ * transition (update-job, end-job); `scriptKeys` is the one place their keys are assembled.
  */
 
-const UPDATE_SCRIPT = `
+// The guard every job script opens with: the job exists (-1 if not), is in one of the
+// allowed statuses and still on the expected attempt (0 if not). Sets `i` to the first
+// argument after the guard.
+const GUARD = `
 local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt')
 if not cur[1] then return -1 end
 local n = tonumber(ARGV[1])
@@ -30,18 +34,82 @@ for i = 1, n do if cur[1] == ARGV[1 + i] then ok = true end end
 if not ok then return 0 end
 local i = n + 2
 if ARGV[i] ~= '' and cur[2] ~= ARGV[i] then return 0 end
+`;
+
+/**
+ * update-job (KEYS: job, events) — a guarded write that does not end the job: sets the fields,
+ * appends the lifecycle event if any.
+ * ARGV: guard…, event, field, value, …
+ */
+const UPDATE_JOB = `${GUARD}
 local event = ARGV[i + 1]
-local ttl = tonumber(ARGV[i + 2])
-for j = i + 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+for j = i + 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
 if event ~= '' then redis.call('RPUSH', KEYS[2], event) end
-if ttl > 0 then
-  redis.call('ZREM', KEYS[4], ARGV[i + 3])
-  redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl)
-  redis.call('EXPIRE', KEYS[3], ttl)
+return 1
+`;
+
+/**
+ * end-job (KEYS: job, events, deliveries, active, outbox[, group]) — the job's terminal
+ * transition, its announcement and its group's count as one step, so no crash between them
+ * can lose a `completed` webhook or leave a batch open: sets the fields, appends the event,
+ * starts retention, and puts `job:<id>` (when someone listens for its end) and, for the
+ * child that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox).
+ * A job ends once: a second end is refused like a failed guard.
+ * ARGV: guard…, event, ttl, job id, announce ('1'|'0'), group id, field, value, …
+ */
+const END_JOB = `${GUARD}
+if cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '"canceled"' then return 0 end
+local event, ttl, id, announce, group = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+for j = i + 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+if event ~= '' then redis.call('RPUSH', KEYS[2], event) end
+redis.call('ZREM', KEYS[4], id)
+for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if announce == '1' then redis.call('ZADD', KEYS[5], now, 'job:' .. id) end
+if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then
+  local done = redis.call('HINCRBY', KEYS[6], 'done', 1)
+  local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '')
+  if not total then
+    local rec = redis.call('HGET', KEYS[6], 'record')
+    total = rec and #cjson.decode(rec).children or -1
+  end
+  if done == total then redis.call('ZADD', KEYS[5], now, 'group:' .. group) end
 end
 return 1
 `;
+
+/**
+ * claim-announcements (KEYS: outbox) — hands a drainer the announcements due now (or those
+ * of `members` that are due), hiding each for the lease: a drainer that dies mid-way leaves
+ * it to the next one once the lease runs out, and two drainers never work on one at a time.
+ * ARGV: lease ms, limit, member…
+ */
+const CLAIM_ANNOUNCEMENTS = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = {}
+if #ARGV > 2 then
+  for k = 3, #ARGV do
+    local s = redis.call('ZSCORE', KEYS[1], ARGV[k])
+    if s and tonumber(s) <= now then table.insert(due, ARGV[k]) end
+  end
+else
+  due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+end
+for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), m) end
+return due
+`;
+
+/** Outbox members: the announcement of a job's end, or of a group's (its last child ended). */
+export const announcement = {
+  job: (id: string) => `job:${id}`,
+  group: (id: string) => `group:${id}`,
+  parse: (member: string): { kind: 'job' | 'group'; id: string } | null => {
+    const m = /^(job|group):(.+)$/.exec(member);
+    return m ? { kind: m[1] as 'job' | 'group', id: m[2]! } : null;
+  },
+};
 
 export interface Guard {
   /** the update applies only while the job is in one of these statuses */
@@ -105,7 +173,9 @@ export class JobStore {
 
   /**
    * Applies `patch` if `guard` holds; records a lifecycle event when status, stage, attempt
-   * or agent change. Returns the updated job, or null when the guard refused the write.
+   * or agent change. A patch into a terminal status is the job's end (end-job): it also
+   * announces the end in the outbox and counts it on the job's group, in the same step.
+   * Returns the updated job, or null when the guard refused the write.
    */
   async update(id: string, guard: Guard, patch: JobPatch, message?: string): Promise<StoredJob | null> {
     const before = await this.get(id);
@@ -114,24 +184,18 @@ export class JobStore {
     const changed =
       before.status !== after.status || before.stage !== after.stage || before.attempt !== after.attempt || before.agent !== after.agent;
     const event = changed || message ? JSON.stringify(this.event(after, message)) : '';
-    const statuses = guard.status ?? [];
-    const ttl = isTerminal(after.status) ? this.retentionS : 0;
+    const guardArgs = this.guardArgs(guard);
     const fields = Object.entries(encode(patch)).flat();
-    const res = (await this.redis.eval(
-      UPDATE_SCRIPT,
-      4,
-      this.keys.job(id),
-      this.keys.jobEvents(id),
-      this.keys.jobDeliveries(id),
-      this.keys.activeJobs(),
-      String(statuses.length),
-      ...statuses.map((s) => JSON.stringify(s)),
-      guard.attempt === undefined ? '' : JSON.stringify(guard.attempt),
-      event,
-      String(ttl),
-      id,
-      ...fields,
-    )) as number;
+    let res: number;
+    if (isTerminal(after.status)) {
+      const hook = 'webhook' in after.request ? after.request.webhook : undefined;
+      const announce = hook?.events.includes('completed') ? '1' : '0';
+      const keys = this.scriptKeys('end', id, after.group_id);
+      res = (await this.redis.eval(END_JOB, keys.length, ...keys, ...guardArgs, event, String(this.retentionS), id, announce, after.group_id ?? '', ...fields)) as number;
+    } else {
+      const keys = this.scriptKeys('update', id);
+      res = (await this.redis.eval(UPDATE_JOB, keys.length, ...keys, ...guardArgs, event, ...fields)) as number;
+    }
     if (res !== 1) return null;
     return this.get(id);
   }
@@ -143,26 +207,44 @@ export class JobStore {
    */
   async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage' | 'training'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
     const fields = Object.entries(encode(patch)).flat();
+    const keys = this.scriptKeys('update', id);
     const res = await this.redis
       .multi()
-      .eval(
-        UPDATE_SCRIPT,
-        4,
-        this.keys.job(id),
-        this.keys.jobEvents(id),
-        this.keys.jobDeliveries(id),
-        this.keys.activeJobs(),
-        '1',
-        JSON.stringify('running'),
-        JSON.stringify(attempt),
-        '',
-        '0',
-        id,
-        ...fields,
-      )
+      .eval(UPDATE_JOB, keys.length, ...keys, ...this.guardArgs({ status: ['running'], attempt }), '', ...fields)
       .hget(this.keys.job(id), 'cancel_requested')
       .exec();
     return { ok: res?.[0]?.[1] === 1, cancelRequested: res?.[1]?.[1] === 'true' };
+  }
+
+  /**
+   * Claims announcements for a drainer (see CLAIM_ANNOUNCEMENTS): the given members if they
+   * are due, else up to `limit` of those due. Each is hidden for `leaseMs` until `announced`.
+   */
+  async claimAnnouncements(leaseMs: number, members: string[] = [], limit = 100): Promise<string[]> {
+    if (members.length === 0 && limit <= 0) return [];
+    return (await this.redis.eval(CLAIM_ANNOUNCEMENTS, 1, this.keys.outbox(), String(leaseMs), String(limit), ...members)) as string[];
+  }
+
+  /** The announcement was made (its webhook queued, its group finished): drop it from the outbox. */
+  async announced(member: string): Promise<void> {
+    await this.redis.zrem(this.keys.outbox(), member);
+  }
+
+  /** How many announcements wait in the outbox (due or claimed). */
+  async pendingAnnouncements(): Promise<number> {
+    return this.redis.zcard(this.keys.outbox());
+  }
+
+  /** The keys each job script touches, in its KEYS order: the one place they are assembled. */
+  private scriptKeys(script: 'update' | 'end', id: string, groupId?: string | null): string[] {
+    const k = this.keys;
+    if (script === 'update') return [k.job(id), k.jobEvents(id)];
+    return [k.job(id), k.jobEvents(id), k.jobDeliveries(id), k.activeJobs(), k.outbox(), ...(groupId ? [k.group(groupId)] : [])];
+  }
+
+  private guardArgs(guard: Guard): string[] {
+    const statuses = guard.status ?? [];
+    return [String(statuses.length), ...statuses.map((s) => JSON.stringify(s)), guard.attempt === undefined ? '' : JSON.stringify(guard.attempt)];
   }
 
   async addDelivery(id: string, delivery: WebhookDelivery): Promise<void> {

@@ -3,8 +3,9 @@ import { isTerminal } from '@kiln/contracts';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { KilnError } from './errors.js';
-import { type GroupStore, groupOutcome } from './groups.js';
-import type { Guard, JobPatch, JobStore } from './job-store.js';
+import type { GroupStore } from './groups.js';
+import { announcement, type Guard, type JobPatch, type JobStore } from './job-store.js';
+import { processLogger } from './logger.js';
 import type { Keys } from './keys.js';
 import type { WebhookOutbox } from './webhooks.js';
 
@@ -49,29 +50,35 @@ export class Jobs {
   ) {}
 
   /**
-   * Guarded update. A change into a terminal status fires `completed`; other events fire
-   * only when named. Returns null when the guard refused the write.
+   * Guarded update. A change into a terminal status is the job's end: the store writes it,
+   * its `completed` announcement and its group's count as one step, and the announcements are
+   * then made at once (the dispatcher's sweep makes any a crash left). Other events fire only
+   * when named. Returns null when the guard refused the write.
    */
   async update(id: string, guard: Guard, patch: JobPatch, opts: { message?: string; webhook?: WebhookEvent } = {}): Promise<StoredJob | null> {
     const job = await this.store.update(id, guard, patch, opts.message);
     if (!job) return null;
-    const ended = !!patch.status && isTerminal(patch.status);
-    const event = ended ? 'completed' : opts.webhook;
-    if (event && this.outbox) await this.outbox.emit(job, event);
-    if (job.group_id) {
-      if (patch.status === 'running') await this.groups.markRunning(job.group_id);
-      if (ended) await this.childEnded(job.group_id);
+    if (patch.status && isTerminal(patch.status)) {
+      await this.announceEnd(job);
+      return job;
     }
+    if (opts.webhook && this.outbox) await this.outbox.emit(job, opts.webhook);
+    if (job.group_id && patch.status === 'running') await this.groups.markRunning(job.group_id);
     return job;
   }
 
-  /** A group's child ended; the last one finalizes the group and fires its webhook. */
-  private async childEnded(groupId: string): Promise<void> {
-    const group = await this.groups.get(groupId);
-    if (!group || !(await this.groups.childEnded(groupId, group.children.length))) return;
-    const children = await this.store.getMany(group.children);
-    const done = await this.groups.finish(groupId, groupOutcome(group, children));
-    if (done && this.outbox) await this.outbox.emitGroup(done);
+  /** Makes the just-ended job's announcements; failures stay in the outbox for the sweep. */
+  private async announceEnd(job: StoredJob): Promise<void> {
+    if (!this.outbox) return;
+    const members = [announcement.job(job.id), ...(job.group_id ? [announcement.group(job.group_id)] : [])];
+    await this.outbox.drain(members).catch((err) =>
+      processLogger().warn({ job: job.id, err: err instanceof Error ? err.message : String(err) }, 'could not announce the end of a job yet; the dispatcher will'),
+    );
+  }
+
+  /** Makes every announcement waiting in the outbox (the dispatcher's sweep); returns how many. */
+  async drainAnnouncements(): Promise<number> {
+    return this.outbox ? this.outbox.drain() : 0;
   }
 
   /** Adds a queued job to intake and wakes the dispatcher. Idempotent per attempt. */

@@ -9,6 +9,8 @@ export class Keys {
   jobDeliveries = (id: string) => `${this.prefix}:job:${id}:deliveries`;
   /** sorted set of unfinished job ids, scored by creation time */
   activeJobs = () => `${this.prefix}:jobs:active`;
+  /** sorted set of ends not yet announced (`job:<id>`, `group:<id>`), scored by when a drainer may take each */
+  outbox = () => `${this.prefix}:outbox`;
   group = (id: string) => `${this.prefix}:group:${id}`;
   groupEvents = (id: string) => `${this.prefix}:group:${id}:events`;
   groupDeliveries = (id: string) => `${this.prefix}:group:${id}:deliveries`;

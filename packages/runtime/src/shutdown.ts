@@ -1,4 +1,22 @@
 import type { Logger } from 'pino';
+import { coerceError } from './errors.js';
+
+let guarded = false;
+
+/**
+ * The last resort for a promise nobody handled: log what escaped, as one structured line, and
+ * keep running (Node would otherwise end the process on it, dropping whatever it held). Every
+ * background chain should have its own handler; a line from here is a bug to fix. Idempotent;
+ * onShutdown installs it too.
+ */
+export function guardProcess(log: Logger): void {
+  if (guarded) return;
+  guarded = true;
+  process.on('unhandledRejection', (reason) => {
+    const err = coerceError(reason);
+    log.error({ err: { message: err.message, code: err.code, stack: err.stack, cause: err.cause instanceof Error ? err.cause.message : undefined } }, 'unhandled rejection: a background task failed without a handler');
+  });
+}
 
 /**
  * One place per process for stopping: the first SIGINT/SIGTERM runs `drain` (stop taking
@@ -6,6 +24,7 @@ import type { Logger } from 'pino';
  * deadline forces exit. Every cleanup step runs even if an earlier one threw.
  */
 export function onShutdown(log: Logger, deadlineMs: number, drain: () => Promise<void>): void {
+  guardProcess(log);
   let stopping = false;
   const handler = (signal: NodeJS.Signals) => {
     if (stopping) {

@@ -1,13 +1,13 @@
 import { request as httpRequest } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import { randomUUID } from 'node:crypto';
-import type { StoredGroup, StoredJob, WebhookEvent, WebhookPayload } from '@kiln/contracts';
+import { isTerminal, type StoredGroup, type StoredJob, type WebhookEvent, type WebhookPayload } from '@kiln/contracts';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
 import { Webhook } from 'standardwebhooks';
 import type { WebhookEnv } from './env.js';
 import { KilnError } from './errors.js';
-import type { JobStore } from './job-store.js';
-import { type GroupStore, groupRecord } from './groups.js';
+import { announcement, type JobStore } from './job-store.js';
+import { type GroupStore, groupEnded, groupOutcome, groupRecord } from './groups.js';
 import { jobRecord } from './job-view.js';
 import { assertPublicTarget, publicOnlyLookup } from './net-guard.js';
 
@@ -56,6 +56,21 @@ export function postWebhook(rawUrl: string, headers: Record<string, string>, bod
   });
 }
 
+/** How long a drainer holds an announcement before another may take it over. */
+const ANNOUNCE_LEASE_MS = 30_000;
+
+/** A `completed` message's id: one per job or group, so a second drain finds it already queued. */
+const completedMsgId = (kind: 'job' | 'group', id: string) => `msg_${kind}_completed_${id.replace(/[^A-Za-z0-9]/g, '')}`;
+
+/**
+ * Turns job events into webhook messages on the delivery queue. Ends go through the outbox:
+ * the write that ends a job also records its announcement (JobStore's end-job), and `drain`
+ * turns announcements into deliveries — a job's `completed` message, and for the child that
+ * closed its group, the group's end and its `completed` message. Draining is safe to repeat:
+ * the group ends once (GroupStore.finish) and each `completed` message has a fixed id, so a
+ * second drain finds it on the queue instead of adding another. The process that ended the
+ * job drains at once; the dispatcher's sweep drains whatever a crash left behind.
+ */
 export class WebhookOutbox {
   constructor(
     private readonly queue: Queue,
@@ -66,6 +81,46 @@ export class WebhookOutbox {
     private readonly env: WebhookEnv,
   ) {}
 
+  /**
+   * Makes the announcements due in the outbox (only `members`, when given); returns how many.
+   * One that fails stays in the outbox for the next drain, after the others were tried.
+   */
+  async drain(members?: string[]): Promise<number> {
+    let made = 0;
+    let failure: unknown = null;
+    for (;;) {
+      const claimed = await this.store.claimAnnouncements(ANNOUNCE_LEASE_MS, members ?? []);
+      for (const member of claimed) {
+        try {
+          await this.announce(member);
+          await this.store.announced(member);
+          made += 1;
+        } catch (err) {
+          failure ??= err;
+        }
+      }
+      if (members || claimed.length === 0 || failure) break;
+    }
+    if (failure) throw failure;
+    return made;
+  }
+
+  private async announce(member: string): Promise<void> {
+    const a = announcement.parse(member);
+    if (a?.kind === 'job') {
+      const job = await this.store.get(a.id);
+      if (job && isTerminal(job.status)) await this.emit(job, 'completed');
+    } else if (a?.kind === 'group') {
+      let group = await this.groups.get(a.id);
+      if (!group) return; // expired
+      if (!groupEnded(group)) {
+        const outcome = groupOutcome(group, await this.store.getMany(group.children));
+        group = (await this.groups.finish(a.id, outcome)) ?? (await this.groups.get(a.id));
+      }
+      if (group) await this.emitGroup(group);
+    }
+  }
+
   /** Queues the `completed` delivery of a batch or cache group, if it has a webhook. */
   async emitGroup(group: StoredGroup): Promise<void> {
     if (!group.webhook) return;
@@ -75,12 +130,14 @@ export class WebhookOutbox {
       timestamp: new Date().toISOString(),
       data: await groupRecord(group, this.groups, this.store, this.storage, this.publicUrl, path),
     };
-    await this.send({ job_id: group.id, group: true, event: 'completed', url: group.webhook.url, payload });
+    await this.send({ job_id: group.id, group: true, event: 'completed', url: group.webhook.url, payload, msgId: completedMsgId('group', group.id) });
   }
 
-  private async send(d: { job_id: string; group?: boolean; event: WebhookEvent; url: string; payload: unknown }): Promise<void> {
-    const msgId = `msg_${randomUUID().replaceAll('-', '')}`;
+  private async send(d: { job_id: string; group?: boolean; event: WebhookEvent; url: string; payload: unknown; msgId?: string }): Promise<void> {
+    const msgId = d.msgId ?? `msg_${randomUUID().replaceAll('-', '')}`;
     const data: DeliveryData = { job_id: d.job_id, group: d.group, event: d.event, msg_id: msgId, url: d.url, body: JSON.stringify(d.payload) };
+    // a message with this id still on the queue (waiting, retrying or delivered within the
+    // retention below) makes this add a no-op: that is what makes a repeated drain harmless
     await this.queue.add(`${d.group ? 'group' : 'job'}.${d.event}`, data, {
       jobId: msgId,
       attempts: this.env.WEBHOOK_MAX_ATTEMPTS,
@@ -99,7 +156,7 @@ export class WebhookOutbox {
       timestamp: new Date().toISOString(),
       data: await jobRecord(job, this.store, this.storage, this.publicUrl),
     };
-    await this.send({ job_id: job.id, event, url: hook.url, payload });
+    await this.send({ job_id: job.id, event, url: hook.url, payload, ...(event === 'completed' ? { msgId: completedMsgId('job', job.id) } : {}) });
   }
 }
 
