@@ -84,6 +84,16 @@ const common = {
   status: JobStatus,
   stage: JobStage,
   attempt: z.number().int().describe('0 until first placed; +1 on every placement'),
+  charged_attempts: z
+    .number()
+    .int()
+    .optional()
+    .describe('attempts that failed through the job itself (worker crash, out of memory) since it last made progress; the job fails at MAX_ATTEMPTS'),
+  infra_since: z
+    .string()
+    .nullable()
+    .optional()
+    .describe('when the current run of infrastructure failures (storage, Redis, a lost agent) began; retries stop at INFRA_RETRY_DEADLINE_S after it'),
   agent: z.string().nullable(),
   priority: Priority,
   progress: Progress.nullable(),

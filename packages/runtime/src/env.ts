@@ -47,7 +47,13 @@ export const WebhookEnv = z.object({
 export type WebhookEnv = z.infer<typeof WebhookEnv>;
 
 export const JobEnv = z.object({
-  MAX_ATTEMPTS: z.coerce.number().int().min(1).max(20).default(3),
+  MAX_ATTEMPTS: z.coerce.number().int().min(1).max(20).default(3).describe('attempts that fail on the job itself (worker crash, out of memory) before it fails'),
+  INFRA_RETRY_DEADLINE_S: z.coerce
+    .number()
+    .int()
+    .min(1)
+    .default(900)
+    .describe('how long a job is retried through infrastructure failures (storage, Redis, a lost agent), which spend no attempt, before it fails'),
   JOB_RETENTION_S: z.coerce.number().int().min(60).default(7 * 24 * 3600),
   AGENT_TTL_MS: z.coerce.number().int().min(200).default(5_000),
 });

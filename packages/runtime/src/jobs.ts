@@ -1,5 +1,5 @@
-import type { Priority, StoredJob, WebhookEvent } from '@kiln/contracts';
-import { isTerminal } from '@kiln/contracts';
+import type { ErrorCode, Priority, StoredJob, WebhookEvent } from '@kiln/contracts';
+import { faultClass, isTerminal } from '@kiln/contracts';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { KilnError } from './errors.js';
@@ -47,6 +47,8 @@ export class Jobs {
     private readonly outbox: WebhookOutbox | null,
     readonly maxAttempts: number,
     readonly groups: GroupStore,
+    /** how long a run of infrastructure failures may go on before the job fails (INFRA_RETRY_DEADLINE_S) */
+    readonly infraDeadlineS = 900,
   ) {}
 
   /**
@@ -116,38 +118,54 @@ export class Jobs {
   }
 
   /**
-   * An attempt ended without a result through no fault of the request (worker crash, agent
-   * lost, OOM): queue it again, or fail it when attempts are used up or it was not retryable.
-   * Cancellation requested meanwhile wins.
+   * An attempt ended without a result; what it costs depends on whose fault it was
+   * (`faultClass`). The job's own failure (worker crash, out of memory) spends one of
+   * MAX_ATTEMPTS — counted as consecutive attempts without progress, so a training attempt that
+   * advanced its checkpoint spends nothing. An infrastructure fault (storage, Redis, a lost
+   * agent) spends nothing and is queued again until INFRA_RETRY_DEADLINE_S after the first of
+   * its run. Anything else fails the job. Cancellation requested meanwhile wins; a cache task
+   * belongs to its agent, so it is never retried elsewhere.
    */
-  async retryOrFail(job: StoredJob, err: KilnError, fromAttempt: number): Promise<StoredJob | null> {
+  async retryOrFail(job: StoredJob, err: KilnError, fromAttempt: number, opts: { progressed?: boolean } = {}): Promise<StoredJob | null> {
     const guard: Guard = { status: ['running', 'queued'], attempt: fromAttempt };
-    const finished = new Date().toISOString();
+    const now = new Date();
+    const fail = (code: ErrorCode, message: string) =>
+      this.update(job.id, guard, { status: 'failed', stage: 'done', error: { code, message, retryable: false }, finished_at: now.toISOString() });
     if (job.cancel_requested) {
       return this.update(job.id, guard, {
         status: 'canceled',
         stage: 'done',
         error: { code: 'canceled', message: 'canceled by request', retryable: false },
-        finished_at: finished,
+        finished_at: now.toISOString(),
       });
     }
-    // a cache task belongs to its agent: if that agent is gone there is nothing to retry
-    if (!err.retryable || fromAttempt >= this.maxAttempts || job.kind === 'cache') {
-      const message = err.retryable
-        ? `gave up after ${fromAttempt} attempts; last: ${err.code}: ${err.message}`
-        : err.message;
-      return this.update(job.id, guard, {
-        status: 'failed',
-        stage: 'done',
-        error: { code: err.retryable ? 'max_attempts_exceeded' : err.code, message, retryable: false },
-        finished_at: finished,
-      });
+    const fault = faultClass(err.code);
+    if (fault === 'final' || job.kind === 'cache') return fail(err.code, err.message);
+
+    const progressed = opts.progressed === true;
+    let charged = progressed ? 0 : (job.charged_attempts ?? 0);
+    let infraSince: string | null;
+    let cost: string;
+    if (fault === 'job') {
+      if (!progressed) charged += 1;
+      if (charged >= this.maxAttempts) {
+        return fail('max_attempts_exceeded', `gave up after ${charged} attempts that failed on the job itself; last: ${err.code}: ${err.message}`);
+      }
+      infraSince = null; // a run of infrastructure trouble ends when an attempt gets as far as failing on its own
+      cost = progressed ? 'it made progress, so no attempt is spent' : `${charged} of ${this.maxAttempts} attempts spent`;
+    } else {
+      infraSince = progressed || !job.infra_since ? now.toISOString() : job.infra_since;
+      const troubledMs = now.getTime() - Date.parse(infraSince);
+      if (troubledMs >= this.infraDeadlineS * 1000) {
+        return fail(err.code, `gave up after ${Math.round(troubledMs / 1000)} s of infrastructure failures (INFRA_RETRY_DEADLINE_S=${this.infraDeadlineS}); last: ${err.message}`);
+      }
+      cost = 'infrastructure: no attempt spent';
     }
     const queued = await this.update(
       job.id,
       guard,
-      { status: 'queued', stage: 'queued', agent: null, progress: null },
-      { message: `attempt ${fromAttempt} ended: ${err.code}: ${err.message}; queued again` },
+      { status: 'queued', stage: 'queued', agent: null, progress: null, charged_attempts: charged, infra_since: infraSince },
+      { message: `attempt ${fromAttempt} ended: ${err.code}: ${err.message}; queued again (${cost})` },
     );
     if (queued) await this.enqueue(queued);
     return queued;

@@ -29,7 +29,7 @@ export interface JobServices {
 }
 
 export function createJobServices(
-  env: StorageEnv & WebhookEnv & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number },
+  env: StorageEnv & WebhookEnv & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number; INFRA_RETRY_DEADLINE_S: number },
   connectionName: string,
 ): JobServices {
   const keys = new Keys(env.KILN_PREFIX);
@@ -42,7 +42,7 @@ export function createJobServices(
   const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
   const groupsQueue = new Queue<GroupTrackData>(QUEUES.groups, queueOpts);
   const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
-  const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups);
+  const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups, env.INFRA_RETRY_DEADLINE_S);
   return {
     redis,
     keys,
