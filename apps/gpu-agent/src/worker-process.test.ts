@@ -46,12 +46,20 @@ interface Spawned {
 let spawned: Spawned[] = [];
 let jobDir = '';
 
-function spawnWorker(cmd: WorkerCommand): Spawned {
-  const worker = new WorkerProcess(cmd, log);
+function spawnWorker(cmd: WorkerCommand, logger = log): Spawned {
+  const worker = new WorkerProcess(cmd, logger);
   const exited = new Promise<KilnError | null>((r) => worker.once('exit', r));
   const s = { worker, exited };
   spawned.push(s);
   return s;
+}
+
+/** A logger that keeps what it writes, to check what reaches the agent's log. */
+function capturingLog() {
+  const lines: string[] = [];
+  // at info, the agent's default: stderr lines logged one by one at debug do not count
+  const logger = pino({ level: 'info' }, { write: (line: string) => void lines.push(line) });
+  return { logger, text: () => lines.join('') };
 }
 
 function isAlive(pid: number): boolean {
@@ -330,18 +338,19 @@ describe('WorkerProcess with a misbehaving worker', () => {
     expect(await exited).toBeNull();
   });
 
-  it('a worker that exits 1 mid-request fails it as worker_crashed with the exit code and stderr tail', async () => {
-    const { worker, exited } = spawnWorker(fixture('exits_1'));
+  it('a worker that exits 1 mid-request fails it as worker_crashed with the exit code; its stderr goes to the agent log only', async () => {
+    const captured = capturingLog();
+    const { worker, exited } = spawnWorker(fixture('exits_1'), captured.logger);
     await worker.start('agent-test', '0', START_TIMEOUT_MS);
     const progress = progressTracker();
     const err = await rejection(worker.generate(generateMsg(), progress.onProgress).done);
     expect(progress.seen).toHaveLength(1);
     expect(err.code).toBe('worker_crashed');
     expect(err.retryable).toBe(true);
-    expect(err.message).toContain('exit code 1');
-    expect(err.message).toContain('CUDA error: an illegal memory access was encountered');
+    expect(err.message).toBe('worker died (exit code 1)');
     expect((await exited)?.code).toBe('worker_crashed');
     expect(worker.state).toBe('defunct');
+    expect(captured.text()).toContain('CUDA error: an illegal memory access was encountered');
   });
 
   it('a worker that is SIGKILLed mid-request fails it as worker_crashed naming the signal', async () => {
@@ -349,7 +358,7 @@ describe('WorkerProcess with a misbehaving worker', () => {
     await worker.start('agent-test', '0', START_TIMEOUT_MS);
     const err = await rejection(worker.generate(generateMsg(), () => {}).done);
     expect(err.code).toBe('worker_crashed');
-    expect(err.message).toContain('signal SIGKILL');
+    expect(err.message).toBe('worker died (signal SIGKILL)');
     expect((await exited)?.code).toBe('worker_crashed');
   });
 
@@ -368,24 +377,27 @@ describe('WorkerProcess with a misbehaving worker', () => {
     expect(isAlive(pid)).toBe(false);
   });
 
-  it('a worker that prints non-JSON on stdout fails the request as worker_protocol and is killed', async () => {
-    const { worker, exited } = spawnWorker(fixture('prints_non_json'));
+  it('a worker that prints non-JSON on stdout fails the request as worker_protocol and is killed; the line goes to the agent log only', async () => {
+    const captured = capturingLog();
+    const { worker, exited } = spawnWorker(fixture('prints_non_json'), captured.logger);
     await worker.start('agent-test', '0', START_TIMEOUT_MS);
     const pid = worker.pid!;
     const err = await rejection(worker.generate(generateMsg(), () => {}).done);
     expect(err.code).toBe('worker_protocol');
-    expect(err.message).toContain('Loading pipeline components');
+    expect(err.message).not.toContain('Loading pipeline components');
+    expect(captured.text()).toContain('Loading pipeline components');
     expect((await exited)?.code).toBe('worker_protocol');
     expect(worker.state).toBe('defunct');
     expect(isAlive(pid)).toBe(false);
   });
 
-  it('a worker that fails on import makes start() reject with its exit code and the error from stderr', async () => {
-    const { worker, exited } = spawnWorker(fixture('fails_on_import'));
+  it('a worker that fails on import makes start() reject with its exit code, and logs the error from stderr', async () => {
+    const captured = capturingLog();
+    const { worker, exited } = spawnWorker(fixture('fails_on_import'), captured.logger);
     const err = await rejection(worker.start('agent-test', '0', START_TIMEOUT_MS));
     expect(err.code).toBe('worker_crashed');
-    expect(err.message).toContain('exit code 1');
-    expect(err.message).toContain("ModuleNotFoundError: No module named 'kiln_fixture_missing_dependency'");
+    expect(err.message).toBe('worker died (exit code 1)');
+    expect(captured.text()).toContain("ModuleNotFoundError: No module named 'kiln_fixture_missing_dependency'");
     expect((await exited)?.code).toBe('worker_crashed');
     expect(worker.state).toBe('defunct');
   });

@@ -23,8 +23,9 @@ import { execa, type ResultPromise } from 'execa';
  * `defunct` is final: the agent starts a fresh WorkerProcess.
  *
  * An exit is classified by what we intended first (stopping, or killing to cancel) before it
- * is called a crash; a crash fails the in-flight request with the exit code, signal and the
- * tail of stderr.
+ * is called a crash; a crash fails the in-flight request with the exit code or signal. The tail
+ * of stderr goes to the agent's log only: it can name other jobs, models and paths, and a job's
+ * error is read by its client.
  */
 export type WorkerStateName = 'starting' | 'ready' | 'busy' | 'defunct';
 
@@ -190,7 +191,7 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     } catch (err) {
       // the worker guards its stdout, so anything unparseable is a broken worker
       this.log.error({ line: line.slice(0, 500) }, 'worker broke the protocol; killing it');
-      this.protocolError = new KilnError('worker_protocol', `worker wrote a line that is not a protocol message: ${line.slice(0, 200)}`, { cause: err });
+      this.protocolError = new KilnError('worker_protocol', 'worker wrote a line that is not a protocol message (the line is in the agent log)', { cause: err });
       this.kill('SIGKILL', 'kill');
       return;
     }
@@ -243,7 +244,8 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     else if (this.intent === 'kill') err = new KilnError('canceled', `worker killed to stop its request (${signal ?? `exit ${code}`})`);
     else {
       const how = signal ? `signal ${signal}` : `exit code ${code}`;
-      err = new KilnError('worker_crashed', `worker died (${how})${tail ? `; stderr tail:\n${tail}` : ''}`);
+      err = new KilnError('worker_crashed', `worker died (${how})`);
+      this.log.error({ worker: this.child?.pid, exitCode: code, signal, stderr: tail }, `worker died (${how}); the end of its stderr is attached`);
     }
     const pendingErr = err ?? new KilnError('worker_crashed', 'worker stopped while a request was in flight');
     this.helloWaiter?.reject(pendingErr);
