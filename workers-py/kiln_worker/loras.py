@@ -1,7 +1,8 @@
 """LoRA directories: where LoRAs that are not in a backend's own catalog come from.
 
 - `KILN_LORA_DIR` (set by the gpu-agent): trained LoRAs it fetched from S3, one file per LoRA
-  named `<name with "/" replaced by "--">.safetensors` (the contracts' `loraFileName`). The agent
+  named `<name with "/" replaced by "~">.safetensors` (the runtime's `loraFileName`; names cannot
+  hold "~", so two names never share a file). The agent checks each file's sha256 and
   downloads to `<file>.part` and renames, so a `*.safetensors` file here is always complete.
 - `KILN_SYNTHETIC_LORA_DIR` (synthetic backend only): every `*.safetensors` is a LoRA named by
   its file stem, as before.
@@ -19,14 +20,14 @@ SUFFIX = ".safetensors"
 
 
 def file_name(name: str) -> str:
-    """The file a LoRA called `name` has in KILN_LORA_DIR (contracts: loraFileName)."""
-    return name.replace("/", "--") + SUFFIX
+    """The file a LoRA called `name` has in KILN_LORA_DIR (runtime: loraFileName)."""
+    return name.replace("/", "~") + SUFFIX
 
 
 def name_from_file(filename: str) -> str:
-    """The LoRA name a KILN_LORA_DIR file stands for: the first "--" was the "/" (names have at most one)."""
+    """The LoRA name a KILN_LORA_DIR file stands for: every "~" was a "/"."""
     stem = os.path.basename(filename)[: -len(SUFFIX)]
-    return stem.replace("--", "/", 1)
+    return stem.replace("~", "/")
 
 
 def find(lora_dir: str | None, name: str) -> str | None:

@@ -72,7 +72,7 @@ def test_train_streams_loss_writes_checkpoints_and_a_lora(spawn, tmp_path):
         assert os.path.isfile(c["path"]) and sha(c["path"]) == c["sha256"] and os.path.getsize(c["path"]) == c["bytes"]
     assert not [f for f in os.listdir(tmp_path / "job" / "checkpoints") if "tmp" in f]  # atomic writes leave nothing behind
 
-    assert trained["path"] == str(tmp_path / "job" / "team--cat-lora.safetensors")
+    assert trained["path"] == str(tmp_path / "job" / "team~cat-lora.safetensors")
     assert sha(trained["path"]) == trained["sha256"] and os.path.getsize(trained["path"]) == trained["bytes"]
     assert trained["timings"]["train_ms"] >= 90 and trained["timings"]["model_load_ms"] >= 0
     assert {r["name"] for r in trained["state"]["resident"]} == {SDXL}
@@ -104,7 +104,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_is_byte_identical(spawn, tm
     assert not [m for m in before if m["type"] == "checkpoint"]  # stopped before step 9
     assert sorted(os.listdir(tmp_path / "a1" / "checkpoints")) == ["step-000003.safetensors", "step-000006.safetensors"]
     assert sha(last["path"]) == last["sha256"]
-    assert not (tmp_path / "a1" / "team--cat-lora.safetensors").exists()
+    assert not (tmp_path / "a1" / "team~cat-lora.safetensors").exists()
 
     # the agent downloads the checkpoint into the next attempt's job dir and resumes
     (tmp_path / "a2").mkdir()
@@ -159,8 +159,8 @@ def test_a_trained_lora_placed_in_the_lora_dir_is_usable_and_changes_the_pixels(
     ds, items = dataset(tmp_path)
     _, trained = worker.run(train_message("t", tmp_path / "job", ds, items, steps=4))
     lora_dir.mkdir()
-    shutil.copy(trained["path"], lora_dir / "team--cat-lora.safetensors.part")  # the agent's download, then rename
-    os.rename(lora_dir / "team--cat-lora.safetensors.part", lora_dir / "team--cat-lora.safetensors")
+    shutil.copy(trained["path"], lora_dir / "team~cat-lora.safetensors.part")  # the agent's download, then rename
+    os.rename(lora_dir / "team~cat-lora.safetensors.part", lora_dir / "team~cat-lora.safetensors")
 
     _, plain = worker.run(generate_message("plain", str(tmp_path / "p"), **common))
     _, styled = worker.run(generate_message("styled", str(tmp_path / "s"), loras=[{"name": LORA, "weight": 1}], **common))

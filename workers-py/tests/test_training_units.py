@@ -38,16 +38,24 @@ def test_safetensors_bytes_follow_the_format_and_round_trip(tmp_path):
 
 
 def test_lora_dir_names(tmp_path):
-    assert loras.file_name("team/cat-lora") == "team--cat-lora.safetensors"
-    assert loras.name_from_file("/x/team--cat-lora.safetensors") == "team/cat-lora"
-    (tmp_path / "team--cat-lora.safetensors").write_bytes(b"1")
+    assert loras.file_name("team/cat-lora") == "team~cat-lora.safetensors"
+    assert loras.name_from_file("/x/team~cat-lora.safetensors") == "team/cat-lora"
+    (tmp_path / "team~cat-lora.safetensors").write_bytes(b"1")
     (tmp_path / "plain.safetensors").write_bytes(b"1")
     (tmp_path / "half--done.safetensors.part").write_bytes(b"1")  # a download in progress
-    assert loras.scan(str(tmp_path)) == {"plain": str(tmp_path / "plain.safetensors"), "team/cat-lora": str(tmp_path / "team--cat-lora.safetensors")}
-    assert set(loras.scan(str(tmp_path), by_stem=True)) == {"plain", "team--cat-lora"}
+    assert loras.scan(str(tmp_path)) == {"plain": str(tmp_path / "plain.safetensors"), "team/cat-lora": str(tmp_path / "team~cat-lora.safetensors")}
+    assert set(loras.scan(str(tmp_path), by_stem=True)) == {"plain", "team~cat-lora"}
     assert loras.scan(str(tmp_path / "missing")) == {} and loras.scan(None) == {}
-    assert loras.find(str(tmp_path), "team/cat-lora") == str(tmp_path / "team--cat-lora.safetensors")
+    assert loras.find(str(tmp_path), "team/cat-lora") == str(tmp_path / "team~cat-lora.safetensors")
     assert loras.find(str(tmp_path), "team/other") is None
+
+
+def test_lora_file_names_never_collide():
+    # "a/b" and "a--b" once shared a file: the second tenant's LoRA replaced the first's
+    names = ["a/b", "a--b", "a-b", "t/a/b", "t/a--b", "t--a/b"]
+    files = [loras.file_name(n) for n in names]
+    assert len(set(files)) == len(names)
+    assert [loras.name_from_file(f) for f in files] == names
 
 
 def test_checkpoint_schedule_and_vram():

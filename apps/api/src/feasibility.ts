@@ -1,5 +1,5 @@
 import { activationVramMb, type AgentHeartbeat, type ModelInfo, type ParsedGenerationRequest, suiteOf } from '@kiln/contracts';
-import { KilnError, type LoraRegistry } from '@kiln/runtime';
+import { KilnError, type LoraRegistry, qualifiedLoraName } from '@kiln/runtime';
 
 /**
  * Feasibility at the door. Given the live agents, fills the choices a client may leave to Kiln
@@ -145,8 +145,32 @@ export function checkFeasible(r: Req, live: AgentHeartbeat[], registeredLoras: R
   return { request, agents: fits.map((a) => a.agent_id) };
 }
 
-/** Which of the request's LoRAs are trained ones in the registry. */
-export async function registeredLoraNames(ctx: { loras: LoraRegistry }, loras: { name: string }[] | undefined): Promise<Set<string>> {
-  if (!loras?.length) return new Set();
-  return new Set((await ctx.loras.getMany(loras.map((l) => l.name))).keys());
+/**
+ * Resolves the request's LoRA names for the caller: its own trained LoRA by the name it gave
+ * the training (`style` → `<tenant>/style`), or a qualified name it may use (its own, one an
+ * admin shared, or any for an admin). Anything else is left for the agents' own (global)
+ * LoRAs — except a qualified name of another tenant's LoRA, which is refused as unknown.
+ * Returns the request with qualified names and the set of trained LoRAs it uses.
+ */
+export async function resolveLoras<R extends { loras?: { name: string; weight: number }[] }>(
+  ctx: { loras: LoraRegistry },
+  who: { tenant: string; role: string },
+  r: R,
+): Promise<{ request: R; registered: Set<string> }> {
+  if (!r.loras?.length) return { request: r, registered: new Set() };
+  const names = r.loras.map((l) => l.name);
+  const found = await ctx.loras.getMany([...names.map((n) => qualifiedLoraName(who.tenant, n)), ...names]);
+  const registered = new Set<string>();
+  const loras = r.loras.map((l, i) => {
+    const own = found.get(qualifiedLoraName(who.tenant, l.name));
+    const named = found.get(l.name);
+    const lora = own ?? named;
+    if (!lora) return l;
+    if (!own && !(who.role === 'admin' || lora.tenant === who.tenant || lora.shared)) {
+      throw unschedulable(`loras.${i}.name`, 'unknown_model', `no live agent has the LoRA "${l.name}"`);
+    }
+    registered.add(lora.name);
+    return { ...l, name: lora.name };
+  });
+  return { request: { ...r, loras }, registered };
 }

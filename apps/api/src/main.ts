@@ -5,6 +5,7 @@
 import { createJobServices, createLogger, onShutdown, parseEnv, runAll } from '@kiln/runtime';
 import { buildApp } from './app.js';
 import { ApiEnv } from './env.js';
+import { KeyRing } from './keys.js';
 
 const env = parseEnv(ApiEnv, 'api');
 const log = createLogger('api', env.LOG_LEVEL);
@@ -12,7 +13,7 @@ const services = createJobServices(env, 'kiln-api');
 const { storage } = services;
 
 await storage.ensureBucket().catch((err) => log.warn({ err: err.message }, 'storage not reachable yet; /readyz will say so'));
-const { app, close } = await buildApp({ env, log, ...services });
+const { app, close } = await buildApp({ env, log, ring: KeyRing.from(env), ...services });
 await app.listen({ host: env.HOST, port: env.PORT });
 
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, () =>

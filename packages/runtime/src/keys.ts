@@ -19,7 +19,11 @@ export class Keys {
   agents = () => `${this.prefix}:agents`;
   agent = (agentId: string) => `${this.prefix}:agent:${agentId}`;
   dispatcherLease = () => `${this.prefix}:dispatcher:lease`;
-  idempotency = (client: string, key: string) => `${this.prefix}:idem:${client}:${key}`;
+  idempotency = (tenant: string, key: string) => `${this.prefix}:idem:${tenant}:${key}`;
+  /** sorted set of a tenant's job ids, for its queued-jobs quota (ended ones pruned lazily) */
+  tenantJobs = (tenant: string) => `${this.prefix}:tenant:${tenant}:jobs`;
+  /** @fastify/rate-limit's keys */
+  rateLimit = () => `${this.prefix}:ratelimit:`;
   /** pub/sub: a job was submitted or an agent freed a slot — placement should look now. */
   wakeChannel = () => `${this.prefix}:wake`;
   /** pub/sub: a job's cancellation was requested. */

@@ -1,44 +1,67 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { type KeyRing, OPEN_PRINCIPAL, type Principal } from '../keys.js';
 import { body } from './errors.js';
 
-const digest = (s: string) => createHash('sha256').update(s).digest();
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** who is calling: tenant and role (the open farm's single tenant when no keys are set) */
+    principal: Principal;
+  }
+  interface FastifyContextConfig {
+    /** who may call the route: `public` (no key), `client` (any key; the default) or `admin` */
+    auth?: 'public' | 'client' | 'admin';
+  }
+}
 
 /**
- * API keys. With API_KEYS set, every /v1 route needs `Authorization: Bearer <key>`, and /admin
- * accepts the key as a bearer token or as the HTTP basic-auth password (so a browser can open
- * Bull Board). Without keys the API is open, and says so at start.
+ * API keys, decided on the route the router matched — never on the raw URL, so no spelling of
+ * a path (percent-encoding, case, slashes, dot segments) reaches a route without its check.
+ * Every route needs a key unless it says `config: { auth: 'public' }`; routes under /admin need
+ * an admin key, as do those that say `auth: 'admin'`. /admin also takes the key as the HTTP
+ * basic-auth password, so a browser can open Bull Board. With no keys the farm is open.
  */
-export function registerAuth(app: FastifyInstance, apiKeys: string[]): void {
-  const known = apiKeys.map((k) => ({ digest: digest(k), client: `key_${digest(k).toString('hex').slice(0, 12)}` }));
-  app.decorateRequest('client', 'anonymous');
-  if (known.length === 0) {
-    app.log.warn('API_KEYS is not set: the API and the Bull Board dashboard are open to anyone who can reach them');
-    return;
+export function registerAuth(app: FastifyInstance, ring: KeyRing): void {
+  app.decorateRequest('principal', null as unknown as Principal);
+  if (ring.open) {
+    app.log.warn('no API keys are set (API_KEYS, ADMIN_API_KEYS, API_KEYS_FILE): the API and Bull Board are open to anyone who can reach them, as one tenant');
+  } else {
+    app.log.info({ keys: ring.size }, 'API keys loaded');
   }
-  const match = (candidate: string | undefined) => {
-    if (!candidate) return null;
-    const d = digest(candidate);
-    return known.find((k) => timingSafeEqual(k.digest, d))?.client ?? null;
-  };
   app.addHook('onRequest', async (req: FastifyRequest, reply: FastifyReply) => {
-    const path = req.url.split('?')[0]!;
-    const admin = path === '/admin' || path.startsWith('/admin/');
-    if (!admin && !path.startsWith('/v1/') && path !== '/v1') return;
-    const header = req.headers.authorization ?? '';
-    const [scheme, value] = [header.slice(0, header.indexOf(' ')).toLowerCase(), header.slice(header.indexOf(' ') + 1).trim()];
-    let client: string | null = null;
-    if (scheme === 'bearer') client = match(value);
-    else if (scheme === 'basic' && admin) {
-      const decoded = Buffer.from(value, 'base64').toString('utf8');
-      client = match(decoded.slice(decoded.indexOf(':') + 1));
+    const pattern = req.routeOptions.url;
+    if (pattern === undefined) return; // no route matched: the 404 handler answers, with nothing behind it
+    const needs = req.routeOptions.config.auth ?? (pattern === '/admin' || pattern.startsWith('/admin/') ? 'admin' : 'client');
+    if (needs === 'public') return;
+    if (ring.open) {
+      req.principal = OPEN_PRINCIPAL;
+      return;
     }
-    if (!client) {
-      reply.header('www-authenticate', admin ? 'Basic realm="kiln"' : 'Bearer realm="kiln"');
+    const browser = pattern.startsWith('/admin');
+    const principal = ring.authenticate(presentedKey(req.headers.authorization, browser) ?? '');
+    if (!principal) {
+      reply.header('www-authenticate', browser ? 'Basic realm="kiln"' : 'Bearer realm="kiln"');
       return reply
         .code(401)
-        .send(body('unauthorized', header ? 'the API key is not valid' : 'this route needs an API key: Authorization: Bearer <key>'));
+        .send(body('unauthorized', req.headers.authorization ? 'the API key is not valid' : 'this route needs an API key: Authorization: Bearer <key>'));
     }
-    req.client = client;
+    if (needs === 'admin' && principal.role !== 'admin') {
+      return reply.code(403).send(body('forbidden', 'this route needs an admin key'));
+    }
+    req.principal = principal;
   });
+}
+
+/** The key from `Bearer <key>`, or (for browser routes) the password of `Basic <user:key>`. */
+function presentedKey(header: string | undefined, allowBasic: boolean): string | null {
+  if (!header) return null;
+  const space = header.indexOf(' ');
+  if (space < 0) return null;
+  const scheme = header.slice(0, space).toLowerCase();
+  const value = header.slice(space + 1).trim();
+  if (scheme === 'bearer') return value;
+  if (scheme === 'basic' && allowBasic) {
+    const decoded = Buffer.from(value, 'base64').toString('utf8');
+    return decoded.slice(decoded.indexOf(':') + 1);
+  }
+  return null;
 }

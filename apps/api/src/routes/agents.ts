@@ -6,7 +6,10 @@ import type { ApiContext } from '../context.js';
 /** GET /v1/agents (live agents) and GET /v1/models (what the live agents can run). */
 export function agentRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   return async (app) => {
-    app.get('/v1/agents', async () => ({ agents: await ctx.registry.live() }));
+    // a client sees the fleet, not which job (maybe another tenant's) each agent runs
+    app.get('/v1/agents', async (req) => ({
+      agents: (await ctx.registry.live()).map((a) => (req.principal.role === 'admin' ? a : { ...a, current_job: null })),
+    }));
 
     /** What the farm can do: per agent, and the union over live agents. */
     app.get('/v1/capabilities', async () => {

@@ -12,14 +12,14 @@ import {
 } from '@kiln/contracts';
 import { groupRecord, KilnError, newJobFields, trackGroup } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
-import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-import { checkFeasible, registeredLoraNames } from '../feasibility.js';
+import type { Principal } from '../keys.js';
+import { checkFeasible, resolveLoras } from '../feasibility.js';
 import { ingestImages } from '../images.js';
 import { checkWebhookOf } from '../webhook-check.js';
+import { admitJobs, releaseJobs } from '../quotas.js';
+import { assertImageKeysReachable, IdParams, loadVisible } from '../tenancy.js';
 import { cancelJob } from './jobs.js';
-
-const Params = z.object({ id: z.string().min(1).max(100) });
 
 /** Objects merge key by key; arrays and plain values from the item replace the default. */
 export function mergeDefaults(defaults: unknown, item: unknown): unknown {
@@ -42,41 +42,53 @@ const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v ===
 export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const sources = { storage: ctx.storage, allowPrivate: ctx.env.INPUT_ALLOW_PRIVATE, fetchTimeoutMs: ctx.env.INPUT_FETCH_TIMEOUT_MS };
   const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/batches');
-  const load = async (id: string) => {
-    const g = await ctx.jobs.groups.get(id);
-    if (!g || g.kind !== 'batch') throw new KilnError('not_found', `no batch ${id}`);
-    return g;
-  };
+  const load = (who: Principal, id: string) => loadVisible(who, id, 'batch', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'batch');
 
   return async (app) => {
     app.post('/v1/batches', { schema: { body: BatchRequest } }, async (req, reply) => {
       const body = req.body;
+      const who = req.principal;
       if (body.webhook) await checkWebhookOf(ctx, body.webhook.url, 'webhook');
       const live = await ctx.registry.live();
-      const registered = new Set((await ctx.loras.list()).map((l) => l.name));
       const batchId = randomUUID();
-      const parsed = body.items.map((item, i) => {
+      const items = body.items.map((item, i) => {
         const merged = mergeDefaults(body.defaults, { priority: body.priority, ...item });
         const r = GenerationRequest.safeParse(merged);
         if (!r.success) {
           const details = issuesToDetails(r.error.issues, ['items', i]);
           throw new KilnError('validation_failed', `invalid request: items.${i}: ${details.map((d) => `${d.field}: ${d.message}`).join('; ')}`, { details });
         }
+        return r.data;
+      });
+      const parsed: ReturnType<typeof checkFeasible>['request'][] = [];
+      for (const [i, item] of items.entries()) {
         try {
-          return checkFeasible({ ...r.data, scheduler: resolveScheduler(r.data.scheduler) }, live, registered).request;
+          await assertImageKeysReachable(ctx, who, item);
+          const { request, registered } = await resolveLoras(ctx, who, { ...item, scheduler: resolveScheduler(item.scheduler) });
+          parsed.push(checkFeasible(request, live, registered).request);
         } catch (err) {
           if (err instanceof KilnError && err.details) {
             throw new KilnError(err.code, `items.${i}: ${err.message}`, { details: err.details.map((d) => ({ ...d, field: `items.${i}.${d.field}` })) });
           }
           throw err;
         }
-      });
+      }
       for (const [i, r] of parsed.entries()) if (r.webhook) await checkWebhookOf(ctx, r.webhook.url, `items.${i}.webhook`);
 
       const now = new Date().toISOString();
+      const ids = parsed.map(() => randomUUID());
+      await admitJobs(ctx, who, ids);
+      try {
+        return await submit();
+      } catch (err) {
+        await releaseJobs(ctx, who, ids);
+        throw err;
+      }
+
+      async function submit() {
       const children: GenerationJob[] = [];
       for (const [i, r] of parsed.entries()) {
-        const id = randomUUID();
+        const id = ids[i]!;
         let withImages;
         try {
           withImages = await ingestImages(r, id, sources, true);
@@ -87,7 +99,7 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         const hp = { ...withImages.hyperparameters, seed: withImages.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
         const request = ResolvedGenerationRequest.parse({ ...withImages, hyperparameters: hp });
         children.push({
-          ...newJobFields(id, req.client, request.priority, batchId, now),
+          ...newJobFields(id, who.tenant, request.priority, batchId, now),
           kind: 'generation',
           request,
         });
@@ -95,7 +107,7 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       const group: StoredGroup = {
         id: batchId,
         kind: 'batch',
-        client: req.client,
+        client: who.tenant,
         status: 'queued',
         priority: body.priority,
         children: children.map((c) => c.id),
@@ -111,13 +123,14 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       for (const c of children) await ctx.jobs.enqueue(c);
       const record = await view(group);
       return reply.code(202).header('location', record.links.self).send(record);
+      }
     });
 
-    app.get('/v1/batches/:id', { schema: { params: Params } }, async (req) => view(await load(req.params.id)));
+    app.get('/v1/batches/:id', { schema: { params: IdParams } }, async (req) => view(await load(req.principal, req.params.id)));
 
     /** Cancels every unfinished child; the batch ends `canceled` once they have. */
-    app.delete('/v1/batches/:id', { schema: { params: Params } }, async (req, reply) => {
-      const group = await load(req.params.id);
+    app.delete('/v1/batches/:id', { schema: { params: IdParams } }, async (req, reply) => {
+      const group = await load(req.principal, req.params.id);
       if (['succeeded', 'failed', 'partially_succeeded'].includes(group.status)) throw new KilnError('conflict', `batch ${group.id} already ${group.status}`);
       const asked = (await ctx.jobs.groups.requestCancel(group.id))!;
       const children = await ctx.store.getMany(group.children);

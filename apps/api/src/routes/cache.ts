@@ -3,11 +3,10 @@ import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, Evict
 import { groupRecord, KilnError, newJobFields, QUEUES, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
-import { z } from 'zod';
 import type { ApiContext } from '../context.js';
+import { IdParams, loadVisible } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
 
-const Params = z.object({ id: z.string().min(1).max(100) });
 type Agent = AgentHeartbeat & { capabilities: NonNullable<AgentHeartbeat['capabilities']> };
 
 const unschedulable = (field: string, rule: string, message: string) =>
@@ -60,13 +59,12 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       })),
     }));
 
-    app.get('/v1/cache/:id', { schema: { params: Params } }, async (req) => {
-      const g = await ctx.jobs.groups.get(req.params.id);
-      if (!g || g.kind !== 'cache') throw new KilnError('not_found', `no cache request ${req.params.id}`);
-      return view(g);
-    });
+    app.get('/v1/cache/:id', { schema: { params: IdParams } }, async (req) =>
+      view(await loadVisible(req.principal, req.params.id, 'cache request', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'cache')),
+    );
 
-    app.post('/v1/cache', { schema: { body: CacheRequest } }, async (req, reply) => {
+    // loading, pinning and evicting change what every tenant's jobs run on: admins only
+    app.post('/v1/cache', { schema: { body: CacheRequest }, config: { auth: 'admin' } }, async (req, reply) => {
       const body = req.body;
       await checkWebhookOf(ctx, body.webhook?.url);
       const m = body.models;
@@ -104,12 +102,12 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         targets = 'replicas' in body.target ? ranked.slice(0, body.target.replicas) : ranked;
       }
       const models = wanted.map((w) => w.name);
-      const group = await dispatch(req.client, targets.map((a) => ({ action: 'load', models, location: body.location, pin: body.pin, target_agent: a.agent_id })), body.webhook ?? null);
+      const group = await dispatch(req.principal.tenant, targets.map((a) => ({ action: 'load', models, location: body.location, pin: body.pin, target_agent: a.agent_id })), body.webhook ?? null);
       const record = await view(group);
       return reply.code(202).header('location', record.links.self).send(record);
     });
 
-    app.delete('/v1/cache', { schema: { body: EvictRequest } }, async (req, reply) => {
+    app.delete('/v1/cache', { schema: { body: EvictRequest }, config: { auth: 'admin' } }, async (req, reply) => {
       const live = await ctx.registry.live();
       const targets = req.body.agents
         ? req.body.agents.map((id, i) => {
@@ -119,7 +117,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           })
         : live.filter((a) => a.resident.some((r) => req.body.models.includes(r.name)));
       if (targets.length === 0) return reply.code(200).send({ evicted: [], message: 'no live agent holds these models' });
-      const group = await dispatch(req.client, targets.map((a) => ({ action: 'unload', models: req.body.models, location: 'vram', pin: false, target_agent: a.agent_id })), null);
+      const group = await dispatch(req.principal.tenant, targets.map((a) => ({ action: 'unload', models: req.body.models, location: 'vram', pin: false, target_agent: a.agent_id })), null);
       return reply.code(202).send(await view(group));
     });
   };

@@ -1,11 +1,14 @@
-import { randomInt, randomUUID } from 'node:crypto';
+import { createHash, randomInt, randomUUID } from 'node:crypto';
 import { GenerationRequest, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob } from '@kiln/contracts';
 import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-import { checkFeasible, registeredLoraNames } from '../feasibility.js';
+import { checkFeasible, resolveLoras } from '../feasibility.js';
 import { ingestImages } from '../images.js';
+import type { Principal } from '../keys.js';
+import { admitJobs, releaseJobs } from '../quotas.js';
+import { assertImageKeysReachable } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
 
 const IdempotencyKey = z.string().min(1).max(200).regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces');
@@ -21,17 +24,18 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const sources = { storage: ctx.storage, allowPrivate: ctx.env.INPUT_ALLOW_PRIVATE, fetchTimeoutMs: ctx.env.INPUT_FETCH_TIMEOUT_MS };
 
   /** Every check short of storing; returns the resolved request (images still as given). */
-  async function prepare(body: ParsedGenerationRequest, id: string, store: boolean) {
+  async function prepare(who: Principal, body: ParsedGenerationRequest, id: string, store: boolean) {
     await checkWebhookOf(ctx, body.webhook?.url);
-    const resolved = { ...body, scheduler: resolveScheduler(body.scheduler) };
-    const { request, agents } = checkFeasible(resolved, await ctx.registry.live(), await registeredLoraNames(ctx, body.loras));
+    await assertImageKeysReachable(ctx, who, body);
+    const { request: named, registered } = await resolveLoras(ctx, who, { ...body, scheduler: resolveScheduler(body.scheduler) });
+    const { request, agents } = checkFeasible(named, await ctx.registry.live(), registered);
     const withImages = await ingestImages(request, id, sources, store);
     return { request: withImages, agents };
   }
 
   return async (app) => {
     app.post('/v1/validate', { schema: { body: GenerationRequest } }, async (req) => {
-      const { request, agents } = await prepare(req.body, 'validate', false);
+      const { request, agents } = await prepare(req.principal, req.body, 'validate', false);
       return { valid: true, request, agents };
     });
 
@@ -44,13 +48,20 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         },
       },
       async (req, reply) => {
+        const who = req.principal;
         const idemKey = req.headers['idempotency-key'];
-        const idemRedisKey = idemKey ? ctx.keys.idempotency(req.client, idemKey) : null;
+        const idemRedisKey = idemKey ? ctx.keys.idempotency(who.tenant, idemKey) : null;
         const id = randomUUID();
         if (idemRedisKey) {
-          const set = await ctx.redis.set(idemRedisKey, id, 'EX', ctx.env.IDEMPOTENCY_TTL_S, 'NX');
+          // the key remembers the body it came with: a replay must be the same request
+          const bodyHash = createHash('sha256').update(JSON.stringify(req.body)).digest('hex');
+          const set = await ctx.redis.set(idemRedisKey, `${id} ${bodyHash}`, 'EX', ctx.env.IDEMPOTENCY_TTL_S, 'NX');
           if (set !== 'OK') {
-            const existingId = await ctx.redis.get(idemRedisKey);
+            const [existingId, existingHash] = ((await ctx.redis.get(idemRedisKey)) ?? '').split(' ');
+            if (existingHash && existingHash !== bodyHash) {
+              const message = 'this Idempotency-Key was used with a different request body; use a new key for a new request';
+              throw new KilnError('idempotency_mismatch', message, { details: [{ field: 'Idempotency-Key', rule: 'different_body', message }] });
+            }
             const existing = existingId ? await ctx.store.get(existingId) : null;
             if (existing) {
               reply.header('idempotent-replayed', 'true');
@@ -59,13 +70,16 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             throw new KilnError('conflict', 'a request with this Idempotency-Key is still being submitted; retry shortly');
           }
         }
+        let admitted = false;
         try {
-          const { request } = await prepare(req.body, id, true);
+          await admitJobs(ctx, who, [id]);
+          admitted = true;
+          const { request } = await prepare(who, req.body, id, true);
           const hp = { ...request.hyperparameters, seed: request.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
           const stored = ResolvedGenerationRequest.parse({ ...request, hyperparameters: hp });
           const now = new Date().toISOString();
           const job: StoredJob = {
-            ...newJobFields(id, req.client, stored.priority, null, now),
+            ...newJobFields(id, who.tenant, stored.priority, null, now),
             kind: 'generation',
             request: stored,
           };
@@ -75,6 +89,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           return reply.code(202).header('location', record.links.self).send(record);
         } catch (err) {
           if (idemRedisKey) await ctx.redis.del(idemRedisKey);
+          if (admitted) await releaseJobs(ctx, who, [id]);
           throw err;
         }
       },

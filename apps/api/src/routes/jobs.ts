@@ -1,24 +1,18 @@
 import { isTerminal, type StoredJob } from '@kiln/contracts';
 import { jobRecord, KilnError, intakeJobId } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
-import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-
-const Params = z.object({ id: z.string().min(1).max(100) });
+import { IdParams, loadVisible } from '../tenancy.js';
 
 /** GET /v1/jobs/:id and DELETE /v1/jobs/:id (cancel). */
 export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
-  const load = async (id: string) => {
-    const job = await ctx.store.get(id);
-    if (!job) throw new KilnError('not_found', `no job ${id}`);
-    return job;
-  };
-  const view = (job: Awaited<ReturnType<typeof load>>) => jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+  const view = (job: StoredJob) => jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
 
   return async (app) => {
-    app.get('/v1/jobs/:id', { schema: { params: Params } }, async (req) => view(await load(req.params.id)));
+    app.get('/v1/jobs/:id', { schema: { params: IdParams } }, async (req) => view(await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id))));
 
-    app.delete('/v1/jobs/:id', { schema: { params: Params } }, async (req, reply) => {
+    app.delete('/v1/jobs/:id', { schema: { params: IdParams } }, async (req, reply) => {
+      await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id));
       const { status, job } = await cancelJob(ctx, req.params.id);
       return reply.code(status).send(await view(job));
     });

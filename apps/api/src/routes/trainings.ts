@@ -1,13 +1,16 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { IMAGE_LIMITS, LIMITS, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainingRequest, trainingVramMb } from '@kiln/contracts';
-import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
+import { jobRecord, KilnError, newJobFields, qualifiedLoraName } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
+import type { Principal } from '../keys.js';
+import { admitJobs, releaseJobs } from '../quotas.js';
+import { assertReachable, canSee, IdParams, loadVisible } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { cancelJob } from './jobs.js';
 
-const Params = z.object({ id: z.string().min(1).max(100) });
+const ShareBody = z.strictObject({ name: z.string().min(1).max(200).describe('qualified name, <tenant>/<name>'), shared: z.boolean().default(true) });
 const IMAGE_EXT = /\.(png|jpe?g|webp)$/i;
 const bad = (field: string, rule: string, message: string) => new KilnError('validation_failed', `invalid request: ${field}: ${message}`, { details: [{ field, rule, message }] });
 
@@ -19,8 +22,9 @@ const bad = (field: string, rule: string, message: string) => new KilnError('val
  * registered under `output.name`, usable at once by generations on any agent.
  */
 export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
-  async function resolveDataset(d: { s3_prefix?: string; manifest?: string }): Promise<{ image: string; caption: string }[]> {
+  async function resolveDataset(who: Principal, d: { s3_prefix?: string; manifest?: string }): Promise<{ image: string; caption: string }[]> {
     if (d.manifest) {
+      await assertReachable(ctx, who, d.manifest, 'dataset.manifest');
       const raw = await ctx.storage.getBuffer(d.manifest, 16 * 1024 * 1024).catch((err) => {
         throw bad('dataset.manifest', 'manifest_unreadable', err instanceof Error ? err.message : String(err));
       });
@@ -34,6 +38,7 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       }
       if (!parsed.success) throw bad('dataset.manifest', 'invalid_manifest', `must be a JSON array of { image, caption }: ${parsed.error.issues[0]?.message}`);
       for (const [i, item] of parsed.data.entries()) {
+        await assertReachable(ctx, who, item.image, `dataset.manifest`);
         const st = await ctx.storage.stat(item.image);
         if (!st) throw bad(`dataset.manifest`, 'image_not_found', `item ${i}: no object ${item.image}`);
         if (st.size > IMAGE_LIMITS.maxBytes) throw bad('dataset.manifest', 'image_too_large', `item ${i}: ${item.image} is larger than ${IMAGE_LIMITS.maxBytes} bytes`);
@@ -41,6 +46,7 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       return parsed.data;
     }
     const prefix = d.s3_prefix!;
+    await assertReachable(ctx, who, prefix, 'dataset.s3_prefix', { prefix: true });
     const objects = await ctx.storage.list(prefix, TRAINING_LIMITS.maxImages * 2 + 10);
     const byStem = new Map<string, { image?: string; caption?: string; size?: number }>();
     for (const o of objects) {
@@ -69,8 +75,8 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   return async (app) => {
     app.post('/v1/trainings', { schema: { body: TrainingRequest } }, async (req, reply) => {
       const body = req.body;
+      const who = req.principal;
       await checkWebhookOf(ctx, body.webhook?.url);
-      if (await ctx.loras.get(body.output.name)) throw new KilnError('conflict', `a LoRA named ${body.output.name} already exists; choose another output.name`, { details: [{ field: 'output.name', rule: 'exists', message: 'LoRA names are unique' }] });
       const live = (await ctx.registry.live()).filter((a) => a.capabilities);
       if (live.length) {
         const trainers = live.filter((a) => a.capabilities!.features.includes('training'));
@@ -81,42 +87,63 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         if (!withBase.some((a) => need(a) <= a.gpu.vram_total_mb))
           throw new KilnError('unschedulable', 'training needs more VRAM than any live GPU has', { details: [{ field: 'hyperparameters', rule: 'exceeds_vram', message: 'lower resolution or batch_size' }] });
       }
-      const items = await resolveDataset(body.dataset);
+      const items = await resolveDataset(who, body.dataset);
       const id = randomUUID();
-      const request = ResolvedTrainingRequest.parse({
-        ...body,
-        dataset: { items },
-        hyperparameters: { ...body.hyperparameters, seed: body.hyperparameters.seed ?? randomInt(0, MAX_SEED) },
-      });
-      const job: TrainingJob = {
-        ...newJobFields(id, req.client, request.priority),
-        kind: 'training',
-        request,
-        training: { step: 0, total: request.hyperparameters.steps, loss: null, last_checkpoint: null, lora: null },
-      };
-      await ctx.store.create(job);
-      await ctx.jobs.enqueue(job);
-      const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
-      return reply.code(202).header('location', record.links.self).send(record);
+      // the name is the tenant's from now on: two trainings cannot race for it
+      const lora = qualifiedLoraName(who.tenant, body.output.name);
+      if (!(await ctx.loras.reserve(lora, who.tenant, id)))
+        throw new KilnError('conflict', `a LoRA named ${lora} already exists or is being trained; choose another output.name`, { details: [{ field: 'output.name', rule: 'exists', message: 'LoRA names are unique within a tenant' }] });
+      try {
+        await admitJobs(ctx, who, [id]);
+      } catch (err) {
+        await ctx.loras.release(lora, id);
+        throw err;
+      }
+      try {
+        const request = ResolvedTrainingRequest.parse({
+          ...body,
+          dataset: { items },
+          hyperparameters: { ...body.hyperparameters, seed: body.hyperparameters.seed ?? randomInt(0, MAX_SEED) },
+        });
+        const job: TrainingJob = {
+          ...newJobFields(id, who.tenant, request.priority),
+          kind: 'training',
+          request,
+          training: { step: 0, total: request.hyperparameters.steps, loss: null, last_checkpoint: null, lora: null },
+        };
+        await ctx.store.create(job);
+        await ctx.jobs.enqueue(job);
+        const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+        return reply.code(202).header('location', record.links.self).send(record);
+      } catch (err) {
+        await Promise.all([ctx.loras.release(lora, id), releaseJobs(ctx, who, [id])]);
+        throw err;
+      }
     });
 
-    const load = async (id: string) => {
-      const job = await ctx.store.get(id);
-      if (!job || job.kind !== 'training') throw new KilnError('not_found', `no training ${id}`);
-      return job;
-    };
-    app.get('/v1/trainings/:id', { schema: { params: Params } }, async (req) => jobRecord(await load(req.params.id), ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
-    app.delete('/v1/trainings/:id', { schema: { params: Params } }, async (req, reply) => {
-      await load(req.params.id);
+    const load = (who: Principal, id: string) => loadVisible(who, id, 'training', (i) => ctx.store.get(i), (j) => j.kind === 'training');
+    app.get('/v1/trainings/:id', { schema: { params: IdParams } }, async (req) => jobRecord(await load(req.principal, req.params.id), ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
+    app.delete('/v1/trainings/:id', { schema: { params: IdParams } }, async (req, reply) => {
+      await load(req.principal, req.params.id);
       const { status, job } = await cancelJob(ctx, req.params.id);
       return reply.code(status).send(await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
     });
 
-    /** Trained LoRAs (registry) and the LoRAs agents ship with. */
-    app.get('/v1/loras', async () => {
-      const trained = await ctx.loras.list();
-      const shipped = [...new Set((await ctx.registry.live()).flatMap((a) => (a.capabilities?.models ?? []).filter((m) => m.kind === 'lora').map((m) => m.name)))].sort();
+    /** Trained LoRAs the caller may use (its own and shared ones), and the LoRAs agents ship with. */
+    app.get('/v1/loras', async (req) => {
+      const trained = (await ctx.loras.list()).filter((l) => l.shared || canSee(req.principal, l.tenant));
+      const registered = new Set((await ctx.loras.list()).map((l) => l.name));
+      const shipped = [
+        ...new Set((await ctx.registry.live()).flatMap((a) => (a.capabilities?.models ?? []).filter((m) => m.kind === 'lora' && !registered.has(m.name)).map((m) => m.name))),
+      ].sort();
       return { trained, available_on_agents: shipped };
+    });
+
+    /** An admin shares a tenant's LoRA with every tenant (or stops sharing it). */
+    app.post('/v1/loras/share', { schema: { body: ShareBody }, config: { auth: 'admin' } }, async (req) => {
+      const lora = await ctx.loras.share(req.body.name, req.body.shared);
+      if (!lora) throw new KilnError('not_found', `no trained LoRA ${req.body.name}`);
+      return lora;
     });
   };
 }
