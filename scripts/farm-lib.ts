@@ -22,27 +22,58 @@ export interface EmbeddedS3 {
   accessKey: string;
   secretKey: string;
   close(): Promise<void>;
+  /** fault injection: drops every connection and stops listening (an outage); `resume` serves the same objects again on the same port */
+  stop(): Promise<void>;
+  resume(): Promise<void>;
 }
 
 /** s3rver on loopback: a real S3 HTTP server (it skips signature checks and multipart listing). */
 export async function startEmbeddedS3(directory: string, port = 0): Promise<EmbeddedS3> {
   mkdirSync(directory, { recursive: true });
-  const server = new S3rver({ address: '127.0.0.1', port, directory, silent: true, allowMismatchedSignatures: true });
-  const addr = await server.run();
-  return { endpoint: `http://127.0.0.1:${addr.port}`, accessKey: 'S3RVER', secretKey: 'S3RVER', close: () => server.close() };
+  const serve = async (p: number) => {
+    const s = new S3rver({ address: '127.0.0.1', port: p, directory, silent: true, allowMismatchedSignatures: true });
+    return { s, addr: await s.run() };
+  };
+  let { s: server, addr } = await serve(port);
+  let running = true;
+  const stop = async () => {
+    if (!running) return;
+    running = false;
+    const closed = server.close();
+    (server as unknown as { httpServer: import('node:http').Server }).httpServer.closeAllConnections();
+    await closed;
+  };
+  return {
+    endpoint: `http://127.0.0.1:${addr.port}`,
+    accessKey: 'S3RVER',
+    secretKey: 'S3RVER',
+    close: stop,
+    stop,
+    resume: async () => {
+      if (running) return;
+      ({ s: server, addr } = await serve(addr.port));
+      running = true;
+    },
+  };
 }
 
-/** Starts one Kiln process (TypeScript through tsx, no build step). */
+/**
+ * Starts one Kiln process (TypeScript through tsx, no build step). `detached` gives it a
+ * process group of its own (its workers join it), so a terminal's Ctrl-C, which signals the
+ * whole foreground group, reaches only the parent, which then stops each child exactly once.
+ */
 export function startProcess(
   entry: string,
   env: Record<string, string>,
   stdio: 'inherit' | 'pipe' = 'inherit',
+  opts: { detached?: boolean } = {},
 ): ResultPromise {
   return execa(process.execPath, ['--import', 'tsx', entry], {
     cwd: REPO_ROOT,
     env,
     extendEnv: true,
-    stdio: stdio === 'inherit' ? 'inherit' : ['ignore', 'pipe', 'pipe'],
+    detached: opts.detached ?? false,
+    stdio: stdio === 'inherit' ? ['ignore', 'inherit', 'inherit'] : ['ignore', 'pipe', 'pipe'],
     reject: false,
     buffer: false,
     forceKillAfterDelay: false,

@@ -20,7 +20,7 @@ describe('a generation through the whole farm', () => {
     expect(job.agent).toMatch(/^agent-/);
     expect(job.outputs).toHaveLength(1);
     const out = job.outputs[0]!;
-    expect(out).toMatchObject({ index: 0, width: 512, height: 384, seed: 11, content_type: 'image/png', key: `outputs/${job.id}/0.png` });
+    expect(out).toMatchObject({ index: 0, width: 512, height: 384, seed: 11, content_type: 'image/png', key: expect.stringMatching(new RegExp(`^outputs/${job.id}/a1-[0-9a-f]{6}/0\\.png$`)) });
 
     const res = await fetch(out.url);
     expect(res.status).toBe(200);

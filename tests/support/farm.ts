@@ -43,6 +43,8 @@ export interface FarmOptions {
   agentEnv?: (i: number) => Record<string, string>;
   /** start the dispatcher (default true) */
   dispatcher?: boolean;
+  /** a Redis of the test's own (one it restarts), instead of the shared REDIS_URL */
+  redisUrl?: string;
 }
 
 export class Farm {
@@ -61,13 +63,14 @@ export class Farm {
   }
 
   async start(): Promise<this> {
-    this.redis = new Redis(REDIS_URL);
+    const redisUrl = this.opts.redisUrl ?? REDIS_URL;
+    this.redis = new Redis(redisUrl);
     this.s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/test-s3', this.prefix));
     this.port = 20000 + Math.floor(Math.random() * 20000);
     this.api = `http://127.0.0.1:${this.port}`;
     this.env = {
       ...FAST_ENV,
-      REDIS_URL,
+      REDIS_URL: redisUrl,
       KILN_PREFIX: this.prefix,
       S3_ENDPOINT: this.s3.endpoint,
       S3_ACCESS_KEY: this.s3.accessKey,

@@ -1,3 +1,5 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { access, mkdir, rename, rm } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
@@ -23,6 +25,7 @@ import {
   type Logger,
   type LoraRegistry,
   loraFileName,
+  qualifiedLoraName,
   QUEUES,
   Storage,
 } from '@kiln/runtime';
@@ -35,8 +38,30 @@ const RESTART_BACKOFF_MS = [0, 1_000, 2_000, 5_000, 10_000, 30_000];
 interface RunContext {
   worker: WorkerProcess;
   attempt: number;
+  /** names this run's objects in S3: `a<attempt>-<random>`, never reused (see Storage.outputKey) */
+  run: string;
   jobDir: string;
   begun: StoredJob;
+}
+
+/** What the agent is running now, and why it is being stopped, if it is. */
+interface Current {
+  job: StoredJob;
+  requestId: string | null;
+  cancel: 'user' | 'timeout' | 'handback' | null;
+  /** a training attempt advanced its checkpoint: a failure now spends no attempt */
+  progressed: boolean;
+}
+
+/** Waits between in-place retries of a transfer: doubling, capped, with full jitter. */
+const TRANSFER_BACKOFF_MS = { first: 250, max: 4_000 };
+
+const timeoutOf = (job: StoredJob) => ('timeout_s' in job.request ? job.request.timeout_s : 600);
+
+async function sha256File(path: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(path)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
 }
 
 const exists = (path: string) => access(path).then(
@@ -56,13 +81,15 @@ export class Agent {
   private restarts = 0;
   private consecutiveFailures = 0;
   private state: AgentState = 'starting';
-  private current: { job: StoredJob; requestId: string | null; cancel: 'user' | 'timeout' | 'handback' | null } | null = null;
+  private current: Current | null = null;
   private consumer: Worker<AgentJobData> | null = null;
   private heartbeatTimer: NodeJS.Timeout | null = null;
   private jobsDone = 0;
   private avgJobMs: number | null = null;
   private readonly startedAt = new Date().toISOString();
   private draining = false;
+  /** LoRA files in KILN_LORA_DIR whose bytes were checked, with the sha256 they had */
+  private readonly verifiedLoras = new Map<string, string>();
 
   constructor(
     private readonly env: AgentEnv,
@@ -86,7 +113,8 @@ export class Agent {
 
   async start(): Promise<void> {
     await this.heartbeat();
-    this.heartbeatTimer = setInterval(() => void this.heartbeat().catch((err) => this.log.warn({ err }, 'heartbeat failed')), this.env.HEARTBEAT_MS);
+    this.heartbeatTimer = setInterval(() => void this.heartbeat().catch((err) => this.log.warn({ err: coerceError(err).message }, 'heartbeat failed')), this.env.HEARTBEAT_MS);
+    await this.reclaim();
     this.ensureWorker();
     await this.workerReady;
     this.consumer = new Worker<AgentJobData>(QUEUES.agent(this.id), (j) => this.process(j), {
@@ -95,7 +123,48 @@ export class Agent {
       concurrency: 1,
       lockDuration: 60_000,
     });
-    this.consumer.on('error', (err) => this.log.error({ err }, 'queue consumer error'));
+    this.consumer.on('error', (err) => {
+      // the dispatcher removed our queue while we ran a job it had taken back (we were cut off
+      // past AGENT_TTL_MS): BullMQ cannot finish the entry. The job's record already refused
+      // our result; there is nothing else to do.
+      if (/Missing (key|lock) for job/.test(err.message)) this.log.info({ err: err.message }, 'a queue entry was removed while this agent held it');
+      else this.log.error({ err: err.message }, 'queue consumer error');
+    });
+  }
+
+  /**
+   * An agent restarting under the same id hands back what its previous incarnation held, so
+   * nothing waits for that one's queue lock (60 s) to expire: a job it had started goes back
+   * to placement as a lost agent (infrastructure: no attempt spent), one it had not started is
+   * handed back. Its queue is emptied first, so no entry of the old incarnation runs again.
+   */
+  private async reclaim(): Promise<void> {
+    const queue = new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX });
+    queue.on('error', (err) => this.log.warn({ err: err.message }, 'queue error'));
+    try {
+      await queue.obliterate({ force: true });
+    } finally {
+      await queue.close();
+    }
+    const ids = await this.jobs.store.activeIds();
+    const held = (await this.jobs.store.getMany(ids)).filter((j): j is StoredJob => j?.status === 'running' && j.agent === this.id);
+    for (const job of held) {
+      if (job.stage === 'dispatched') {
+        await this.jobs.handBack(job, job.attempt, `agent ${this.id} restarted before starting it`);
+      } else {
+        await this.jobs.retryOrFail(job, new KilnError('agent_lost', `agent ${this.id} restarted while running it`), job.attempt);
+      }
+    }
+    if (held.length) this.log.warn({ jobs: held.map((j) => j.id) }, 'restarted: handed back what the previous run of this agent held');
+    await this.jobs.wake();
+  }
+
+  /**
+   * Redis came back (any reconnect): heartbeat at once rather than at the next tick, so the
+   * dispatcher sees this agent alive as soon as it can.
+   */
+  announce(): void {
+    if (this.heartbeatTimer) void this.heartbeat().catch(() => {});
   }
 
   /** Cancellation requested for a job (pub/sub from the API). */
@@ -169,12 +238,11 @@ export class Agent {
       await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       return;
     }
-    this.current = { job, requestId: null, cancel: null };
+    this.current = { job, requestId: null, cancel: null, progressed: false };
     this.state = 'busy';
     void this.heartbeat().catch(() => {});
     const jobDir = join(this.env.WORK_DIR, this.id, `${job.id}-a${attempt}`);
-    const timeoutS = 'timeout_s' in job.request ? job.request.timeout_s : 600;
-    const timeout = setTimeout(() => void this.stopCurrent('timeout'), timeoutS * 1000);
+    const run = `a${attempt}-${randomBytes(3).toString('hex')}`;
     try {
       const worker = await this.readyWorker();
       const begun = await this.jobs.update(
@@ -185,7 +253,7 @@ export class Agent {
       );
       if (!begun) return this.log.warn({ job: job.id }, 'job was taken back before it started');
       await mkdir(jobDir, { recursive: true });
-      const ctx: RunContext = { worker, attempt, jobDir, begun };
+      const ctx: RunContext = { worker, attempt, run, jobDir, begun };
       switch (job.kind) {
         case 'generation':
           await this.runGeneration(job, ctx);
@@ -203,14 +271,13 @@ export class Agent {
         const now = await this.jobs.store.get(job.id);
         if (now) await this.jobs.handBack(now, attempt, `agent ${this.id} stopped it`);
       } else if (reason === 'timeout') {
-        await this.finish(job, attempt, new KilnError('timeout', `ran longer than timeout_s=${timeoutS}`));
+        await this.finish(job, attempt, new KilnError('timeout', `ran longer than timeout_s=${timeoutOf(job)}`));
       } else if (reason === 'user') {
         await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       } else {
-        await this.finish(job, attempt, coerceError(err));
+        await this.finish(job, attempt, coerceError(err), { progressed: this.current?.progressed });
       }
     } finally {
-      clearTimeout(timeout);
       this.current = null;
       this.state = this.worker?.state === 'ready' || this.worker?.state === 'busy' ? 'ready' : this.state === 'busy' ? 'starting' : this.state;
       await rm(jobDir, { recursive: true, force: true }).catch(() => {});
@@ -219,17 +286,24 @@ export class Agent {
     }
   }
 
-  /** Sends a request to the worker as the current one; a cancel that came early applies now. */
+  /**
+   * Sends a request to the worker as the current one; a cancel that came early applies now.
+   * The job's timeout_s runs while the worker works on it, not while storage is retried.
+   */
   private startRequest<T>(run: { id: string; done: Promise<T> }): Promise<T> {
-    if (this.current) {
-      this.current.requestId = run.id;
-      const early = this.current.cancel;
-      if (early) {
-        this.current.cancel = null;
-        void this.stopCurrent(early);
-      }
+    const cur = this.current;
+    if (!cur) return run.done;
+    cur.requestId = run.id;
+    const early = cur.cancel;
+    if (early) {
+      cur.cancel = null;
+      void this.stopCurrent(early);
     }
-    return run.done;
+    const timeout = setTimeout(() => void this.stopCurrent('timeout'), timeoutOf(cur.job) * 1000);
+    return run.done.finally(() => {
+      clearTimeout(timeout);
+      if (cur.requestId === run.id) cur.requestId = null; // nothing left for a stop to kill
+    });
   }
 
   /**
@@ -262,26 +336,56 @@ export class Agent {
     };
   }
 
-  private async upload(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
-    try {
-      await this.storage.putFile(key, path, contentType, meta);
-    } catch (err) {
-      throw new KilnError('storage_failed', `upload of ${key} failed: ${coerceError(err).message}`, { cause: err });
+  /**
+   * One upload or download, retried in place while storage is unreachable: backoff with
+   * jitter for up to TRANSFER_RETRY_MS (an upload goes again from the file still on disk).
+   * Then it fails as `storage_failed`, an infrastructure fault: the job is re-placed without
+   * spending an attempt. A stop of the running job (cancel, timeout, hand-back) ends the wait.
+   */
+  private async transfer(what: string, op: () => Promise<void>): Promise<void> {
+    const started = Date.now();
+    let delay = TRANSFER_BACKOFF_MS.first;
+    for (let tries = 1; ; tries++) {
+      const stopping = this.current?.cancel;
+      if (stopping) throw new KilnError('canceled', `${what} abandoned: the job is being stopped (${stopping})`);
+      try {
+        await op();
+        if (tries > 1) this.log.info({ what, tries, ms: Date.now() - started }, 'storage reachable again; transfer done');
+        return;
+      } catch (err) {
+        const message = coerceError(err).message;
+        if (Storage.isNotFound(err) || Date.now() - started + delay > this.env.TRANSFER_RETRY_MS) {
+          throw new KilnError('storage_failed', `${what} failed after ${tries} ${tries === 1 ? 'try' : 'tries'}: ${message}`, { cause: err });
+        }
+        if (tries === 1) this.log.warn({ what, err: message, retryForMs: this.env.TRANSFER_RETRY_MS }, 'storage unreachable; retrying in place');
+      }
+      await new Promise((r) => setTimeout(r, delay * (0.5 + Math.random() / 2)));
+      delay = Math.min(delay * 2, TRANSFER_BACKOFF_MS.max);
     }
   }
 
-  private async runGeneration(job: GenerationJob, { worker, attempt, jobDir, begun }: RunContext): Promise<void> {
+  private upload(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
+    return this.transfer(`upload of ${key}`, () => this.storage.putFile(key, path, contentType, meta));
+  }
+
+  private download(key: string, path: string, what: string): Promise<void> {
+    return this.transfer(`download of ${what} ${key}`, () => this.storage.getFile(key, path));
+  }
+
+  private async runGeneration(job: GenerationJob, { worker, attempt, run, jobDir, begun }: RunContext): Promise<void> {
     const started = Date.now();
     const [files] = await Promise.all([this.downloadInputs(job, jobDir), this.fetchTrainedLoras(job)]);
     const result = await this.startRequest(worker.generate({ job_id: job.id, attempt, job_dir: jobDir, files, request: job.request }, this.progressHandler(job, attempt)));
 
-    // upload under deterministic keys: a retried job overwrites, never duplicates
-    await this.jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
+    // this run's objects become the job's outputs only through the guarded write below, so an
+    // attempt that lost the job meanwhile never replaces what the record describes
+    const still = await this.jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
+    if (!still.ok) return this.log.info({ job: job.id, attempt }, 'the job was taken back while it ran here; its result is dropped');
     const uploadStart = Date.now();
     const outputs: StoredOutput[] = [];
     for (const o of result.outputs) {
-      const key = Storage.outputKey(job.id, o.index, o.content_type.split('/')[1] ?? 'bin');
-      await this.upload(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256 });
+      const key = Storage.outputKey(job.id, run, o.index, o.content_type.split('/')[1] ?? 'bin');
+      await this.upload(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256, 'x-amz-meta-attempt': String(attempt), 'x-amz-meta-agent': this.id });
       const { path: _path, ...rest } = o;
       outputs.push({ ...rest, key });
     }
@@ -301,8 +405,13 @@ export class Agent {
         total_ms: finishedAt.getTime() - Date.parse(job.created_at),
       },
     });
-    if (!done) this.log.warn({ job: job.id }, 'finished a job that was taken back meanwhile; result dropped');
-    else this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+    if (!done) {
+      this.log.info({ job: job.id, attempt }, 'the job was taken back while it ran here; its result is dropped');
+      await this.discard(outputs.map((o) => o.key));
+      return;
+    }
+    this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+    if (attempt > 1) await this.discardLeftovers(`outputs/${job.id}/`, new Set(outputs.map((o) => o.key)));
     // placement's estimate of how long a job holds this GPU. Model loads are left out: placement
     // charges them separately, and counting them here would make a thrashing agent look slow,
     // which sends more jobs elsewhere and makes it thrash more.
@@ -314,35 +423,29 @@ export class Agent {
    * if there is one, upload every checkpoint as it is written, then upload the LoRA and
    * register it under its name so any agent can use it at once.
    */
-  private async runTraining(job: TrainingJob, { worker, attempt, jobDir, begun }: RunContext): Promise<void> {
+  private async runTraining(job: TrainingJob, { worker, attempt, run, jobDir, begun }: RunContext): Promise<void> {
     const datasetDir = join(jobDir, 'dataset');
     await mkdir(datasetDir, { recursive: true });
     for (const [i, item] of job.request.dataset.items.entries()) {
       const ext = item.image.split('.').at(-1) ?? 'png';
-      try {
-        await this.storage.getFile(item.image, join(datasetDir, `${i}.${ext}`));
-      } catch (err) {
-        throw new KilnError('storage_failed', `download of dataset image ${item.image} failed: ${coerceError(err).message}`, { cause: err });
-      }
+      await this.download(item.image, join(datasetDir, `${i}.${ext}`), 'dataset image');
     }
     let resume: { path: string; step: number } | null = null;
     const last = job.training.last_checkpoint;
     if (last) {
       const path = join(jobDir, `resume-step-${last.step}.safetensors`);
-      await this.storage.getFile(last.key, path);
+      await this.download(last.key, path, 'checkpoint');
       resume = { path, step: last.step };
       await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `resuming from the checkpoint at step ${last.step}` });
     }
-    // checkpoints upload in order while training goes on; the chain is awaited before the end
+    // checkpoints upload in order while training goes on, each retried in place; one that still
+    // fails is skipped (the next one tries again) and never ends the training. Every link has
+    // its handler, so the chain cannot reject; it is awaited before the end.
     let uploads = Promise.resolve();
     const onCheckpoint = (c: CheckpointMessage) => {
-      uploads = uploads.then(async () => {
-        const key = `trainings/${job.id}/checkpoints/step-${String(c.step).padStart(6, '0')}.safetensors`;
-        await this.upload(key, c.path, 'application/octet-stream', { 'x-amz-meta-sha256': c.sha256 });
-        const now = await this.jobs.store.get(job.id);
-        if (now?.kind !== 'training') return;
-        await this.jobs.update(job.id, { status: ['running'], attempt }, { training: { ...now.training, last_checkpoint: { step: c.step, key, sha256: c.sha256, bytes: c.bytes } } }, { message: `checkpoint at step ${c.step}` });
-      });
+      uploads = uploads
+        .then(() => this.saveCheckpoint(job, attempt, run, c, last?.step ?? 0))
+        .catch((err) => this.log.warn({ job: job.id, step: c.step, err: coerceError(err).message }, 'checkpoint not saved; training goes on'));
     };
     const total = job.request.hyperparameters.steps;
     let trained: TrainedMessage;
@@ -355,13 +458,16 @@ export class Agent {
         ),
       );
     } finally {
-      await uploads.catch((err) => this.log.warn({ job: job.id, err: coerceError(err).message }, 'checkpoint upload failed'));
+      await uploads;
     }
-    const key = `loras/${loraFileName(job.request.output.name)}`;
+    // under this run's own key, so an attempt that lost the job cannot replace the registered file
+    const key = `loras/${job.id}/${run}/${loraFileName(job.request.output.name)}`;
     await this.upload(key, trained.path, 'application/octet-stream', { 'x-amz-meta-sha256': trained.sha256 });
     const now = (await this.jobs.store.get(job.id)) as TrainingJob | null;
-    const lora = { name: job.request.output.name, key, sha256: trained.sha256, bytes: trained.bytes, base_model: job.request.base_model, rank: job.request.hyperparameters.rank };
-    await this.loras.register({ ...lora, job_id: job.id, created_at: new Date().toISOString() });
+    const name = qualifiedLoraName(job.client, job.request.output.name);
+    const lora = { name, key, sha256: trained.sha256, bytes: trained.bytes, base_model: job.request.base_model, rank: job.request.hyperparameters.rank };
+    if (!(await this.loras.register({ ...lora, tenant: job.client, job_id: job.id, created_at: new Date().toISOString() })))
+      throw new KilnError('conflict', `the LoRA name ${name} is held by another training`);
     const finishedAt = new Date();
     await this.jobs.update(job.id, { status: ['running'], attempt }, {
       status: 'succeeded',
@@ -373,6 +479,31 @@ export class Agent {
       timings: { ...begun.timings, model_load_ms: Math.round(trained.timings.model_load_ms), inference_ms: Math.round(trained.timings.train_ms), upload_ms: null, total_ms: finishedAt.getTime() - Date.parse(job.created_at) },
     });
     this.log.info({ job: job.id, lora: lora.name, steps: trained.steps, loss: trained.final_loss }, 'training succeeded');
+  }
+
+  /** Best effort: objects of a run that did not become the job's result. */
+  private async discard(keys: string[]): Promise<void> {
+    await this.storage.remove(keys).catch((err) => this.log.warn({ keys, err: coerceError(err).message }, 'could not delete the objects of a dropped result'));
+  }
+
+  /** Best effort, after a retried job succeeded: what earlier runs left under its prefix. */
+  private async discardLeftovers(prefix: string, keep: Set<string>): Promise<void> {
+    const left = await this.storage.list(prefix).catch(() => []);
+    await this.discard(left.map((o) => o.key).filter((k) => !keep.has(k)));
+  }
+
+  /**
+   * Uploads a checkpoint under this run's keys and makes it the job's last one (a guarded
+   * write). One past the step this attempt resumed from is progress: if the attempt fails
+   * later, it spends no attempt.
+   */
+  private async saveCheckpoint(job: TrainingJob, attempt: number, run: string, c: CheckpointMessage, resumedFrom: number): Promise<void> {
+    const key = `trainings/${job.id}/checkpoints/${run}/step-${String(c.step).padStart(6, '0')}.safetensors`;
+    await this.upload(key, c.path, 'application/octet-stream', { 'x-amz-meta-sha256': c.sha256, 'x-amz-meta-attempt': String(attempt) });
+    const now = await this.jobs.store.get(job.id);
+    if (now?.kind !== 'training') return;
+    const saved = await this.jobs.update(job.id, { status: ['running'], attempt }, { training: { ...now.training, last_checkpoint: { step: c.step, key, sha256: c.sha256, bytes: c.bytes } } }, { message: `checkpoint at step ${c.step}` });
+    if (saved && c.step > resumedFrom && this.current?.job.id === job.id) this.current.progressed = true;
   }
 
   /** Loads (or unloads) models on this agent's worker for a cache request. */
@@ -390,23 +521,35 @@ export class Agent {
     });
   }
 
-  /** Trained LoRAs the request names are fetched from S3 into KILN_LORA_DIR before it runs. */
+  /**
+   * Trained LoRAs the request names are fetched from S3 into KILN_LORA_DIR before it runs, and
+   * used only if their bytes have the sha256 the registry recorded: a file replaced in the bucket
+   * (or on this disk) is refused, never silently used. A file already here is hashed once per
+   * content and reused while the registry still names that content.
+   */
   private async fetchTrainedLoras(job: GenerationJob): Promise<void> {
-    const names = (job.request.loras ?? []).map((l) => l.name);
-    const known = new Set((this.worker?.ready?.capabilities.models ?? []).map((m) => m.name));
-    const wanted = names.filter((n) => !known.has(n));
-    if (!wanted.length) return;
-    const registered = await this.loras.getMany(wanted);
+    const registered = await this.loras.getMany((job.request.loras ?? []).map((l) => l.name));
+    if (!registered.size) return;
     await mkdir(this.loraDir, { recursive: true });
     for (const [name, l] of registered) {
       const path = join(this.loraDir, loraFileName(name));
-      if (await exists(path)) continue;
+      if (this.verifiedLoras.get(path) === l.sha256) continue;
+      if ((await exists(path)) && (await sha256File(path)) === l.sha256) {
+        this.verifiedLoras.set(path, l.sha256);
+        continue;
+      }
       try {
         await this.storage.getFile(l.key, `${path}.part`);
-        await rename(`${path}.part`, path);
       } catch (err) {
         throw new KilnError('storage_failed', `download of LoRA ${name} failed: ${coerceError(err).message}`, { cause: err });
       }
+      const got = await sha256File(`${path}.part`);
+      if (got !== l.sha256) {
+        await rm(`${path}.part`, { force: true });
+        throw new KilnError('integrity_failed', `LoRA ${name} in storage does not match its registered sha256 (expected ${l.sha256.slice(0, 12)}…, got ${got.slice(0, 12)}…); refusing to use it`);
+      }
+      await rename(`${path}.part`, path);
+      this.verifiedLoras.set(path, l.sha256);
     }
   }
 
@@ -418,21 +561,17 @@ export class Agent {
     if (keys.length) await mkdir(join(jobDir, 'inputs'), { recursive: true });
     for (const [i, key] of keys.entries()) {
       const path = join(jobDir, 'inputs', `${i}-${key.split('/').at(-1)}`);
-      try {
-        await this.storage.getFile(key, path);
-      } catch (err) {
-        throw new KilnError('storage_failed', `download of input ${key} failed: ${coerceError(err).message}`, { cause: err });
-      }
+      await this.download(key, path, 'input');
       files[key] = path;
     }
     return files;
   }
 
   /** Ends an attempt that produced no result: canceled, failed, or back to placement. */
-  private async finish(job: StoredJob, attempt: number, err: KilnError): Promise<void> {
+  private async finish(job: StoredJob, attempt: number, err: KilnError, opts: { progressed?: boolean } = {}): Promise<void> {
     const now = (await this.jobs.store.get(job.id)) ?? job;
     if (isTerminal(now.status)) return;
-    if (err.code === 'canceled' || err.code === 'timeout' || !err.retryable) {
+    if (!err.retryable) {
       await this.jobs.update(job.id, { status: ['running'], attempt }, {
         status: err.code === 'canceled' ? 'canceled' : 'failed',
         stage: 'done',
@@ -443,7 +582,7 @@ export class Agent {
       this.log.info({ job: job.id, attempt, code: err.code }, err.message);
     } else {
       this.log.warn({ job: job.id, attempt, code: err.code, err: err.message }, 'attempt failed; retrying');
-      await this.jobs.retryOrFail(now, err, attempt);
+      await this.jobs.retryOrFail(now, err, attempt, opts);
     }
   }
 
@@ -522,6 +661,7 @@ export class Agent {
     await queue.obliterate({ force: true }).catch(() => {});
     await queue.close();
     if (this.heartbeatTimer) clearInterval(this.heartbeatTimer);
+    this.heartbeatTimer = null;
     await this.worker?.stop();
     await this.registry.remove(this.id);
   }

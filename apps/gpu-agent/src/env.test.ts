@@ -29,6 +29,9 @@ describe('gpu-agent env', () => {
       WORKER_START_TIMEOUT_MS: 120_000,
       WORK_DIR: resolve(repoRoot, '.kiln/work'),
       CANCEL_GRACE_MS: 2_000,
+      TRANSFER_RETRY_MS: 60_000,
+      INFRA_RETRY_DEADLINE_S: 900,
+      MAX_ATTEMPTS: 3,
       REDIS_URL: 'redis://127.0.0.1:6379',
       WEBHOOK_ALLOW_PRIVATE: false,
     });
@@ -49,6 +52,12 @@ describe('gpu-agent env', () => {
 
   it('refuses an AGENT_ID with characters that would break queue names', () => {
     expect(problemsOf({ AGENT_ID: 'my agent/1' })).toEqual([expect.stringMatching(/^AGENT_ID:/)]);
+  });
+
+  it('reads how long storage is retried in place and how long infrastructure failures are retried at all', () => {
+    expect(parseEnvOrThrow(AgentEnv, { TRANSFER_RETRY_MS: '0', INFRA_RETRY_DEADLINE_S: '60' })).toMatchObject({ TRANSFER_RETRY_MS: 0, INFRA_RETRY_DEADLINE_S: 60 });
+    expect(problemsOf({ TRANSFER_RETRY_MS: '-1', INFRA_RETRY_DEADLINE_S: '0' }).map((p) => p.split(':')[0]).sort()).toEqual(['INFRA_RETRY_DEADLINE_S', 'TRANSFER_RETRY_MS']);
+    expect(problemsOf({ INFRA_RETRY_DEADLINE_S: '15m' })).toEqual([expect.stringMatching(/^INFRA_RETRY_DEADLINE_S:/)]);
   });
 
   it('reads WORKER_COMMAND as a JSON array of strings', () => {

@@ -32,6 +32,12 @@ export const AgentEnv = CommonEnv.extend(StorageEnv.shape)
     WORK_DIR: z.string().default(resolve(repoRoot, '.kiln/work')),
     CANCEL_GRACE_MS: z.coerce.number().int().min(0).default(2_000).describe('after a cooperative cancel, wait this long before killing the worker'),
     PROGRESS_WEBHOOK_MS: z.coerce.number().int().min(0).default(1_000),
+    TRANSFER_RETRY_MS: z.coerce
+      .number()
+      .int()
+      .min(0)
+      .default(60_000)
+      .describe('an upload or download is retried in place (backoff with jitter, from the files on disk) this long; then the job is re-placed, spending no attempt, until INFRA_RETRY_DEADLINE_S'),
   })
   .transform((e) => ({ ...e, AGENT_ID: e.AGENT_ID ?? `${hostname()}-gpu${e.GPU_ID}` }));
 export type AgentEnv = z.infer<typeof AgentEnv>;

@@ -1,13 +1,16 @@
 // The GPU agent process, one per GPU.
 //  1. Parse config; connect to Redis and storage; make sure the bucket exists.
-//  2. Start the Python worker (CUDA_VISIBLE_DEVICES=GPU_ID) and wait for its ready message,
-//     heartbeating meanwhile so the API shows the agent as starting.
-//  3. Consume this agent's queue, one job at a time (agent.ts).
-//  4. Listen for cancellations on Redis pub/sub.
+//  2. Listen for cancellations on Redis pub/sub (subscribed once the connection is ready, and
+//     again after every reconnect: cancels.ts).
+//  3. Hand back whatever a previous run of this agent id held, then start the Python worker
+//     (CUDA_VISIBLE_DEVICES=GPU_ID) and wait for its ready message, heartbeating meanwhile so
+//     the API shows the agent as starting.
+//  4. Consume this agent's queue, one job at a time (agent.ts).
 //  5. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
 import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll } from '@kiln/runtime';
 import { join } from 'node:path';
 import { Agent } from './agent.js';
+import { listenForCancels } from './cancels.js';
 import { AgentEnv } from './env.js';
 
 const env = parseEnv(AgentEnv, 'gpu-agent');
@@ -25,8 +28,6 @@ const agent = new Agent(env, log, createRedis(env.REDIS_URL, `kiln-agent-${env.A
 }, services.loras);
 
 await storage.ensureBucket().catch((err) => log.warn({ err: err.message }, 'storage not reachable yet; uploads will be retried with the job'));
-await sub.subscribe(keys.cancelChannel());
-sub.on('message', (_channel, jobId) => agent.onCancel(jobId));
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
   await runAll([
     () => agent.drain(env.SHUTDOWN_TIMEOUT_MS),
@@ -36,5 +37,7 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
   log.info('agent stopped');
 });
 log.info({ agent: env.AGENT_ID, gpu: env.GPU_ID, backend: env.WORKER_BACKEND }, 'agent starting');
+await listenForCancels(sub, keys.cancelChannel(), (jobId) => agent.onCancel(jobId), log);
 await agent.start();
+services.redis.on('ready', () => agent.announce());
 log.info('agent taking work');

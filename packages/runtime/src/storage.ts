@@ -3,8 +3,9 @@ import type { StorageEnv } from './env.js';
 import { KilnError } from './errors.js';
 
 /**
- * S3-compatible storage through the minio client. Output keys are deterministic per job and
- * image index, so a retried job overwrites its outputs instead of duplicating them.
+ * S3-compatible storage through the minio client. Each run of a job uploads under keys of its
+ * own (`outputKey`), so an attempt that lost its job can never replace the objects the job's
+ * record describes: only the guarded write that ends the job makes a run's objects its outputs.
  * Presigned URLs are signed for S3_PUBLIC_ENDPOINT when set (the address clients reach),
  * which can differ from the address Kiln's processes use.
  */
@@ -19,8 +20,15 @@ export class Storage {
     this.signer = env.S3_PUBLIC_ENDPOINT ? clientFor(env.S3_PUBLIC_ENDPOINT, env) : this.client;
   }
 
-  static outputKey(jobId: string, index: number, ext: string): string {
-    return `outputs/${jobId}/${index}.${ext}`;
+  /** Where one run of a job puts output `index`; `run` names the attempt (see the agent). */
+  static outputKey(jobId: string, run: string, index: number, ext: string): string {
+    return `outputs/${jobId}/${run}/${index}.${ext}`;
+  }
+
+  /** Whether an error says the object is not there (retrying cannot help), not that S3 is unreachable. */
+  static isNotFound(err: unknown): boolean {
+    const code = (err as { code?: unknown } | null)?.code;
+    return code === 'NoSuchKey' || code === 'NotFound' || code === 'NoSuchBucket';
   }
 
   async ensureBucket(): Promise<void> {
@@ -68,6 +76,11 @@ export class Storage {
       if (out.length > max) break;
     }
     return out;
+  }
+
+  /** Deletes objects; a key that is not there is not an error. */
+  async remove(keys: string[]): Promise<void> {
+    for (const key of keys) await this.client.removeObject(this.bucket, key);
   }
 
   async presign(key: string): Promise<string> {
