@@ -71,7 +71,7 @@ describe('the API refuses bad requests clearly', () => {
     ['a GIF', 'gif', 'image.init.base64', 'image_format', 400],
     ['a 5000-pixel-wide image', 'huge', 'image.init.base64', 'image_too_large', 413],
     ['a missing S3 key', { s3_key: 'uploads/none.png' }, 'image.init.s3_key', 'image_not_found', 400],
-    ['a private URL', { url: 'http://127.0.0.1:9/x.png' }, 'image.init.url', 'image_fetch_failed', 400],
+    ['a private URL', { url: 'http://127.0.0.1:9/x.png' }, 'image.init.url', 'private_address', 400],
   ])('an input image that is %s → %s naming the field', async (_what, ref, field, rule, status) => {
     let init: unknown = ref;
     if (ref === 'truncated') init = { base64: (await gradientPng(128, 128)).subarray(0, 200).toString('base64') };

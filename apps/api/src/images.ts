@@ -1,5 +1,5 @@
 import { IMAGE_LIMITS, type ImageRefInput } from '@kiln/contracts';
-import { guardedGet, KilnError, type Storage } from '@kiln/runtime';
+import { FetchError, guardedRequest, KilnError, type Storage, targetPolicy } from '@kiln/runtime';
 import sharp from 'sharp';
 
 /**
@@ -36,13 +36,14 @@ export async function loadImage(ref: ImageRefInput, field: string, src: ImageSou
     field = `${field}.url`;
     let res;
     try {
-      res = await guardedGet(ref.url, { maxBytes: IMAGE_LIMITS.maxBytes, timeoutMs: src.fetchTimeoutMs, allowPrivate: src.allowPrivate });
+      res = await guardedRequest(ref.url, { maxBytes: IMAGE_LIMITS.maxBytes, timeoutMs: src.fetchTimeoutMs, maxRedirects: 3, allow: targetPolicy(src.allowPrivate) });
     } catch (err) {
-      if (err instanceof KilnError && err.code === 'payload_too_large')
-        throw bad(field, 'image_too_large', `the image is larger than ${IMAGE_LIMITS.maxBytes} bytes`, 'payload_too_large');
-      throw bad(field, 'image_fetch_failed', `could not fetch the image: ${err instanceof Error ? err.message : String(err)}`);
+      if (!(err instanceof FetchError)) throw err;
+      if (err.category === 'too_large') throw bad(field, 'image_too_large', `the image is larger than ${IMAGE_LIMITS.maxBytes} bytes`, 'payload_too_large');
+      // the message is the guard's category and words, never the socket's error (no port scanner)
+      throw bad(field, err.category === 'private_address' ? 'private_address' : 'image_fetch_failed', `could not fetch the image (${err.message})`);
     }
-    if (res.status !== 200) throw bad(field, 'image_fetch_failed', `fetching the image answered HTTP ${res.status}`);
+    if (res.status !== 200) throw bad(field, 'image_fetch_failed', `could not fetch the image (http_status: the server answered HTTP ${res.status})`);
     bytes = res.body;
   } else {
     field = `${field}.s3_key`;

@@ -1,4 +1,4 @@
-import { assertPublicTarget, KilnError } from '@kiln/runtime';
+import { checkTarget, FetchError, KilnError, publicOnly } from '@kiln/runtime';
 import type { ApiContext } from './context.js';
 
 /** A webhook needs WEBHOOK_SECRET, and a public target unless WEBHOOK_ALLOW_PRIVATE. */
@@ -11,9 +11,11 @@ export async function checkWebhookOf(ctx: ApiContext, url: string | undefined, f
   }
   if (ctx.env.WEBHOOK_ALLOW_PRIVATE) return;
   try {
-    await assertPublicTarget(url);
+    // checked now so the client hears of it; the dispatcher's guarded client checks again at delivery
+    await checkTarget(url, { allow: publicOnly });
   } catch (err) {
-    const message = err instanceof Error ? err.message : String(err);
-    throw new KilnError('validation_failed', `invalid request: ${field}.url: ${message}`, { details: [{ field: `${field}.url`, rule: 'private_address', message }] });
+    if (!(err instanceof FetchError)) throw err;
+    const message = err.category === 'private_address' ? `${err.message} (the operator can allow private targets with WEBHOOK_ALLOW_PRIVATE=true)` : err.message;
+    throw new KilnError('validation_failed', `invalid request: ${field}.url: ${message}`, { details: [{ field: `${field}.url`, rule: err.category, message }] });
   }
 }

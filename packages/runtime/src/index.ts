@@ -11,6 +11,6 @@ export * from './loras.js';
 export * from './storage.js';
 export * from './registry.js';
 export * from './webhooks.js';
-export { guardedGet, publicOnlyLookup } from './net-guard.js';
+export { addressRange, anyAddress, checkTarget, FetchError, type FetchFailure, guardedRequest, type GuardedRequestOptions, type GuardedResponse, publicOnly, targetPolicy } from './net-guard.js';
 export * from './shutdown.js';
 export * from './services.js';

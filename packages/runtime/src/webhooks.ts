@@ -1,5 +1,3 @@
-import { request as httpRequest } from 'node:http';
-import { request as httpsRequest } from 'node:https';
 import { randomUUID } from 'node:crypto';
 import { isTerminal, type StoredGroup, type StoredJob, type WebhookEvent, type WebhookPayload } from '@kiln/contracts';
 import { type Job, Queue, UnrecoverableError } from 'bullmq';
@@ -9,9 +7,7 @@ import { KilnError } from './errors.js';
 import { announcement, type JobStore } from './job-store.js';
 import { type GroupStore, groupEnded, groupOutcome, groupRecord } from './groups.js';
 import { jobRecord } from './job-view.js';
-import { assertPublicTarget, publicOnlyLookup } from './net-guard.js';
-
-export { assertPublicTarget } from './net-guard.js';
+import { FetchError, guardedRequest, targetPolicy } from './net-guard.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -31,29 +27,13 @@ export interface DeliveryData {
   body: string;
 }
 
-/** POSTs the body; resolves with the status code (redirects are not followed). */
-export function postWebhook(rawUrl: string, headers: Record<string, string>, body: string, timeoutMs: number, allowPrivate: boolean): Promise<number> {
-  const url = new URL(rawUrl);
-  const send = url.protocol === 'https:' ? httpsRequest : httpRequest;
-  return new Promise((resolve, reject) => {
-    const req = send(
-      url,
-      {
-        method: 'POST',
-        headers: { ...headers, 'content-length': String(Buffer.byteLength(body)) },
-        timeout: timeoutMs,
-        ...(allowPrivate ? {} : { lookup: publicOnlyLookup as never }),
-      },
-      (res) => {
-        res.resume();
-        res.on('end', () => resolve(res.statusCode ?? 0));
-        res.on('error', reject);
-      },
-    );
-    req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
-    req.on('error', reject);
-    req.end(body);
-  });
+/**
+ * POSTs the body through the guarded client; resolves with the status code, or rejects with a
+ * FetchError. Redirects are not followed: a signed delivery goes to the URL the client gave.
+ */
+export async function postWebhook(rawUrl: string, headers: Record<string, string>, body: string, timeoutMs: number, allowPrivate: boolean): Promise<number> {
+  const res = await guardedRequest(rawUrl, { method: 'POST', headers, body, timeoutMs, maxBytes: 0, maxRedirects: 0, readBody: false, allow: targetPolicy(allowPrivate) });
+  return res.status;
 }
 
 /** How long a drainer holds an announcement before another may take it over. */
@@ -178,15 +158,6 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
         error,
         duration_ms: Date.now() - started,
       });
-    if (!env.WEBHOOK_ALLOW_PRIVATE) {
-      try {
-        await assertPublicTarget(d.url); // again at send time: DNS may have changed
-      } catch (err) {
-        const message = err instanceof Error ? err.message : String(err);
-        await record(null, false, message);
-        throw new UnrecoverableError(message);
-      }
-    }
     const now = new Date();
     const headers = {
       'content-type': 'application/json',
@@ -197,11 +168,15 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
     };
     let status: number;
     try {
+      // the guarded client checks the target again here, after resolving it: DNS may have changed since submission
       status = await postWebhook(d.url, headers, d.body, env.WEBHOOK_TIMEOUT_MS, env.WEBHOOK_ALLOW_PRIVATE);
     } catch (err) {
-      const message = err instanceof Error ? err.message : String(err);
+      // the record is shown to the client: the guard's own words, never a socket error
+      const message = err instanceof FetchError ? err.message : 'internal: the delivery could not be attempted';
       await record(null, false, message);
-      throw new Error(`webhook delivery failed: ${message}`);
+      const refused = err instanceof FetchError && (err.category === 'private_address' || err.category === 'invalid_url');
+      if (refused) throw new UnrecoverableError(message); // no retry reaches a refused target
+      throw new Error(`webhook delivery failed: ${message}`, { cause: err });
     }
     const ok = status >= 200 && status < 300;
     await record(status, ok, ok ? null : `receiver answered ${status}`);
