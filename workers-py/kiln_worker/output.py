@@ -25,6 +25,13 @@ EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _EXIF_IFD = 0x8769
 _USER_COMMENT = 0x9286
 _ASCII_PREFIX = b"ASCII\0\0\0"  # EXIF 2.3 character-code prefix of UserComment
+SEED_SPACE = 2**32  # seeds are 0..2**32 - 1, as the API accepts them
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image `index` of a request: seed + index, wrapping past 2**32 - 1 to 0, so every
+    image's seed (the one it was made with and reported on its output) is one the API accepts."""
+    return (seed + index) % SEED_SPACE
 
 
 def metadata_json(metadata: dict) -> str:

@@ -151,6 +151,15 @@ def test_num_images_uses_a_generator_per_image(backend, plain, tmp_path):
     assert int(np.abs(two.pixels(0) - plain.pixels()).max()) <= 2  # image 0 is the single-image run
 
 
+def test_seeds_past_the_maximum_wrap_to_zero(backend, tmp_path):
+    hp = {"guidance_scale": 5, "width": SIDE, "height": SIDE}
+    two = run(backend, request(hyperparameters={**hp, "seed": 2**32 - 1, "num_images": 2}), tmp_path / "two")
+    assert [o["seed"] for o in two.result.outputs] == [2**32 - 1, 0]
+    assert read_metadata(two.result.outputs[1]["path"])["seed"] == 0
+    zero = run(backend, request(hyperparameters={**hp, "seed": 0, "num_images": 1}), tmp_path / "zero")
+    assert int(np.abs(two.pixels(1) - zero.pixels()).max()) <= 2  # image 1 was made with seed 0
+
+
 def test_img2img_and_inpaint(backend, plain, inputs, tmp_path):
     files = {"in/init.png": inputs["init"], "in/mask.png": inputs["mask"]}
     img2img = run(backend, request(image={"init": {"s3_key": "in/init.png"}, "strength": 1.0}), tmp_path / "a", files=files)

@@ -101,6 +101,18 @@ def test_num_images_uses_consecutive_seeds(spawn, tmp_path):
     assert single["outputs"][0]["sha256"] == outs[1]["sha256"]
 
 
+def test_seeds_past_the_maximum_wrap_to_zero(spawn, tmp_path):
+    # image i uses (seed + i) mod 2**32: every reported seed is one the API accepts (recv checks
+    # each output against worker-to-agent.json, whose seed maximum is 2**32 - 1)
+    worker = spawn()
+    _, result = worker.run(generate_message("g1", str(tmp_path), seed=4294967295, num_images=3, width=64, height=64))
+    outs = result["outputs"]
+    assert [o["seed"] for o in outs] == [4294967295, 0, 1]
+    assert [read_metadata(o["path"])["seed"] for o in outs] == [4294967295, 0, 1]
+    _, single = worker.run(generate_message("g2", str(tmp_path / "single"), seed=0, width=64, height=64))
+    assert single["outputs"][0]["sha256"] == outs[1]["sha256"]
+
+
 def test_cancel_mid_run_stops_within_a_step_and_the_worker_keeps_serving(spawn, tmp_path):
     worker = spawn({"KILN_SYNTHETIC_STEP_MS": "200"})  # per 1024², so 50 ms per step at 512²
     worker.send(generate_message("long", str(tmp_path / "long"), steps=150, width=512, height=512))

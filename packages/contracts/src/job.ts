@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { JobError } from './errors.js';
-import { Priority, ResolvedGenerationRequest, WebhookEvent } from './generation.js';
+import { MAX_SEED, Priority, ResolvedGenerationRequest, WebhookEvent } from './generation.js';
 import { CacheTask, ResolvedTrainingRequest } from './kinds.js';
 
 export const JobKind = z.enum(['generation', 'training', 'cache']);
@@ -27,7 +27,7 @@ export const Output = z.object({
   url: z.string().describe('presigned GET URL, fresh on every read'),
   width: z.number().int(),
   height: z.number().int(),
-  seed: z.number().int(),
+  seed: z.number().int().min(0).max(MAX_SEED).describe('the seed this image was made with: image i of a request uses (seed + i) mod 2^32'),
   sha256: z.string(),
   bytes: z.number().int(),
   content_type: z.string(),

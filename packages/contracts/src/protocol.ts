@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
 import { GenerationMetadata, SafetyVerdict, Upscaled } from './job.js';
-import { ResolvedGenerationRequest } from './generation.js';
+import { MAX_SEED, ResolvedGenerationRequest } from './generation.js';
 import { ResolvedTrainingRequest } from './kinds.js';
 
 /**
@@ -93,7 +93,7 @@ export const WorkerOutput = z.strictObject({
   path: z.string(),
   width: z.number().int(),
   height: z.number().int(),
-  seed: z.number().int(),
+  seed: z.number().int().min(0).max(MAX_SEED).describe('image i of a request: (seed + i) mod 2^32'),
   sha256: z.string().regex(/^[0-9a-f]{64}$/),
   bytes: z.number().int(),
   content_type: z.string(),

@@ -7,7 +7,7 @@ One generate request, in order:
    `loading_model` progress per model loaded.
 3. Build the pipeline for the mode from the resident base with `from_pipe` (text-to-image,
    img2img, inpaint, each with or without ControlNets), swap in the VAE, scheduler, LoRA adapters
-   and performance options, and run it with one CPU generator per image (seed + i), reporting
+   and performance options, and run it with one CPU generator per image (output.image_seed), reporting
    each denoising step (`base`, then `refiner` for the ensemble of experts). A cancel sets
    `pipe._interrupt`; the images of an interrupted run are discarded.
 4. Upscale, safety-check and write each image (output.save_image) with its metadata.
@@ -40,7 +40,7 @@ from .. import loras, training
 from ..config import Config
 from ..errors import WorkerError, invalid_request, model_not_found
 from ..images import control_image, load_image, load_mask, resolve_file
-from ..output import build_metadata, file_digest, save_image
+from ..output import build_metadata, file_digest, image_seed, save_image
 from ..protocol import scheduler_names
 from ..safety import verdict
 from ..schedulers import build_scheduler
@@ -455,7 +455,7 @@ class DiffusersBackend(Backend):
                 "guidance_scale": float(hp["guidance_scale"]),
                 "num_inference_steps": request["scheduler"]["steps"],
                 "num_images_per_prompt": n,
-                "generator": [torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+                "generator": [torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)],
                 "output_type": "pil",
             }
             if mode == "txt2img":
@@ -542,7 +542,7 @@ class DiffusersBackend(Backend):
                     denoising_start=switch,
                     image=latents,
                     num_images_per_prompt=n,
-                    generator=[torch.Generator("cpu").manual_seed(seed + i) for i in range(n)],
+                    generator=[torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)],
                     output_type="pil",
                     callback_on_step_end=_stepper("refiner", progress_cb, cancel_event),
                 )
@@ -587,7 +587,7 @@ class DiffusersBackend(Backend):
         cn_models = [e.name for e, _, _ in plan["controlnets"]]
         outputs = []
         for i, img in enumerate(images):
-            seed = hp["seed"] + i
+            seed = image_seed(hp["seed"], i)
             meta = build_metadata(request, seed, models, None, controlnet_models=cn_models, upscale=infos[i])
             path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(i)), fmt, quality, meta if embed else None)
             sha, nbytes = file_digest(path)

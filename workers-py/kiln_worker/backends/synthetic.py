@@ -31,7 +31,7 @@ from PIL import Image
 from .. import images, loras, safetensors_io, training
 from ..config import Config, ModelSpec
 from ..errors import WorkerError, invalid_request, model_not_found
-from ..output import build_metadata, file_digest, save_image
+from ..output import build_metadata, file_digest, image_seed, save_image
 from ..safety import SyntheticSafetyChecker
 from ..schedulers import scheduler_kwargs
 from ..tables import controlnet_types, preprocessable
@@ -310,7 +310,7 @@ class SyntheticBackend(Backend):
             timings["refiner_ms"] = (time.perf_counter() - t) * 1000.0
 
         lora_digests = self._lora_digests(request)
-        rendered = [Image.fromarray(render_image(request, hp["seed"] + i, inputs, plan.controlnet_models, lora_digests))
+        rendered = [Image.fromarray(render_image(request, image_seed(hp["seed"], i), inputs, plan.controlnet_models, lora_digests))
                     for i in range(num_images)]
 
         if plan.upscale:
@@ -339,7 +339,7 @@ class SyntheticBackend(Backend):
         out_spec = request["output"]
         written = []
         for index, img in enumerate(rendered):
-            seed = hp["seed"] + index
+            seed = image_seed(hp["seed"], index)
             meta = build_metadata(request, seed, controlnet_models=plan.controlnet_models, upscale=plan.upscale)
             path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(index)), out_spec["format"],
                                             out_spec["quality"], meta if out_spec["embed_metadata"] else None)
