@@ -4,7 +4,11 @@
 //  3. Without WEBHOOK_SECRET, make one (kept in ./.kiln/webhook-secret) and print it.
 //  4. Start the dispatcher, the API on PORT, and AGENTS agents with the synthetic backend
 //     (WORKER_BACKEND=diffusers for real GPUs), one per GPU index 0..AGENTS-1.
-//  5. Ctrl-C: SIGTERM to every process, wait for them to drain, stop the S3 server.
+//  5. Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM: each child gets one
+//     SIGTERM and drains; the children run in process groups of their own, so the terminal's
+//     signal does not reach them a second time as a forcing one. A second Ctrl-C forces.
+//  6. A child that exits on bad configuration (code 2) stops the farm with code 2; the API or
+//     the dispatcher exiting otherwise stops it with code 1.
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -20,8 +24,9 @@ if (!Number.isInteger(agents) || agents < 0 || agents > 64) {
   process.exit(2);
 }
 env.REDIS_URL ??= 'redis://127.0.0.1:6379';
-env.PORT ??= '8080';
-env.PUBLIC_URL ??= `http://127.0.0.1:${env.PORT}`;
+env.PORT ||= '8080';
+// derived only from a usable port: a bad PORT is the API's to report, by its own name
+if (/^\d{1,5}$/.test(env.PORT) && Number(env.PORT) <= 65535) env.PUBLIC_URL ||= `http://127.0.0.1:${env.PORT}`;
 const stateDir = resolve(REPO_ROOT, '.kiln');
 mkdirSync(stateDir, { recursive: true });
 
@@ -56,13 +61,27 @@ env.WEBHOOK_ALLOW_PRIVATE ??= 'true';
 const children: { name: string; proc: ResultPromise }[] = [];
 let stopping = false;
 function start(name: string, entry: string, extra: Record<string, string> = {}) {
-  const proc = startProcess(entry, { ...env, ...extra });
+  const proc = startProcess(entry, { ...env, ...extra }, 'inherit', { detached: true });
   children.push({ name, proc });
   void proc.then((r) => {
     if (stopping) return;
+    if (r.exitCode === 2) {
+      say(`${name} exited: bad configuration (see its message above); stopping the farm`);
+      void stop(2);
+      return;
+    }
     say(`${name} exited (${r.signal ?? `code ${r.exitCode}`})`);
     if (name === 'api' || name === 'dispatcher') void stop(1);
   });
+}
+// the children are not in our process group: nothing else would stop them if we died
+process.on('exit', () => {
+  for (const c of children) if (c.proc.exitCode === null && c.proc.pid) killGroup(c.proc.pid, 'SIGKILL');
+});
+function killGroup(pid: number, signal: NodeJS.Signals) {
+  try {
+    process.kill(-pid, signal); // the child and its workers
+  } catch {}
 }
 
 start('dispatcher', ENTRY.dispatcher);
@@ -73,10 +92,15 @@ say(`farm starting: API on ${env.PUBLIC_URL}, Bull Board at ${env.PUBLIC_URL}/ad
 async function stop(code: number) {
   if (stopping) return;
   stopping = true;
-  say('stopping the farm…');
-  for (const c of children) c.proc.kill('SIGTERM');
-  await Promise.all(children.map((c) => c.proc));
+  say('stopping the farm (draining; Ctrl-C again forces)…');
+  for (const c of children) if (c.proc.exitCode === null) c.proc.kill('SIGTERM');
+  const results = await Promise.all(children.map((c) => c.proc));
   await s3?.close();
+  const unclean = children.flatMap((c, i) => (results[i]!.exitCode === 0 ? [] : [`${c.name} (${results[i]!.signal ?? `code ${results[i]!.exitCode}`})`]));
+  if (code === 0 && unclean.length) {
+    say(`stopped, but not cleanly: ${unclean.join(', ')}`);
+    process.exit(1);
+  }
   say('stopped');
   process.exit(code);
 }
@@ -85,7 +109,8 @@ for (const sig of ['SIGINT', 'SIGTERM'] as const) {
   process.on(sig, () => {
     signals += 1;
     if (signals > 1) {
-      for (const c of children) c.proc.kill('SIGKILL');
+      say('second signal: forcing every process to stop');
+      for (const c of children) if (c.proc.pid) killGroup(c.proc.pid, 'SIGKILL');
       process.exit(130);
     }
     void stop(0);

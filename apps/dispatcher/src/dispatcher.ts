@@ -6,10 +6,12 @@ import {
   type IntakeData,
   intakeJobId,
   type Jobs,
+  isConnectionError,
   KilnError,
   type Logger,
   type LoraRegistry,
   QUEUES,
+  quietErrors,
 } from '@kiln/runtime';
 import { type Job, Queue, type ConnectionOptions } from 'bullmq';
 import type { DispatcherEnv } from './env.js';
@@ -33,10 +35,14 @@ function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activ
 /**
  * The active dispatcher's loop. Each tick, while holding the lease:
  *  1. agents whose heartbeat lapsed: their queued and running jobs go back to intake
- *     (attempt + 1 at the next placement), and their queue is removed;
+ *     (attempt + 1 at the next placement), and their queue is removed — unless failover is
+ *     held: a Redis outage is not an agent death, so while this process has lost Redis, for
+ *     AGENT_TTL_MS after it is back, and for AGENT_TTL_MS after every agent lapsed at once
+ *     (Redis stalled, or its clock jumped), agents get a full TTL of fresh heartbeats first;
  *  2. every few seconds, a sweep that repairs anything a crash left half-done: a queued job
  *     missing from intake is added again, a running job whose agent no longer holds it is
- *     retried, and a job no live agent can run fails as unschedulable after a grace period;
+ *     retried, ends not yet announced (webhook, group end) are announced, and a job no live
+ *     agent can run fails as unschedulable after a grace period;
  *  3. placement: peek at intake, plan, and for each decision claim the job on its record
  *     (a guarded write — the claim), hand it to the agent's queue, then drop the intake entry.
  * Every step is idempotent, so a dispatcher killed at any line loses nothing: the next one
@@ -45,6 +51,12 @@ function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activ
 export class Dispatcher {
   private readonly agentQueues = new Map<string, Queue<AgentJobData>>();
   private lastSweep = 0;
+  /** no failover before this time (ms); Infinity while Redis is away */
+  private holdUntil = 0;
+  private holdReason = '';
+  private holdLogged = false;
+  /** agents live at the last look, to tell "every agent lapsed at once" from agents dying one by one */
+  private liveBefore = 0;
 
   constructor(
     private readonly env: DispatcherEnv,
@@ -66,7 +78,18 @@ export class Dispatcher {
     if (!wasLeader) this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
 
     const { live, lapsed } = await this.registry.snapshot();
-    for (const agentId of lapsed) await this.failover(agentId);
+    if (lapsed.length > 0 && live.length === 0 && this.liveBefore > 0) {
+      this.hold(Date.now() + this.env.AGENT_TTL_MS, `every agent (${lapsed.length}) lapsed at once`);
+    }
+    this.liveBefore = live.length;
+    if (lapsed.length > 0 && Date.now() < this.holdUntil) {
+      if (!this.holdLogged) {
+        this.holdLogged = true;
+        this.log.warn({ agents: lapsed, reason: this.holdReason, waitMs: Number.isFinite(this.holdUntil) ? this.holdUntil - Date.now() : null }, 'heartbeats lapsed; waiting for fresh ones before failing any agent over');
+      }
+    } else {
+      for (const agentId of lapsed) await this.failover(agentId);
+    }
     if (Date.now() - this.lastSweep >= this.env.SWEEP_INTERVAL_MS) {
       this.lastSweep = Date.now();
       await this.sweep(live);
@@ -74,10 +97,28 @@ export class Dispatcher {
     await this.place(live);
   }
 
+  /** This process lost Redis: no failover until it is back (see `redisRestored`). */
+  redisLost(): void {
+    this.hold(Infinity, 'Redis connection lost');
+  }
+
+  /** Redis is back: agents get a full heartbeat TTL to write a fresh heartbeat before any failover. */
+  redisRestored(downMs: number): void {
+    this.holdUntil = 0;
+    this.hold(Date.now() + this.env.AGENT_TTL_MS, `Redis was away for ${downMs} ms`);
+  }
+
+  private hold(until: number, reason: string): void {
+    if (until <= this.holdUntil) return;
+    this.holdUntil = until;
+    this.holdReason = reason;
+    this.holdLogged = false;
+  }
+
   private agentQueue(agentId: string): Queue<AgentJobData> {
     let q = this.agentQueues.get(agentId);
     if (!q) {
-      q = new Queue<AgentJobData>(QUEUES.agent(agentId), { connection: this.connection, prefix: this.env.KILN_PREFIX });
+      q = quietErrors(new Queue<AgentJobData>(QUEUES.agent(agentId), { connection: this.connection, prefix: this.env.KILN_PREFIX }), `queue agent.${agentId}`);
       this.agentQueues.set(agentId, q);
     }
     return q;
@@ -104,6 +145,12 @@ export class Dispatcher {
   }
 
   private async sweep(live: AgentHeartbeat[]): Promise<void> {
+    // ends whose announcement a crash (or an outage) interrupted: webhooks, group ends
+    const announced = await this.jobs.drainAnnouncements().catch((err) => {
+      if (!isConnectionError(err)) this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'could not announce every ended job; next sweep retries');
+      return 0;
+    });
+    if (announced > 0) this.log.info({ announced }, 'announced ends a crash or outage had left in the outbox');
     const ids = await this.jobs.store.activeIds();
     const records = await this.jobs.store.getMany(ids);
     const liveIds = new Set(live.map((a) => a.agent_id));

@@ -3,7 +3,9 @@
 //  2. Start the webhook delivery worker (every dispatcher delivers, leader or not).
 //  3. Tick the placement loop on an interval and whenever the API or an agent publishes a
 //     wake-up; only the lease holder places (see dispatcher.ts).
-//  4. On SIGTERM: stop ticking, release the lease so a standby takes over at once, close.
+//  4. When this process loses Redis, hold failover until it is back and agents had a
+//     heartbeat TTL to re-announce themselves (an outage is not an agent death).
+//  5. On SIGTERM: stop ticking, release the lease so a standby takes over at once, close.
 import { hostname } from 'node:os';
 import { randomUUID } from 'node:crypto';
 import {
@@ -13,9 +15,13 @@ import {
   type DeliveryData,
   groupTracker,
   type GroupTrackData,
+  guardProcess,
+  isConnectionError,
   onShutdown,
   parseEnv,
   QUEUES,
+  quietErrors,
+  redisHealth,
   runAll,
   webhookDeliverer,
 } from '@kiln/runtime';
@@ -26,6 +32,7 @@ import { Lease } from './lease.js';
 
 const env = parseEnv(DispatcherEnv, 'dispatcher');
 const log = createLogger('dispatcher', env.LOG_LEVEL);
+guardProcess(log);
 const services = createJobServices(env, 'kiln-dispatcher');
 const { redis, keys, store, groups, intake, jobs } = services;
 const sub = createRedis(env.REDIS_URL, 'kiln-dispatcher-sub');
@@ -33,20 +40,25 @@ const lease = new Lease(redis, keys.dispatcherLease(), `${hostname()}:${process.
 const dispatcher = new Dispatcher(env, log, redis, intake, jobs, services.registry, lease, services.loras);
 
 // every dispatcher keeps the groups queue's entries current for Bull Board
-const tracker = new Worker<GroupTrackData>(QUEUES.groups, groupTracker(groups), {
-  connection: createRedis(env.REDIS_URL, 'kiln-groups'),
-  prefix: env.KILN_PREFIX,
-  concurrency: 256,
-});
-tracker.on('error', (err) => log.warn({ err: err.message }, 'group tracker error'));
+const tracker = quietErrors(
+  new Worker<GroupTrackData>(QUEUES.groups, groupTracker(groups), {
+    connection: createRedis(env.REDIS_URL, 'kiln-groups'),
+    prefix: env.KILN_PREFIX,
+    concurrency: 256,
+  }),
+  'group tracker',
+);
 
 let deliverer: Worker<DeliveryData> | null = null;
 if (env.WEBHOOK_SECRET) {
-  deliverer = new Worker<DeliveryData>(QUEUES.webhooks, webhookDeliverer(store, groups, env), {
-    connection: createRedis(env.REDIS_URL, 'kiln-webhooks'),
-    prefix: env.KILN_PREFIX,
-    concurrency: env.WEBHOOK_CONCURRENCY,
-  });
+  deliverer = quietErrors(
+    new Worker<DeliveryData>(QUEUES.webhooks, webhookDeliverer(store, groups, env), {
+      connection: createRedis(env.REDIS_URL, 'kiln-webhooks'),
+      prefix: env.KILN_PREFIX,
+      concurrency: env.WEBHOOK_CONCURRENCY,
+    }),
+    'webhook deliverer',
+  );
   deliverer.on('failed', (job, err) => log.warn({ job: job?.data.job_id, url: job?.data.url, err: err.message }, 'webhook try failed'));
 } else {
   log.warn('WEBHOOK_SECRET is not set: webhooks will not be delivered (the API refuses jobs that ask for one)');
@@ -69,11 +81,14 @@ async function tick(): Promise<void> {
       await dispatcher.tick();
     } while (again && !stopped);
   } catch (err) {
-    log.error({ err }, 'dispatch tick failed');
+    // an outage is reported once by redisHealth; the next tick after it retries
+    if (!isConnectionError(err)) log.error({ err }, 'dispatch tick failed');
   } finally {
     running = false;
   }
 }
+redisHealth.on('lost', () => dispatcher.redisLost());
+redisHealth.on('restored', (downMs) => dispatcher.redisRestored(downMs));
 const interval = setInterval(() => void tick(), env.DISPATCH_INTERVAL_MS);
 await sub.subscribe(keys.wakeChannel());
 sub.on('message', () => void tick());

@@ -5,7 +5,7 @@ import { GroupStore, type GroupTrackData } from './groups.js';
 import { JobStore } from './job-store.js';
 import { type IntakeData, Jobs } from './jobs.js';
 import { Keys, QUEUES } from './keys.js';
-import { createRedis } from './redis.js';
+import { createRedis, quietErrors } from './redis.js';
 import { AgentRegistry } from './registry.js';
 import { LoraRegistry } from './loras.js';
 import { Storage } from './storage.js';
@@ -38,9 +38,10 @@ export function createJobServices(
   const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
   const groups = new GroupStore(redis, keys, env.JOB_RETENTION_S);
   const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
-  const intake = new Queue<IntakeData>(QUEUES.intake, queueOpts);
-  const webhookQueue = new Queue<DeliveryData>(QUEUES.webhooks, queueOpts);
-  const groupsQueue = new Queue<GroupTrackData>(QUEUES.groups, queueOpts);
+  // every BullMQ object gets the quiet `error` listener: BullMQ prints with console.error otherwise
+  const intake = quietErrors(new Queue<IntakeData>(QUEUES.intake, queueOpts), 'queue intake');
+  const webhookQueue = quietErrors(new Queue<DeliveryData>(QUEUES.webhooks, queueOpts), 'queue webhooks');
+  const groupsQueue = quietErrors(new Queue<GroupTrackData>(QUEUES.groups, queueOpts), 'queue groups');
   const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
   const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups, env.INFRA_RETRY_DEADLINE_S);
   return {
