@@ -163,7 +163,8 @@ describe('the API refuses bad requests clearly', () => {
 
 describe('API keys', () => {
   const key = 'test-key-0123456789abcdef';
-  const farm = new Farm({ agents: 0, env: { API_KEYS: `${key},second-key-0123456789abcdef` } });
+  // an admin key (Bull Board needs one) and a client key; tests/security.e2e.test.ts covers roles and tenants
+  const farm = new Farm({ agents: 0, env: { ADMIN_API_KEYS: `ops:${key}`, API_KEYS: 'second-key-0123456789abcdef' } });
   beforeAll(() => farm.start());
   afterAll(() => farm.close());
 
@@ -182,7 +183,7 @@ describe('API keys', () => {
     expect((await farm.get('/healthz')).status).toBe(200);
   });
 
-  it('Bull Board needs the key, as a bearer token or a basic-auth password, and shows every Kiln queue', async () => {
+  it('Bull Board needs an admin key, as a bearer token or a basic-auth password, and shows every Kiln queue', async () => {
     const none = await farm.get('/admin/queues');
     expect(none.status).toBe(401);
     expect(none.headers.get('www-authenticate')).toContain('Basic');

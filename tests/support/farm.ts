@@ -43,6 +43,8 @@ export interface FarmOptions {
   agentEnv?: (i: number) => Record<string, string>;
   /** start the dispatcher (default true) */
   dispatcher?: boolean;
+  /** the key the farm's own helpers (agents(), job(), submit()…) send, when keys are set */
+  apiKey?: string;
   /** a Redis of the test's own (one it restarts), instead of the shared REDIS_URL */
   redisUrl?: string;
 }
@@ -65,6 +67,7 @@ export class Farm {
   async start(): Promise<this> {
     const redisUrl = this.opts.redisUrl ?? REDIS_URL;
     this.redis = new Redis(redisUrl);
+    this.redis.on('error', () => {}); // a test that restarts its Redis expects the reconnects
     this.s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/test-s3', this.prefix));
     this.port = 20000 + Math.floor(Math.random() * 20000);
     this.api = `http://127.0.0.1:${this.port}`;
@@ -120,7 +123,7 @@ export class Farm {
   async request(method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<{ status: number; body: any; headers: Headers }> {
     const res = await fetch(`${this.api}${path}`, {
       method,
-      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...headers },
+      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), ...(this.opts.apiKey ? { authorization: `Bearer ${this.opts.apiKey}` } : {}), ...headers },
       body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
     });
     const text = await res.text();

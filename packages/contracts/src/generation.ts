@@ -89,7 +89,13 @@ export const ControlNetType = z.enum(CONTROLNET_TYPES);
 export const PREPROCESSABLE: readonly (typeof CONTROLNET_TYPES)[number][] = ['canny'];
 
 export const IMAGE_LIMITS = { maxBytes: 10 * 1024 * 1024, maxSide: 4096, maxPixels: 4096 * 4096 } as const;
-const S3Key = z.string().min(1).max(512).regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only');
+const S3Key = z
+  .string()
+  .min(1)
+  .max(512)
+  .regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only')
+  // no "." or ".." segment and no empty one: a key means one object, whatever the server does with paths
+  .regex(/^(?!\/)(?!.*\/\/)(?!(?:.*\/)?\.{1,2}(?:\/|$))/, 'no empty, "." or ".." path segments');
 
 /** An input image as a client may give it; the API fetches, validates and stores it. */
 export const ImageRefInput = z

@@ -9,7 +9,13 @@ import { Text } from './text.js';
 
 const ModelName = Text.min(1).max(200);
 const AgentId = Text.min(1).max(200);
-const S3Key = z.string().min(1).max(512).regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only');
+const S3Key = z
+  .string()
+  .min(1)
+  .max(512)
+  .regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only')
+  // no "." or ".." segment and no empty one: a key means one object, whatever the server does with paths
+  .regex(/^(?!\/)(?!.*\/\/)(?!(?:.*\/)?\.{1,2}(?:\/|$))/, 'no empty, "." or ".." path segments');
 
 // ---- batch -------------------------------------------------------------------------------
 
@@ -108,7 +114,13 @@ function trainingSchema<D extends z.ZodType, Seed extends z.ZodType>(dataset: D,
 /** Where the images and captions are: a prefix of images with same-named .txt captions, or a manifest. */
 export const DatasetInput = z
   .strictObject({
-    s3_prefix: z.string().min(1).max(400).regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only').optional(),
+    s3_prefix: z
+      .string()
+      .min(1)
+      .max(400)
+      .regex(/^[A-Za-z0-9/_.-]+$/, 'letters, digits, "/", "_", "." and "-" only')
+      .regex(/^(?!\/)(?!.*\/\/)(?!(?:.*\/)?\.{1,2}(?:\/|$))/, 'no empty, "." or ".." path segments')
+      .optional(),
     manifest: S3Key.optional().describe('a JSON array of { image: <key>, caption: <text> }'),
   })
   .refine((d) => (d.s3_prefix === undefined) !== (d.manifest === undefined), { message: 'give exactly one of s3_prefix or manifest', params: { rule: 'exactly_one' } });

@@ -25,7 +25,7 @@ export const RegisteredLora = z.object({
 export type RegisteredLora = z.infer<typeof RegisteredLora>;
 
 const Entry = z.discriminatedUnion('state', [
-  z.object({ state: z.literal('reserved'), name: z.string(), tenant: z.string(), job_id: z.string() }),
+  z.object({ state: z.literal('reserved'), name: z.string(), tenant: z.string(), job_id: z.string(), at: z.number().optional() }),
   RegisteredLora.extend({ state: z.literal('ready') }),
 ]);
 
@@ -38,7 +38,8 @@ export const qualifiedLoraName = (tenant: string, name: string) => `${tenant}/${
  */
 export const loraFileName = (name: string) => `${name.replaceAll('/', '~')}.safetensors`;
 
-// Takes a name unless it is registered, or reserved by a job that is still queued or running.
+// Takes a name unless it is registered, or reserved by a job that is still queued or running
+// (or still being submitted: its record may not exist for a moment after the reservation).
 const RESERVE = `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
@@ -46,6 +47,7 @@ if cur then
   if e.state == 'ready' then return 0 end
   local st = redis.call('HGET', ARGV[3] .. e.job_id, 'status')
   if st == '"queued"' or st == '"running"' then return 0 end
+  if not st and tonumber(ARGV[4]) - (tonumber(e.at) or 0) < 600000 then return 0 end
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
@@ -75,8 +77,9 @@ export class LoraRegistry {
 
   /** Reserves a qualified name for a training job; false when it is taken. */
   async reserve(qualified: string, tenant: string, jobId: string): Promise<boolean> {
-    const entry = JSON.stringify({ state: 'reserved', name: qualified, tenant, job_id: jobId });
-    return (await this.redis.eval(RESERVE, 1, this.keys.loras(), qualified, entry, this.keys.job(''))) === 1;
+    const now = Date.now();
+    const entry = JSON.stringify({ state: 'reserved', name: qualified, tenant, job_id: jobId, at: now });
+    return (await this.redis.eval(RESERVE, 1, this.keys.loras(), qualified, entry, this.keys.job(''), String(now))) === 1;
   }
 
   /** Gives a reservation back (the submission failed after reserving). */
