@@ -56,11 +56,14 @@ ARG GPU=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
  && rm -rf /var/lib/apt/lists/*
-COPY workers-py/requirements.txt workers-py/requirements-gpu.txt workers-py/
+COPY workers-py/requirements.txt workers-py/requirements-diffusers.txt workers-py/
+# torch and torchvision first, on their own, as scripts/setup-python.mjs does (see the file's header)
 RUN python3 -m venv /app/workers-py/.venv \
  && /app/workers-py/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -r workers-py/requirements.txt \
  && if [ "$GPU" = "1" ]; then \
-      /app/workers-py/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -r workers-py/requirements-gpu.txt; \
+      /app/workers-py/.venv/bin/pip install --no-cache-dir --disable-pip-version-check \
+        $(grep -E '^(torch|torchvision)==' workers-py/requirements-diffusers.txt) \
+   && /app/workers-py/.venv/bin/pip install --no-cache-dir --disable-pip-version-check -r workers-py/requirements-diffusers.txt; \
     fi
 
 # ---------------------------------------------------------------------------------------------

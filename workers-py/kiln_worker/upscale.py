@@ -10,6 +10,8 @@ from typing import Any, Mapping
 
 from PIL import Image, ImageFilter
 
+from .torch_compat import ensure_torchvision_importable
+
 LANCZOS = "lanczos"
 
 
@@ -32,6 +34,7 @@ def simulated_model(img: Image.Image, factor: int) -> Image.Image:
 
 def spandrel_available() -> bool:
     try:
+        ensure_torchvision_importable()  # spandrel imports torchvision
         import spandrel  # noqa: F401
     except ImportError:
         return False

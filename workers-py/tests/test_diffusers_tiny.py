@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("diffusers", reason="diffusers is not installed here; the diffusers backend tests run wherever it is")
+from conftest import import_diffusers_or_skip  # noqa: E402
+
+import_diffusers_or_skip()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -12,7 +12,9 @@ import time
 
 import pytest
 
-pytest.importorskip("diffusers", reason="diffusers is not installed here; the diffusers backend tests run wherever it is")
+from conftest import import_diffusers_or_skip  # noqa: E402
+
+import_diffusers_or_skip()
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -198,7 +200,7 @@ def test_train_reports_finite_loss_and_checkpoints_that_load(backend, full_run, 
     for step, path, sha, size in rec.checkpoints:
         assert path == str(job / "checkpoints" / f"step-{step:06d}.safetensors") and os.path.getsize(path) == size
     assert not [f for f in os.listdir(job / "checkpoints") if "tmp" in f]
-    assert result.path == str(job / "team--cat-lora.safetensors") and os.path.getsize(result.path) == result.bytes
+    assert result.path == str(job / "team~cat-lora.safetensors") and os.path.getsize(result.path) == result.bytes
     assert set(result.timings) == {"model_load_ms", "train_ms"}
     with safe_open(result.path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -217,7 +219,7 @@ def test_cancel_keeps_the_last_checkpoint_and_resume_completes(backend, dataset,
         train(backend, train_message("t2", tmp_path, dataset), rec)
     assert info.value.code == "canceled"
     assert [c[0] for c in rec.checkpoints] == [2] and os.path.isfile(rec.checkpoints[0][1])
-    assert not os.path.exists(tmp_path / "team--cat-lora.safetensors")
+    assert not os.path.exists(tmp_path / "team~cat-lora.safetensors")
     # the same step's checkpoint is byte-identical to the uninterrupted run's (CPU)
     assert rec.checkpoints[0][2] == full_run[1].checkpoints[0][2]
 

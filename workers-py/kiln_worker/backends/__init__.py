@@ -21,8 +21,8 @@ def load_backend(name: str, config: Config | None = None) -> Backend:
             from .diffusers_backend import DiffusersBackend
         except ImportError as exc:
             raise BackendUnavailable(
-                f"the diffusers backend isn't available in this build of kiln_worker ({exc}); install "
-                "requirements-gpu.txt, or set KILN_BACKEND=synthetic (the default) to run without a GPU"
+                f"the diffusers backend isn't available in this build of kiln_worker ({exc}); run "
+                "`npm run setup:diffusers` (workers-py/requirements-diffusers.txt), or set KILN_BACKEND=synthetic (the default) to run without a GPU"
             ) from exc
         return DiffusersBackend(config)
     raise BackendUnavailable(f"unknown backend {name!r} (expected synthetic or diffusers)")

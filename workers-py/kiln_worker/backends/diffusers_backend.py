@@ -45,6 +45,7 @@ from ..protocol import scheduler_names
 from ..safety import verdict
 from ..schedulers import build_scheduler
 from ..tables import controlnet_types, preprocessable
+from ..torch_compat import ensure_torchvision_importable
 from ..upscale import upscale as run_upscale
 from ..validation import check_capabilities, check_request
 from . import BackendUnavailable
@@ -67,13 +68,14 @@ class DiffusersConfigError(BackendUnavailable):
 
 def _import_runtime():
     try:
+        ensure_torchvision_importable()  # before diffusers and transformers look for it
         import diffusers  # noqa: F401
         import torch
         import transformers  # noqa: F401
     except ImportError as exc:
         raise BackendUnavailable(
             f"the diffusers backend needs torch, diffusers and transformers ({exc}); "
-            "pip install -r workers-py/requirements-gpu.txt, or set KILN_BACKEND=synthetic"
+            "run `npm run setup:diffusers` (workers-py/requirements-diffusers.txt), or set KILN_BACKEND=synthetic"
         ) from exc
     return torch
 
