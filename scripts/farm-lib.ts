@@ -18,6 +18,8 @@ export const ENTRY = {
 
 export interface EmbeddedS3 {
   endpoint: string;
+  /** the address it listens on: loopback only, it is for local use */
+  host: string;
   /** s3rver accepts only these credentials */
   accessKey: string;
   secretKey: string;
@@ -27,7 +29,10 @@ export interface EmbeddedS3 {
   resume(): Promise<void>;
 }
 
-/** s3rver on loopback: a real S3 HTTP server (it skips signature checks and multipart listing). */
+/**
+ * s3rver on loopback only: a real S3 HTTP server for local use and tests, never for a network
+ * (it skips signature checks, so anyone who can reach it can read and write every object).
+ */
 export async function startEmbeddedS3(directory: string, port = 0): Promise<EmbeddedS3> {
   mkdirSync(directory, { recursive: true });
   const serve = async (p: number) => {
@@ -45,6 +50,7 @@ export async function startEmbeddedS3(directory: string, port = 0): Promise<Embe
   };
   return {
     endpoint: `http://127.0.0.1:${addr.port}`,
+    host: addr.address,
     accessKey: 'S3RVER',
     secretKey: 'S3RVER',
     close: stop,

@@ -4,6 +4,7 @@ import type { ApiContext } from './context.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
 import { registerErrorHandling } from './plugins/errors.js';
+import { registerJsonBody } from './plugins/json-body.js';
 import { agentRoutes } from './routes/agents.js';
 import { batchRoutes } from './routes/batches.js';
 import { cacheRoutes } from './routes/cache.js';
@@ -11,11 +12,13 @@ import { trainingRoutes } from './routes/trainings.js';
 import { generationRoutes } from './routes/generations.js';
 import { healthRoutes } from './routes/health.js';
 import { jobRoutes } from './routes/jobs.js';
+import { serverOptions } from './server-options.js';
 
 /** Builds the API (no listening here: main.ts and the tests do that). */
 export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance; close: () => Promise<void> }> {
-  const app: FastifyInstance = Fastify({ loggerInstance: ctx.log as FastifyBaseLogger, bodyLimit: ctx.env.BODY_LIMIT_BYTES, disableRequestLogging: false });
+  const app: FastifyInstance = Fastify({ loggerInstance: ctx.log as FastifyBaseLogger, bodyLimit: ctx.env.BODY_LIMIT_BYTES, disableRequestLogging: false, ...serverOptions(ctx.env) });
   registerErrorHandling(app);
+  registerJsonBody(app);
   registerAuth(app, ctx.env.API_KEYS);
   const closeBoard = await registerBullBoard(app, ctx);
   await app.register(async (v1) => {

@@ -1,9 +1,22 @@
 import { boolFromEnv, CommonEnv, JobEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { z } from 'zod';
 
+/**
+ * How long the HTTP server waits for a client. Without them a client that sends fewer bytes than
+ * its Content-Length, or headers a byte at a time, holds a connection for as long as it likes.
+ */
+export const HttpServerEnv = z.object({
+  HTTP_REQUEST_TIMEOUT_MS: z.coerce.number().int().min(100).default(60_000).describe('a request (headers and body) must arrive in full within this, else 408 and the socket closes'),
+  HTTP_HEADERS_TIMEOUT_MS: z.coerce.number().int().min(100).default(10_000).describe('the headers must arrive within this (capped at HTTP_REQUEST_TIMEOUT_MS), else 408'),
+  HTTP_CONNECTION_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000).describe('a socket with no bytes either way for this long is closed'),
+  HTTP_KEEP_ALIVE_TIMEOUT_MS: z.coerce.number().int().min(100).default(72_000).describe('an idle keep-alive connection is closed after this; keep it above a load balancer idle timeout'),
+});
+export type HttpServerEnv = z.infer<typeof HttpServerEnv>;
+
 export const ApiEnv = CommonEnv.extend(StorageEnv.shape)
   .extend(WebhookEnv.shape)
   .extend(JobEnv.shape)
+  .extend(HttpServerEnv.shape)
   .extend({
     HOST: z.string().default('127.0.0.1'),
     PORT: z.coerce.number().int().min(0).max(65535).default(8080),

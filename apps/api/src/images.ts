@@ -65,7 +65,8 @@ export async function loadImage(ref: ImageRefInput, field: string, src: ImageSou
 async function decode(bytes: Buffer, field: string): Promise<LoadedImage> {
   let meta: Awaited<ReturnType<ReturnType<typeof sharp>['metadata']>>;
   try {
-    meta = await sharp(bytes, { limitInputPixels: IMAGE_LIMITS.maxPixels }).metadata();
+    // the header only, with no pixel limit: dimensions too large are a 413 (below), not "unreadable"
+    meta = await sharp(bytes, { limitInputPixels: false }).metadata();
   } catch (err) {
     throw bad(field, 'image_unreadable', `not a readable image (${err instanceof Error ? err.message : String(err)})`);
   }

@@ -15,7 +15,11 @@ export const ModelsResponse = z.object({
   ),
 });
 
+/** Why a readiness check failed, in one word; the raw error goes to the API's log only. */
+export const ReadinessFailure = z.enum(['unreachable', 'timeout', 'failed']);
+export type ReadinessFailure = z.infer<typeof ReadinessFailure>;
+
 export const HealthResponse = z.object({
   status: z.enum(['ok', 'unavailable']),
-  checks: z.record(z.string(), z.object({ ok: z.boolean(), error: z.string().optional() })).optional(),
+  checks: z.record(z.string(), z.object({ ok: z.boolean(), error: ReadinessFailure.optional() })).optional(),
 });
