@@ -80,7 +80,7 @@ export const Progress = z.object({
 
 const common = {
   id: z.string(),
-  client: z.string().describe('who submitted it (API key fingerprint or "anonymous")'),
+  client: z.string().describe('the tenant that submitted it ("default" on an open farm)'),
   status: JobStatus,
   stage: JobStage,
   attempt: z.number().int().describe('0 until first placed; +1 on every placement'),
