@@ -354,13 +354,15 @@ export class Agent {
         return;
       } catch (err) {
         const message = coerceError(err).message;
-        if (Storage.isNotFound(err) || Date.now() - started + delay > this.env.TRANSFER_RETRY_MS) {
+        const left = this.env.TRANSFER_RETRY_MS - (Date.now() - started);
+        if (Storage.isNotFound(err) || left <= 0) {
           throw new KilnError('storage_failed', `${what} failed after ${tries} ${tries === 1 ? 'try' : 'tries'}: ${message}`, { cause: err });
         }
         if (tries === 1) this.log.warn({ what, err: message, retryForMs: this.env.TRANSFER_RETRY_MS }, 'storage unreachable; retrying in place');
+        // the last wait is cut to the window, so the final try comes at its end
+        await new Promise((r) => setTimeout(r, Math.min(left, delay * (0.5 + Math.random() / 2))));
+        delay = Math.min(delay * 2, TRANSFER_BACKOFF_MS.max);
       }
-      await new Promise((r) => setTimeout(r, delay * (0.5 + Math.random() / 2)));
-      delay = Math.min(delay * 2, TRANSFER_BACKOFF_MS.max);
     }
   }
 
