@@ -1,7 +1,7 @@
 import { createBullBoard } from '@bull-board/api';
 import { BullMQAdapter } from '@bull-board/api/bullMQAdapter';
 import { FastifyAdapter } from '@bull-board/fastify';
-import { AGENT_QUEUE_PREFIX, QUEUES } from '@kiln/runtime';
+import { AGENT_QUEUE_PREFIX, QUEUES, quietErrors } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyInstance } from 'fastify';
 import type { ApiContext } from '../context.js';
@@ -28,7 +28,7 @@ export async function registerBullBoard(app: FastifyInstance, ctx: ApiContext): 
     const ids = new Set(await ctx.registry.registered());
     for (const id of ids) {
       if (agentQueues.has(id)) continue;
-      const q = new Queue(QUEUES.agent(id), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX });
+      const q = quietErrors(new Queue(QUEUES.agent(id), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX }), `queue agent.${id}`);
       agentQueues.set(id, q);
       board.addQueue(new BullMQAdapter(q, { readOnlyMode: true }));
     }

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, EvictRequest, type ModelInfo, type StoredGroup } from '@kiln/contracts';
-import { groupRecord, KilnError, newJobFields, QUEUES, trackGroup } from '@kiln/runtime';
+import { groupRecord, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
@@ -41,7 +41,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     await trackGroup(ctx.groupsQueue, group);
     for (const c of children) {
       await ctx.store.create(c);
-      const q = new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX });
+      const q = quietErrors(new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX }), `queue agent.${c.agent}`);
       await q.add('cache', { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, removeOnComplete: true, removeOnFail: true, priority: 1 });
       await q.close();
     }
