@@ -1,6 +1,7 @@
 import type { ModelInfo } from '@kiln/contracts';
 import { describe, expect, it } from 'vitest';
 import { type AgentView, type Candidate, type Decision, plan, projectResidency } from './placement.js';
+import { referencePlan } from '../test/placement-reference.js';
 
 const SDXL = 'stabilityai/stable-diffusion-xl-base-1.0';
 const TURBO = 'stabilityai/sdxl-turbo';
@@ -354,5 +355,49 @@ describe('plan(): between equals, an agent with room beats one that must evict',
     // "a-full" wins the id tie-break, but would have to push SDXL out of its 10 GB
     const agents = [agent('a-full', { vramTotalMb: 10_240, resident: [SDXL] }), agent('b-empty', { vramTotalMb: 10_240 })];
     expect(plan([job('j1', { model: TURBO })], agents, opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-empty', load: true }]);
+  });
+});
+
+describe('plan(): indexed, and the same decisions as the plain scan it replaced', () => {
+  // a small deterministic PRNG, so a failure names a seed that reproduces it
+  const rng = (seed: number) => () => ((seed = (seed * 1103515245 + 12345) & 0x7fffffff) / 0x7fffffff);
+
+  function randomCase(seed: number): { jobs: Candidate[]; agents: AgentView[]; o: ReturnType<typeof opts> & { policy?: 'fifo' | 'affinity'; warmLoadFactor?: number } } {
+    const r = rng(seed);
+    const pick = <T>(xs: readonly T[]) => xs[Math.floor(r() * xs.length)]!;
+    const bases = [SDXL, TURBO, JUGGERNAUT];
+    const agents = Array.from({ length: 1 + Math.floor(r() * 6) }, (_, i) => {
+      const resident = bases.filter(() => r() < 0.3);
+      return agent(`agent-${i}`, {
+        free: Math.floor(r() * 3),
+        inflight: Math.floor(r() * 3),
+        avgJobMs: 200 + Math.floor(r() * 3000),
+        vramTotalMb: pick([10_240, 16_384, 24_576]),
+        resident: r() < 0.2 ? [...resident, LORA] : resident,
+        pinned: r() < 0.15 ? resident.slice(0, 1) : [],
+        ...(r() < 0.3 ? { warm: new Set(bases.filter(() => r() < 0.5)) } : {}),
+        ...(r() < 0.1 ? { models: modelsWithout(pick(bases)) } : {}),
+      });
+    });
+    const jobs = Array.from({ length: Math.floor(r() * 30) }, (_, i) =>
+      job(`j${i}`, {
+        model: r() < 0.05 ? 'someone/unknown' : pick(bases),
+        ...(r() < 0.2 ? { adapters: r() < 0.5 ? [LORA] : [CANNY] } : {}),
+        rank: pick([RANK.high, RANK.normal, RANK.low]),
+        waitedMs: Math.floor(r() * 10_000),
+        client: pick(['alice', 'bob', 'carol']),
+        activationMb: pick([1_200, 4_000]),
+      }),
+    );
+    const o = { ...opts({ alice: Math.floor(r() * 3), bob: Math.floor(r() * 2) }), ...(r() < 0.2 ? { policy: 'fifo' as const } : {}), warmLoadFactor: pick([0.15, 0.5]) };
+    return { jobs, agents, o };
+  }
+
+  it('on 2,000 random farms and backlogs', () => {
+    for (let seed = 1; seed <= 2_000; seed++) {
+      const { jobs, agents, o } = randomCase(seed);
+      const sort = (d: Decision[]) => [...d.filter((x) => x.kind === 'place'), ...d.filter((x) => x.kind !== 'place').sort((x, y) => x.jobId.localeCompare(y.jobId))];
+      expect(sort(plan(jobs, agents, o)), `seed ${seed}`).toEqual(sort(referencePlan(jobs, agents, o)));
+    }
   });
 });

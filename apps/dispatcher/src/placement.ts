@@ -67,42 +67,87 @@ export type Decision =
   | { jobId: string; kind: 'wait' }
   | { jobId: string; kind: 'infeasible'; reason: string };
 
-type AgentState = AgentView;
+type AgentState = AgentView & { version: number };
 
+/**
+ * The work is grouped by what decides an agent's cost — the suite, its working memory — and by
+ * client (fairness): every job of a group costs the same on a given agent. Each group keeps its
+ * agents in two heaps by cost (all of them, and those with a free slot) and its jobs sorted by
+ * urgency, so one placement looks at each group's heads: its cost grows with the number of
+ * groups (models × clients), not with the number of jobs waiting, and only logarithmically with
+ * the number of agents. After a placement only that agent's costs change (it is re-pushed in
+ * every group; stale heap entries are skipped by version), except when the last waiting job of
+ * a model is placed — evicting that model no longer costs its reload — when the agents holding
+ * it are re-pushed too (at most once per model per plan).
+ */
 export function plan(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Decision[] {
   const fifo = opts.policy === 'fifo';
   const fairnessMs = opts.agingMs / 10;
-  const state: AgentState[] = agents.map((a) => ({ ...a, resident: new Set(a.resident) }));
+  const warmFactor = opts.warmLoadFactor ?? 0.15;
+  const state: AgentState[] = agents.map((a) => ({ ...a, resident: new Set(a.resident), version: 0 }));
   const running = new Map(opts.running);
-  const decisions: Decision[] = [];
+  const infeasible: Decision[] = [];
+  const placed: Decision[] = [];
 
-  // jobs no live agent could ever run are decided up front
-  const feasibleFor = new Map<string, AgentState[]>();
-  let remaining: Candidate[] = [];
-  for (const c of candidates) {
-    const feasible = state.filter((a) => {
-      const members = suite(c).map((name) => a.models.get(name));
-      // pinned models stay, so they take from what this job can have
-      const pinnedMb = [...(a.pinned ?? [])].filter((name) => !suite(c).includes(name)).reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
-      return members.every((m) => m !== undefined) && pinnedMb + members.reduce((s, m) => s + m!.vram_mb, 0) + c.activationMb <= a.vramTotalMb;
-    });
-    if (feasible.length === 0) {
-      decisions.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
-    } else {
-      feasibleFor.set(c.jobId, feasible);
-      remaining.push(c);
+  // ---- groups of interchangeable jobs, and where each group can run at all ----
+  interface Job {
+    c: Candidate;
+    index: number;
+    /** lower runs first: priority rank, aged by waiting */
+    urgency: number;
+    done: boolean;
+  }
+  interface Group {
+    suite: string[];
+    activationMb: number;
+    client: string;
+    feasible: AgentState[];
+    feasibleSet: Set<AgentState>;
+    /** by urgency, then input order */
+    jobs: Job[];
+    /** by waited, longest first (for a job that may go to a free agent its head may not) */
+    byWait: Job[];
+    head: number;
+    all: Heap;
+    free: Heap;
+  }
+  const groups = new Map<string, Group>();
+  const feasibleBySuite = new Map<string, AgentState[]>();
+  candidates.forEach((c, index) => {
+    const members = suite(c);
+    const suiteKey = `${members.join('\0')}\0${c.activationMb}`;
+    let feasible = feasibleBySuite.get(suiteKey);
+    if (!feasible) {
+      feasible = state.filter((a) => fits(a, c));
+      feasibleBySuite.set(suiteKey, feasible);
     }
+    if (feasible.length === 0) {
+      infeasible.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
+      return;
+    }
+    const key = `${suiteKey}\0${c.client}`;
+    let g = groups.get(key);
+    if (!g) {
+      g = { suite: members, activationMb: c.activationMb, client: c.client, feasible, feasibleSet: new Set(feasible), jobs: [], byWait: [], head: 0, all: new Heap(), free: new Heap() };
+      groups.set(key, g);
+    }
+    const j = { c, index, urgency: c.rank * opts.agingMs - c.waitedMs, done: false };
+    g.jobs.push(j);
+    g.byWait.push(j);
+  });
+  for (const g of groups.values()) {
+    g.jobs.sort((x, y) => x.urgency - y.urgency || x.index - y.index);
+    g.byWait.sort((x, y) => y.c.waitedMs - x.c.waitedMs || x.index - y.index);
   }
 
   const demand = new Map<string, number>();
-  for (const c of remaining) for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 0) + 1);
+  for (const g of groups.values()) for (const name of g.suite) demand.set(name, (demand.get(name) ?? 0) + g.jobs.length);
 
-  /** Models a load of `c`'s suite would push out of `a`'s VRAM, least recently used first. */
-  const evictions = (a: AgentState, c: Candidate): string[] => {
-    const members = suite(c);
+  /** Models a load of the suite would push out of `a`'s VRAM, least recently used first. */
+  const evictions = (a: AgentState, members: string[], activationMb: number): string[] => {
     const missing = members.filter((name) => !a.resident.has(name));
     if (missing.length === 0) return [];
-    const need = missing.reduce((s, name) => s + a.models.get(name)!.vram_mb, 0) + c.activationMb;
+    const need = missing.reduce((s, name) => s + a.models.get(name)!.vram_mb, 0) + activationMb;
     let used = [...a.resident].reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
     const out: string[] = [];
     for (const name of a.resident) {
@@ -113,54 +158,131 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     }
     return out;
   };
-  const cost = (a: AgentState, c: Candidate): number => {
+  const cost = (a: AgentState, g: Group): number => {
     if (fifo) return a.inflight;
-    const warmFactor = opts.warmLoadFactor ?? 0.15;
-    const loads = suite(c)
+    const loads = g.suite
       .filter((name) => !a.resident.has(name))
       .reduce((s, name) => s + a.models.get(name)!.load_ms * (a.warm?.has(name) ? warmFactor : 1), 0);
     if (loads === 0) return a.inflight * a.avgJobMs;
     // evicting a model waiting jobs need costs its reload; any other eviction a tenth of it,
     // since traffic for it may come back (so between equals, an agent with room wins)
-    const evictPenalty = evictions(a, c).reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0) * ((demand.get(name) ?? 0) > 0 ? 1 : 0.1), 0);
+    const evictPenalty = evictions(a, g.suite, g.activationMb).reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0) * ((demand.get(name) ?? 0) > 0 ? 1 : 0.1), 0);
     return a.inflight * a.avgJobMs + loads + evictPenalty;
   };
+  const push = (g: Group, a: AgentState) => {
+    const e: Entry = { a, cost: cost(a, g), inflight: a.inflight, version: a.version };
+    g.all.push(e);
+    if (a.free > 0) g.free.push(e);
+  };
+  for (const g of groups.values()) for (const a of g.feasible) push(g, a);
+  /** `a` changed: its old entries go stale, and it is pushed again wherever it may run. */
+  const repush = (a: AgentState) => {
+    a.version += 1;
+    for (const g of groups.values()) if (g.feasibleSet.has(a)) push(g, a);
+  };
+  const valid = (e: Entry) => e.version === e.a.version;
 
   for (;;) {
-    let best: { c: Candidate; a: AgentState; score: number } | null = null;
-    for (const c of remaining) {
-      const feasible = feasibleFor.get(c.jobId)!;
-      const ranked = feasible
-        .map((a) => ({ a, cost: cost(a, c) }))
-        .sort((x, y) => x.cost - y.cost || x.a.inflight - y.a.inflight || x.a.id.localeCompare(y.a.id));
-      const cheapest = ranked[0]!;
-      // where this job may go now: its cheapest agent, or — if that one is full — a free one,
-      // once the job has waited longer than the extra cost of going there
-      const target = cheapest.a.free > 0
-        ? cheapest
-        : ranked.find((r) => r.a.free > 0 && (fifo || c.waitedMs >= r.cost - cheapest.cost));
-      if (!target) continue;
-      const score = target.cost + c.rank * opts.agingMs - c.waitedMs + (running.get(c.client) ?? 0) * fairnessMs;
-      if (!best || score < best.score) best = { c, a: target.a, score };
+    let best: { g: Group; j: Job; a: AgentState; score: number } | null = null;
+    for (const g of groups.values()) {
+      while (g.head < g.jobs.length && g.jobs[g.head]!.done) g.head += 1;
+      if (g.head >= g.jobs.length) continue;
+      const cheapest = g.all.top(valid)!;
+      const freeBest = g.free.top((e) => valid(e) && e.a.free > 0);
+      if (!freeBest) continue;
+      let j = g.jobs[g.head]!;
+      let target: Entry | null = cheapest.a.free > 0 ? cheapest : null;
+      if (!target) {
+        // the cheapest agent is full: a job may go to the cheapest free one once it has waited
+        // longer than the extra cost of going there — the most urgent job that has
+        const extra = freeBest.cost - cheapest.cost;
+        const longest = g.byWait.find((x) => !x.done);
+        if (!fifo && (!longest || longest.c.waitedMs < extra)) continue;
+        target = freeBest;
+        if (!fifo && j.c.waitedMs < extra) j = g.jobs.find((x) => !x.done && x.c.waitedMs >= extra)!;
+      }
+      const score = target.cost + j.urgency + (running.get(g.client) ?? 0) * fairnessMs;
+      if (!best || score < best.score || (score === best.score && j.index < best.j.index)) best = { g, j, a: target.a, score };
     }
     if (!best) break;
 
-    const { c, a } = best;
-    const load = suite(c).some((name) => !a.resident.has(name));
-    decisions.push({ jobId: c.jobId, kind: 'place', agentId: a.id, load });
-    for (const name of evictions(a, c)) a.resident.delete(name);
-    for (const name of suite(c)) {
+    const { g, j, a } = best;
+    const load = g.suite.some((name) => !a.resident.has(name));
+    placed.push({ jobId: j.c.jobId, kind: 'place', agentId: a.id, load });
+    j.done = true;
+    for (const name of evictions(a, g.suite, g.activationMb)) a.resident.delete(name);
+    for (const name of g.suite) {
       a.resident.delete(name);
       a.resident.add(name); // most recently used
     }
     a.free -= 1;
     a.inflight += 1;
-    running.set(c.client, (running.get(c.client) ?? 0) + 1);
-    for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 1) - 1);
-    remaining = remaining.filter((x) => x !== c);
+    running.set(g.client, (running.get(g.client) ?? 0) + 1);
+    const ranOut = g.suite.filter((name) => {
+      const left = (demand.get(name) ?? 1) - 1;
+      demand.set(name, left);
+      return left === 0;
+    });
+    repush(a);
+    // nobody waits for these any more: evicting one now costs less on every agent that holds it
+    for (const name of ranOut) for (const holder of state) if (holder !== a && holder.resident.has(name)) repush(holder);
   }
-  for (const c of remaining) decisions.push({ jobId: c.jobId, kind: 'wait' });
-  return decisions;
+  const waiting = [...groups.values()].flatMap((g) => g.jobs.filter((j) => !j.done)).sort((x, y) => x.index - y.index);
+  return [...infeasible, ...placed, ...waiting.map((j): Decision => ({ jobId: j.c.jobId, kind: 'wait' }))];
+}
+
+/** Whether `c`'s whole suite, the pinned models it must share the GPU with, and its working memory fit on `a`. */
+function fits(a: AgentView, c: Candidate): boolean {
+  const members = suite(c).map((name) => a.models.get(name));
+  const pinnedMb = [...(a.pinned ?? [])].filter((name) => !suite(c).includes(name)).reduce((s, name) => s + (a.models.get(name)?.vram_mb ?? 0), 0);
+  return members.every((m) => m !== undefined) && pinnedMb + members.reduce((s, m) => s + m!.vram_mb, 0) + c.activationMb <= a.vramTotalMb;
+}
+
+interface Entry {
+  a: AgentState;
+  cost: number;
+  inflight: number;
+  version: number;
+}
+
+/** A binary min-heap of agents by (cost, jobs in flight, id): the order the cheapest agent is chosen in. */
+class Heap {
+  private readonly items: Entry[] = [];
+  private static less(x: Entry, y: Entry): boolean {
+    return (x.cost - y.cost || x.inflight - y.inflight || x.a.id.localeCompare(y.a.id)) < 0;
+  }
+  push(e: Entry): void {
+    const h = this.items;
+    h.push(e);
+    let i = h.length - 1;
+    while (i > 0) {
+      const p = (i - 1) >> 1;
+      if (!Heap.less(h[i]!, h[p]!)) break;
+      [h[i], h[p]] = [h[p]!, h[i]!];
+      i = p;
+    }
+  }
+  /** The least entry that is still `ok`; entries that are not are dropped on the way. */
+  top(ok: (e: Entry) => boolean): Entry | null {
+    const h = this.items;
+    while (h.length && !ok(h[0]!)) {
+      const last = h.pop()!;
+      if (!h.length) break;
+      h[0] = last;
+      let i = 0;
+      for (;;) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < h.length && Heap.less(h[l]!, h[m]!)) m = l;
+        if (r < h.length && Heap.less(h[r]!, h[m]!)) m = r;
+        if (m === i) break;
+        [h[i], h[m]] = [h[m]!, h[i]!];
+        i = m;
+      }
+    }
+    return h[0] ?? null;
+  }
 }
 
 const suite = (c: Candidate): string[] => [c.model, ...(c.adapters ?? [])];
