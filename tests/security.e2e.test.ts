@@ -394,6 +394,23 @@ describe('tenants, roles and quotas on a running farm', () => {
     expect(rec.attempt).toBe(1); // another try would read the same bytes
   });
 
+  it('training captions are text: a lone surrogate or a control character is a 400, Windows line ends are fine', async () => {
+    await put('tenants/acme/m/bad.json', Buffer.from('[{"image":"tenants/acme/datasets/kilns/0.png","caption":"a \\ud800 kiln"}]'), 'application/json');
+    const manifest = await A.post('/v1/trainings', { ...train('caps-1'), dataset: { manifest: 'tenants/acme/m/bad.json' } });
+    expect(manifest.status).toBe(400);
+    expect(manifest.body.error.details[0]).toMatchObject({ field: 'dataset.manifest', rule: 'invalid_manifest' });
+    await put('tenants/acme/caps/0.png', await gradientPng(64, 64));
+    await put('tenants/acme/caps/0.txt', Buffer.from('a kiln\u0007 that beeps'), 'text/plain');
+    const bell = await A.post('/v1/trainings', { ...train('caps-2'), dataset: { s3_prefix: 'tenants/acme/caps/' } });
+    expect(bell.status).toBe(400);
+    expect(bell.body.error.details[0]).toMatchObject({ field: 'dataset.s3_prefix', rule: 'control_character' });
+    await put('tenants/acme/caps/0.txt', Buffer.from('a kiln\r\nat dusk\r\n'), 'text/plain');
+    const ok = await A.post('/v1/trainings', { ...train('caps-3'), dataset: { s3_prefix: 'tenants/acme/caps/' } });
+    expect(ok.status, JSON.stringify(ok.body)).toBe(202);
+    expect(ok.body.request.dataset.items[0].caption).toBe('a kiln\nat dusk');
+    await A.del(`/v1/trainings/${ok.body.id}`);
+  });
+
   it('a bare key is its own tenant; the keys file authenticates by hash alone', async () => {
     const bare = await as(BARE).post('/v1/generations', tiny(8));
     expect(bare.status).toBe(202);

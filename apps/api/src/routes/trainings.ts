@@ -1,5 +1,5 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import { IMAGE_LIMITS, LIMITS, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainingRequest, trainingVramMb } from '@kiln/contracts';
+import { firstBadChar, IMAGE_LIMITS, LIMITS, Text, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainingRequest, trainingVramMb } from '@kiln/contracts';
 import { jobRecord, KilnError, newJobFields, qualifiedLoraName } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -29,7 +29,7 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         throw bad('dataset.manifest', 'manifest_unreadable', err instanceof Error ? err.message : String(err));
       });
       if (!raw) throw bad('dataset.manifest', 'not_found', `no object ${d.manifest} in the bucket`);
-      const Manifest = z.array(z.strictObject({ image: z.string().regex(/^[A-Za-z0-9/_.-]+$/), caption: z.string().max(LIMITS.maxPromptChars) })).min(1).max(TRAINING_LIMITS.maxImages);
+      const Manifest = z.array(z.strictObject({ image: z.string().regex(/^[A-Za-z0-9/_.-]+$/), caption: Text.max(LIMITS.maxPromptChars) })).min(1).max(TRAINING_LIMITS.maxImages);
       let parsed;
       try {
         parsed = Manifest.safeParse(JSON.parse(raw.toString('utf8')));
@@ -65,7 +65,10 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     if (big) throw bad('dataset.s3_prefix', 'image_too_large', `${big[1].image} is larger than ${IMAGE_LIMITS.maxBytes} bytes`);
     return Promise.all(
       images.map(async ([, e]) => {
-        const text = (await ctx.storage.getBuffer(e.caption!, 64 * 1024))?.toString('utf8').trim() ?? '';
+        // Windows line ends are fine in a caption file; other control characters are not
+        const text = (await ctx.storage.getBuffer(e.caption!, 64 * 1024))?.toString('utf8').replace(/\r\n?/g, '\n').trim() ?? '';
+        const badChar = firstBadChar(text);
+        if (badChar) throw bad('dataset.s3_prefix', badChar.rule, `${e.caption} ${badChar.message}`);
         if (text.length > LIMITS.maxPromptChars) throw bad('dataset.s3_prefix', 'caption_too_long', `${e.caption} is longer than ${LIMITS.maxPromptChars} characters`);
         return { image: e.image!, caption: text };
       }),
