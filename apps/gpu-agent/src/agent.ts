@@ -22,15 +22,19 @@ import {
   coerceError,
   type Jobs,
   KilnError,
+  lifecycle,
   type Logger,
   type LoraRegistry,
   loraFileName,
   qualifiedLoraName,
   QUEUES,
+  quietErrors,
+  redisHealth,
   Storage,
 } from '@kiln/runtime';
 import { type ConnectionOptions, type Job, Queue, Worker } from 'bullmq';
 import type { AgentEnv } from './env.js';
+import { agentMetrics } from './metrics.js';
 import { type WorkerCommand, WorkerProcess } from './worker-process.js';
 
 const RESTART_BACKOFF_MS = [0, 1_000, 2_000, 5_000, 10_000, 30_000];
@@ -128,7 +132,7 @@ export class Agent {
       // past AGENT_TTL_MS): BullMQ cannot finish the entry. The job's record already refused
       // our result; there is nothing else to do.
       if (/Missing (key|lock) for job/.test(err.message)) this.log.info({ err: err.message }, 'a queue entry was removed while this agent held it');
-      else this.log.error({ err: err.message }, 'queue consumer error');
+      else redisHealth.error(err, 'agent queue consumer'); // quiet while Redis is away; one line otherwise
     });
   }
 
@@ -139,8 +143,7 @@ export class Agent {
    * handed back. Its queue is emptied first, so no entry of the old incarnation runs again.
    */
   private async reclaim(): Promise<void> {
-    const queue = new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX });
-    queue.on('error', (err) => this.log.warn({ err: err.message }, 'queue error'));
+    const queue = quietErrors(new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX }), 'agent queue');
     try {
       await queue.obliterate({ force: true });
     } finally {
@@ -181,6 +184,7 @@ export class Agent {
       if (delay) await new Promise((r) => setTimeout(r, delay));
       const w = new WorkerProcess(this.command, this.log.child({ component: 'worker' }));
       this.worker = w;
+      agentMetrics.watch(w);
       w.on('exit', (err) => {
         if (this.worker !== w) return;
         if (err && err.code !== 'canceled') this.log.error({ err: err.message }, 'worker exited');
@@ -252,6 +256,7 @@ export class Agent {
         { webhook: 'started', message: `attempt ${attempt} started on ${this.id}` },
       );
       if (!begun) return this.log.warn({ job: job.id }, 'job was taken back before it started');
+      lifecycle.started(begun, this.id, attempt);
       await mkdir(jobDir, { recursive: true });
       const ctx: RunContext = { worker, attempt, run, jobDir, begun };
       switch (job.kind) {
@@ -300,7 +305,9 @@ export class Agent {
       void this.stopCurrent(early);
     }
     const timeout = setTimeout(() => void this.stopCurrent('timeout'), timeoutOf(cur.job) * 1000);
+    agentMetrics.busy();
     return run.done.finally(() => {
+      agentMetrics.idle();
       clearTimeout(timeout);
       if (cur.requestId === run.id) cur.requestId = null; // nothing left for a stop to kill
     });
@@ -324,6 +331,7 @@ export class Agent {
           if (cancelRequested) return this.stopCurrent('user');
           if (p.stage !== lastStage) {
             lastStage = p.stage; // each stage (loading, base, refiner, upscale, safety, train) is an event
+            lifecycle.stage(job, this.id, p.stage, p.total);
             await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `stage ${p.stage}: ${p.total} step${p.total === 1 ? '' : 's'}` });
           }
           const now = Date.now();
@@ -412,7 +420,7 @@ export class Agent {
       await this.discard(outputs.map((o) => o.key));
       return;
     }
-    this.log.info({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'job succeeded');
+    this.log.debug({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'generation uploaded'); // its end is the lifecycle line
     if (attempt > 1) await this.discardLeftovers(`outputs/${job.id}/`, new Set(outputs.map((o) => o.key)));
     // placement's estimate of how long a job holds this GPU. Model loads are left out: placement
     // charges them separately, and counting them here would make a thrashing agent look slow,
@@ -480,7 +488,7 @@ export class Agent {
       finished_at: finishedAt.toISOString(),
       timings: { ...begun.timings, model_load_ms: Math.round(trained.timings.model_load_ms), inference_ms: Math.round(trained.timings.train_ms), upload_ms: null, total_ms: finishedAt.getTime() - Date.parse(job.created_at) },
     });
-    this.log.info({ job: job.id, lora: lora.name, steps: trained.steps, loss: trained.final_loss }, 'training succeeded');
+    this.log.info({ job: job.id, tenant: job.client, agent: this.id, lora: lora.name, steps: trained.steps, loss: trained.final_loss }, 'LoRA registered');
   }
 
   /** Best effort: objects of a run that did not become the job's result. */
@@ -581,7 +589,7 @@ export class Agent {
         error: err.toJobError(),
         finished_at: new Date().toISOString(),
       });
-      this.log.info({ job: job.id, attempt, code: err.code }, err.message);
+      this.log.debug({ job: job.id, attempt, code: err.code }, err.message); // the lifecycle line reports the end
     } else {
       this.log.warn({ job: job.id, attempt, code: err.code, err: err.message }, 'attempt failed; retrying');
       await this.jobs.retryOrFail(now, err, attempt, opts);
@@ -617,6 +625,7 @@ export class Agent {
     const st = w?.lastState;
     const caps = w?.ready?.capabilities ?? null;
     const state: AgentState = this.draining ? 'draining' : this.current ? 'busy' : w?.state === 'ready' ? 'ready' : this.state === 'defunct' ? 'defunct' : 'starting';
+    agentMetrics.state(state);
     const hb: AgentHeartbeat = {
       agent_id: this.id,
       host: hostname(),
@@ -650,7 +659,7 @@ export class Agent {
     const handBackAfter = setTimeout(() => void this.stopCurrent('handback'), Math.max(0, deadlineMs - 3_000));
     await this.consumer?.close();
     clearTimeout(handBackAfter);
-    const queue = new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX });
+    const queue = quietErrors(new Queue<AgentJobData>(QUEUES.agent(this.id), { connection: this.connection, prefix: this.env.KILN_PREFIX }), 'agent queue');
     for (const entry of await queue.getJobs(['waiting', 'prioritized', 'delayed'])) {
       if (!entry?.data) continue;
       const job = await this.jobs.store.get(entry.data.job_id);
