@@ -9,6 +9,8 @@
 //     signal does not reach them a second time as a forcing one. A second Ctrl-C forces.
 //  6. A child that exits on bad configuration (code 2) stops the farm with code 2; the API or
 //     the dispatcher exiting otherwise stops it with code 1.
+//  7. Metrics: the API at /metrics on its port; the dispatcher on METRICS_PORT_BASE (9400) and
+//     agent i on METRICS_PORT_BASE + 1 + i, on 127.0.0.1.
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -84,9 +86,13 @@ function killGroup(pid: number, signal: NodeJS.Signals) {
   } catch {}
 }
 
-start('dispatcher', ENTRY.dispatcher);
+// each process its own metrics port (the API serves /metrics on its own port)
+const metricsBase = Number(env.METRICS_PORT_BASE || '9400');
+delete env.METRICS_PORT;
+const metricsPort = (offset: number) => (Number.isInteger(metricsBase) && metricsBase > 0 && metricsBase + offset <= 65535 ? { METRICS_PORT: String(metricsBase + offset) } : {});
+start('dispatcher', ENTRY.dispatcher, metricsPort(0));
 start('api', ENTRY.api);
-for (let i = 0; i < agents; i++) start(`agent ${i}`, ENTRY.agent, { GPU_ID: String(i), AGENT_ID: env.AGENT_ID_PREFIX ? `${env.AGENT_ID_PREFIX}${i}` : `local-gpu${i}` });
+for (let i = 0; i < agents; i++) start(`agent ${i}`, ENTRY.agent, { GPU_ID: String(i), AGENT_ID: env.AGENT_ID_PREFIX ? `${env.AGENT_ID_PREFIX}${i}` : `local-gpu${i}`, ...metricsPort(1 + i) });
 say(`farm starting: API on ${env.PUBLIC_URL}, Bull Board at ${env.PUBLIC_URL}/admin/queues, ${agents} agent(s). Ctrl-C stops it.`);
 
 async function stop(code: number) {

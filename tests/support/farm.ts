@@ -47,6 +47,9 @@ export interface FarmOptions {
   apiKey?: string;
   /** a Redis of the test's own (one it restarts), instead of the shared REDIS_URL */
   redisUrl?: string;
+  /** variables for the dispatcher or the API alone (e.g. a METRICS_PORT each) */
+  dispatcherEnv?: Record<string, string>;
+  apiEnv?: Record<string, string>;
 }
 
 export class Farm {
@@ -85,8 +88,8 @@ export class Farm {
       ...this.opts.env,
     };
     const waits: Promise<unknown>[] = [];
-    if (this.opts.dispatcher !== false) this.spawn('dispatcher', ENTRY.dispatcher);
-    this.spawn('api', ENTRY.api);
+    if (this.opts.dispatcher !== false) this.spawn('dispatcher', ENTRY.dispatcher, this.opts.dispatcherEnv);
+    this.spawn('api', ENTRY.api, this.opts.apiEnv);
     waits.push(this.waitFor(async () => (await fetch(`${this.api}/healthz`).catch(() => null))?.ok === true, 30_000, 'api up'));
     for (let i = 0; i < (this.opts.agents ?? 2); i++) this.startAgent(i);
     await Promise.all(waits);

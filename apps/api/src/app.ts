@@ -1,10 +1,11 @@
-import Fastify, { type FastifyBaseLogger, type FastifyInstance } from "fastify";
+import Fastify, { type FastifyBaseLogger, type FastifyInstance, LogController } from "fastify";
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { ApiContext } from './context.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { registerJsonBody } from './plugins/json-body.js';
+import { registerMetrics } from './plugins/metrics.js';
 import { agentRoutes } from './routes/agents.js';
 import { batchRoutes } from './routes/batches.js';
 import { cacheRoutes } from './routes/cache.js';
@@ -16,10 +17,17 @@ import { serverOptions } from './server-options.js';
 
 /** Builds the API (no listening here: main.ts and the tests do that). */
 export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance; close: () => Promise<void> }> {
-  const app: FastifyInstance = Fastify({ loggerInstance: ctx.log as FastifyBaseLogger, bodyLimit: ctx.env.BODY_LIMIT_BYTES, disableRequestLogging: false, ...serverOptions(ctx.env) });
+  const app: FastifyInstance = Fastify({
+    loggerInstance: ctx.log as FastifyBaseLogger,
+    bodyLimit: ctx.env.BODY_LIMIT_BYTES,
+    // one line per request, after it is answered, at a level set by its status (plugins/metrics.ts)
+    logController: new LogController({ disableRequestLogging: true }),
+    ...serverOptions(ctx.env),
+  });
   registerErrorHandling(app);
   registerJsonBody(app);
   registerAuth(app, ctx.env.API_KEYS);
+  await registerMetrics(app, ctx);
   const closeBoard = await registerBullBoard(app, ctx);
   await app.register(async (v1) => {
     v1.setValidatorCompiler(validatorCompiler);

@@ -1,4 +1,4 @@
-import { boolFromEnv, CommonEnv, JobEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
+import { boolFromEnv, CommonEnv, JobEnv, MetricsEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { z } from 'zod';
 
 /**
@@ -17,6 +17,7 @@ export const ApiEnv = CommonEnv.extend(StorageEnv.shape)
   .extend(WebhookEnv.shape)
   .extend(JobEnv.shape)
   .extend(HttpServerEnv.shape)
+  .extend(MetricsEnv.shape)
   .extend({
     HOST: z.string().default('127.0.0.1'),
     PORT: z.coerce.number().int().min(0).max(65535).default(8080),

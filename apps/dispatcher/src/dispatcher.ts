@@ -9,6 +9,7 @@ import {
   isConnectionError,
   KilnError,
   type Logger,
+  lifecycle,
   type LoraRegistry,
   QUEUES,
   quietErrors,
@@ -16,7 +17,9 @@ import {
 import { type Job, Queue, type ConnectionOptions } from 'bullmq';
 import type { DispatcherEnv } from './env.js';
 import type { Lease } from './lease.js';
+import { countPlacement, failovers, leader, placementDecisions, placementTickSeconds } from './metrics.js';
 import { type AgentView, type Candidate, plan, projectResidency } from './placement.js';
+import { placementReason } from './placement-reason.js';
 
 
 /** The models a job needs resident and the working VRAM on top, by kind. */
@@ -73,9 +76,12 @@ export class Dispatcher {
     const wasLeader = this.lease.held;
     if (!(await this.lease.acquireOrRenew())) {
       if (wasLeader) this.log.warn('lost the dispatcher lease; standing by');
+      leader.set(0);
       return;
     }
     if (!wasLeader) this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
+    leader.set(1);
+    const timer = placementTickSeconds.startTimer();
 
     const { live, lapsed } = await this.registry.snapshot();
     if (lapsed.length > 0 && live.length === 0 && this.liveBefore > 0) {
@@ -95,6 +101,7 @@ export class Dispatcher {
       await this.sweep(live);
     }
     await this.place(live);
+    timer();
   }
 
   /** This process lost Redis: no failover until it is back (see `redisRestored`). */
@@ -141,6 +148,7 @@ export class Dispatcher {
     await queue.close();
     this.agentQueues.delete(agentId);
     await this.registry.remove(agentId);
+    failovers.inc();
     this.log.warn({ agent: agentId, jobs: held.length }, 'agent removed after its heartbeat lapsed');
   }
 
@@ -213,16 +221,18 @@ export class Dispatcher {
             error: { code: 'unschedulable', message: `${d.reason}; gave up after ${this.env.UNSCHEDULABLE_GRACE_MS} ms`, retryable: false },
             finished_at: new Date().toISOString(),
           });
-          if (failed) this.log.warn({ job: job.id, reason: d.reason }, 'job is unschedulable');
+          if (failed) placementDecisions.inc({ decision: 'unschedulable', reason: 'none' }); // its end is logged with its code
           await entry.remove().catch(() => {});
         }
         continue;
       }
+      const view = agents.find((a) => a.id === d.agentId)!;
+      const reason = placementReason(view, demandOf(job));
       const claimed = await this.jobs.update(
         job.id,
         { status: ['queued'], attempt: job.attempt },
         { status: 'running', stage: 'dispatched', agent: d.agentId, attempt: job.attempt + 1 },
-        { message: `placed on ${d.agentId}${d.load ? ' (model load needed)' : ' (model resident)'}` },
+        { message: `placed on ${d.agentId} (${reason.replace('_', ' ')})` },
       );
       if (claimed) {
         const demand = demandOf(job);
@@ -231,7 +241,8 @@ export class Dispatcher {
           { job_id: job.id, attempt: claimed.attempt, client: job.client, models: [demand.model, ...(demand.adapters ?? [])], activation_mb: demand.activationMb },
           { jobId: agentJobId(job.id, claimed.attempt), removeOnComplete: true, removeOnFail: true },
         );
-        this.log.debug({ job: job.id, agent: d.agentId, attempt: claimed.attempt, load: d.load }, 'placed');
+        countPlacement(reason);
+        lifecycle.placed(claimed, d.agentId, reason, now - entry.timestamp);
       }
       await entry.remove().catch(() => {});
     }

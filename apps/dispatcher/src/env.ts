@@ -1,9 +1,10 @@
-import { CommonEnv, JobEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
+import { CommonEnv, JobEnv, MetricsEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { z } from 'zod';
 
 export const DispatcherEnv = CommonEnv.extend(StorageEnv.shape)
   .extend(WebhookEnv.shape)
   .extend(JobEnv.shape)
+  .extend(MetricsEnv.shape)
   .extend({
     DISPATCH_INTERVAL_MS: z.coerce.number().int().min(10).default(500),
     LEASE_TTL_MS: z.coerce.number().int().min(500).default(5_000),

@@ -5,7 +5,8 @@
 //     wake-up; only the lease holder places (see dispatcher.ts).
 //  4. When this process loses Redis, hold failover until it is back and agents had a
 //     heartbeat TTL to re-announce themselves (an outage is not an agent death).
-//  5. On SIGTERM: stop ticking, release the lease so a standby takes over at once, close.
+//  5. Serve /metrics on METRICS_PORT (queue depth, fleet, placement, webhooks).
+//  6. On SIGTERM: stop ticking, release the lease so a standby takes over at once, close.
 import { hostname } from 'node:os';
 import { randomUUID } from 'node:crypto';
 import {
@@ -23,12 +24,14 @@ import {
   quietErrors,
   redisHealth,
   runAll,
+  serveMetrics,
   webhookDeliverer,
 } from '@kiln/runtime';
 import { Worker } from 'bullmq';
 import { Dispatcher } from './dispatcher.js';
 import { DispatcherEnv } from './env.js';
 import { Lease } from './lease.js';
+import { registerQueueGauges, webhookMessagesFailed } from './metrics.js';
 
 const env = parseEnv(DispatcherEnv, 'dispatcher');
 const log = createLogger('dispatcher', env.LOG_LEVEL);
@@ -59,7 +62,11 @@ if (env.WEBHOOK_SECRET) {
     }),
     'webhook deliverer',
   );
-  deliverer.on('failed', (job, err) => log.warn({ job: job?.data.job_id, url: job?.data.url, err: err.message }, 'webhook try failed'));
+  deliverer.on('failed', (job, err) => {
+    const last = !job || job.attemptsMade >= (job.opts.attempts ?? 1) || err.name === 'UnrecoverableError';
+    if (last) webhookMessagesFailed.inc();
+    log.warn({ job: job?.data.job_id, url: job?.data.url, err: err.message, last }, last ? 'webhook message given up' : 'webhook try failed');
+  });
 } else {
   log.warn('WEBHOOK_SECRET is not set: webhooks will not be delivered (the API refuses jobs that ask for one)');
 }
@@ -92,7 +99,9 @@ redisHealth.on('restored', (downMs) => dispatcher.redisRestored(downMs));
 const interval = setInterval(() => void tick(), env.DISPATCH_INTERVAL_MS);
 await sub.subscribe(keys.wakeChannel());
 sub.on('message', () => void tick());
-log.info({ prefix: env.KILN_PREFIX, owner: lease.owner }, 'dispatcher started');
+registerQueueGauges(intake, store, services.registry);
+const metrics = await serveMetrics(env, log);
+log.info({ prefix: env.KILN_PREFIX, owner: lease.owner, metrics_port: metrics.port ?? undefined }, 'dispatcher started');
 void tick();
 
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
@@ -105,6 +114,7 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
     () => tracker.close(),
     () => dispatcher.close(),
     () => sub.quit(),
+    () => metrics.close(),
     () => services.close(),
   ]);
   log.info('dispatcher stopped');

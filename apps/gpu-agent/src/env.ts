@@ -1,6 +1,6 @@
 import { hostname } from 'node:os';
 import { resolve } from 'node:path';
-import { CommonEnv, JobEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
+import { CommonEnv, JobEnv, MetricsEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { z } from 'zod';
 
 const repoRoot = resolve(import.meta.dirname, '../../..');
@@ -8,6 +8,7 @@ const repoRoot = resolve(import.meta.dirname, '../../..');
 export const AgentEnv = CommonEnv.extend(StorageEnv.shape)
   .extend(WebhookEnv.shape)
   .extend(JobEnv.shape)
+  .extend(MetricsEnv.shape)
   .extend({
     GPU_ID: z.string().regex(/^[0-9]+$/, 'must be a GPU index like 0').default('0'),
     AGENT_ID: z.string().regex(/^[A-Za-z0-9_.-]+$/, 'letters, digits, "_", "." and "-" only').optional(),

@@ -6,15 +6,18 @@
 //     (CUDA_VISIBLE_DEVICES=GPU_ID) and wait for its ready message, heartbeating meanwhile so
 //     the API shows the agent as starting.
 //  4. Consume this agent's queue, one job at a time (agent.ts).
-//  5. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
-import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll } from '@kiln/runtime';
+//  5. Serve /metrics on METRICS_PORT (state, GPU busy time, model loads and evictions, restarts).
+//  6. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
+import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics } from '@kiln/runtime';
 import { join } from 'node:path';
 import { Agent } from './agent.js';
 import { listenForCancels } from './cancels.js';
 import { AgentEnv } from './env.js';
+import { agentMetrics } from './metrics.js';
 
 const env = parseEnv(AgentEnv, 'gpu-agent');
 const log = createLogger(`agent:${env.AGENT_ID}`, env.LOG_LEVEL);
+agentMetrics.init(env.AGENT_ID);
 const services = createJobServices(env, `kiln-agent-${env.AGENT_ID}`);
 const { keys, storage, jobs } = services;
 const sub = createRedis(env.REDIS_URL, `kiln-agent-${env.AGENT_ID}-sub`);
@@ -32,11 +35,13 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
   await runAll([
     () => agent.drain(env.SHUTDOWN_TIMEOUT_MS),
     () => sub.quit(),
+    () => metrics.close(),
     () => services.close(),
   ]);
   log.info('agent stopped');
 });
-log.info({ agent: env.AGENT_ID, gpu: env.GPU_ID, backend: env.WORKER_BACKEND }, 'agent starting');
+const metrics = await serveMetrics(env, log);
+log.info({ agent: env.AGENT_ID, gpu: env.GPU_ID, backend: env.WORKER_BACKEND, metrics_port: metrics.port ?? undefined }, 'agent starting');
 await listenForCancels(sub, keys.cancelChannel(), (jobId) => agent.onCancel(jobId), log);
 await agent.start();
 services.redis.on('ready', () => agent.announce());

@@ -14,3 +14,5 @@ export * from './webhooks.js';
 export { addressRange, anyAddress, checkTarget, FetchError, type FetchFailure, guardedRequest, type GuardedRequestOptions, type GuardedResponse, publicOnly, targetPolicy } from './net-guard.js';
 export * from './shutdown.js';
 export * from './services.js';
+export * from './metrics.js';
+export * from './lifecycle.js';

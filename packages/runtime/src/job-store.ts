@@ -10,6 +10,7 @@ import {
 } from '@kiln/contracts';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
+import { lifecycle } from './lifecycle.js';
 
 /**
  * Job records in Redis: one hash per job (each field JSON-encoded, so writers touching
@@ -137,6 +138,7 @@ export class JobStore {
       .rpush(this.keys.jobEvents(job.id), JSON.stringify(event))
       .zadd(this.keys.activeJobs(), Date.parse(job.created_at), job.id)
       .exec();
+    lifecycle.submitted(job);
   }
 
   /** Ids of every job not yet finished, oldest first. */

@@ -7,6 +7,7 @@ import type { GroupStore } from './groups.js';
 import { announcement, type Guard, type JobPatch, type JobStore } from './job-store.js';
 import { processLogger } from './logger.js';
 import type { Keys } from './keys.js';
+import { lifecycle } from './lifecycle.js';
 import type { WebhookOutbox } from './webhooks.js';
 
 /** BullMQ priorities on the intake queue (lower runs first). */
@@ -61,6 +62,7 @@ export class Jobs {
     const job = await this.store.update(id, guard, patch, opts.message);
     if (!job) return null;
     if (patch.status && isTerminal(patch.status)) {
+      lifecycle.ended(job);
       await this.announceEnd(job);
       return job;
     }

@@ -1,6 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { Redis } from 'ioredis';
 import { processLogger } from './logger.js';
+import { redisErrors } from './metrics.js';
 
 /**
  * Redis connections, and how a process tells its operator about Redis going away.
@@ -46,9 +47,11 @@ export class RedisHealth extends EventEmitter<{ lost: []; restored: [downMs: num
   error(err: unknown, source: string): void {
     const message = err instanceof Error ? err.message : String(err);
     if (isConnectionError(err)) {
+      redisErrors.inc({ kind: 'connection' });
       this.lastError = message;
       return;
     }
+    redisErrors.inc({ kind: 'other' });
     processLogger().warn({ source, err: message }, 'Redis error');
   }
 

@@ -1,6 +1,7 @@
 import { Client } from 'minio';
 import type { StorageEnv } from './env.js';
 import { KilnError } from './errors.js';
+import { s3Errors } from './metrics.js';
 
 /**
  * S3-compatible storage through the minio client. Each run of a job uploads under keys of its
@@ -32,28 +33,30 @@ export class Storage {
   }
 
   async ensureBucket(): Promise<void> {
-    if (!(await this.client.bucketExists(this.bucket))) {
-      try {
-        await this.client.makeBucket(this.bucket, this.env.S3_REGION);
-      } catch (err) {
-        // another process may have created it in between
-        if (!(await this.client.bucketExists(this.bucket))) throw err;
+    await counted('ensure_bucket', async () => {
+      if (!(await this.client.bucketExists(this.bucket))) {
+        try {
+          await this.client.makeBucket(this.bucket, this.env.S3_REGION);
+        } catch (err) {
+          // another process may have created it in between
+          if (!(await this.client.bucketExists(this.bucket))) throw err;
+        }
       }
-    }
+    });
   }
 
   /** Uploads a file of known size (s3rver and some gateways lack multipart listing). */
   async putFile(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
-    await this.client.fPutObject(this.bucket, key, path, { 'Content-Type': contentType, ...meta });
+    await counted('put', () => this.client.fPutObject(this.bucket, key, path, { 'Content-Type': contentType, ...meta }));
   }
 
   async putBuffer(key: string, body: Buffer, contentType: string): Promise<void> {
-    await this.client.putObject(this.bucket, key, body, body.length, { 'Content-Type': contentType });
+    await counted('put', () => this.client.putObject(this.bucket, key, body, body.length, { 'Content-Type': contentType }));
   }
 
   /** Downloads an object to a local file. */
   async getFile(key: string, path: string): Promise<void> {
-    await this.client.fGetObject(this.bucket, key, path);
+    await counted('get', () => this.client.fGetObject(this.bucket, key, path));
   }
 
   /** Reads an object of at most `maxBytes` (checked before reading). */
@@ -61,7 +64,7 @@ export class Storage {
     const st = await this.stat(key);
     if (!st) return null;
     if (st.size > maxBytes) throw new KilnError('payload_too_large', `${key} is ${st.size} bytes; the limit is ${maxBytes}`);
-    const stream = await this.client.getObject(this.bucket, key);
+    const stream = await counted('get', () => this.client.getObject(this.bucket, key));
     const chunks: Buffer[] = [];
     for await (const c of stream) chunks.push(c as Buffer);
     return Buffer.concat(chunks);
@@ -70,17 +73,19 @@ export class Storage {
   /** Keys and sizes under a prefix (ListObjectsV2). */
   async list(prefix: string, max = 20_000): Promise<{ key: string; size: number }[]> {
     const out: { key: string; size: number }[] = [];
-    const stream = this.client.listObjectsV2(this.bucket, prefix, true);
-    for await (const o of stream as AsyncIterable<{ name?: string; size?: number }>) {
-      if (o.name) out.push({ key: o.name, size: o.size ?? 0 });
-      if (out.length > max) break;
-    }
-    return out;
+    return counted('list', async () => {
+      const stream = this.client.listObjectsV2(this.bucket, prefix, true);
+      for await (const o of stream as AsyncIterable<{ name?: string; size?: number }>) {
+        if (o.name) out.push({ key: o.name, size: o.size ?? 0 });
+        if (out.length > max) break;
+      }
+      return out;
+    });
   }
 
   /** Deletes objects; a key that is not there is not an error. */
   async remove(keys: string[]): Promise<void> {
-    for (const key of keys) await this.client.removeObject(this.bucket, key);
+    for (const key of keys) await counted('remove', () => this.client.removeObject(this.bucket, key));
   }
 
   async presign(key: string): Promise<string> {
@@ -91,14 +96,25 @@ export class Storage {
     try {
       const s = await this.client.statObject(this.bucket, key);
       return { size: s.size };
-    } catch {
+    } catch (err) {
+      if (!Storage.isNotFound(err)) s3Errors.inc({ operation: 'stat' });
       return null;
     }
   }
 
   /** Readiness: the bucket answers. */
   async ping(): Promise<void> {
-    await this.client.bucketExists(this.bucket);
+    await counted('ping', () => this.client.bucketExists(this.bucket));
+  }
+}
+
+/** Runs one S3 operation, counting its failure (kiln_s3_errors_total) unless the object was simply not there. */
+async function counted<T>(operation: string, op: () => Promise<T>): Promise<T> {
+  try {
+    return await op();
+  } catch (err) {
+    if (!Storage.isNotFound(err)) s3Errors.inc({ operation });
+    throw err;
   }
 }
 

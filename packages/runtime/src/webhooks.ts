@@ -9,6 +9,7 @@ import { type GroupStore, groupEnded, groupOutcome, groupRecord } from './groups
 import { jobRecord } from './job-view.js';
 import { FetchError, guardedRequest, targetPolicy } from './net-guard.js';
 import type { Storage } from './storage.js';
+import { webhookDeliveries, webhookSeconds } from './metrics.js';
 
 /**
  * Webhooks per the Standard Webhooks specification: the body is signed with
@@ -147,8 +148,10 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
   return async (bullJob: Job<DeliveryData>): Promise<{ status: number }> => {
     const d = bullJob.data;
     const started = Date.now();
-    const record = async (status: number | null, ok: boolean, error: string | null) =>
-      (d.group ? groups : store).addDelivery(d.job_id, {
+    const record = async (status: number | null, ok: boolean, error: string | null, outcome: 'delivered' | 'rejected' | 'failed' | 'refused') => {
+      webhookDeliveries.inc({ outcome });
+      webhookSeconds.observe({ outcome }, (Date.now() - started) / 1000);
+      await (d.group ? groups : store).addDelivery(d.job_id, {
         id: d.msg_id,
         event: d.event,
         try: bullJob.attemptsMade + 1,
@@ -158,6 +161,7 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
         error,
         duration_ms: Date.now() - started,
       });
+    };
     const now = new Date();
     const headers = {
       'content-type': 'application/json',
@@ -173,13 +177,13 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
     } catch (err) {
       // the record is shown to the client: the guard's own words, never a socket error
       const message = err instanceof FetchError ? err.message : 'internal: the delivery could not be attempted';
-      await record(null, false, message);
       const refused = err instanceof FetchError && (err.category === 'private_address' || err.category === 'invalid_url');
+      await record(null, false, message, refused ? 'refused' : 'failed');
       if (refused) throw new UnrecoverableError(message); // no retry reaches a refused target
       throw new Error(`webhook delivery failed: ${message}`, { cause: err });
     }
     const ok = status >= 200 && status < 300;
-    await record(status, ok, ok ? null : `receiver answered ${status}`);
+    await record(status, ok, ok ? null : `receiver answered ${status}`, ok ? 'delivered' : 'rejected');
     if (!ok) throw new Error(`webhook receiver answered ${status}`);
     return { status };
   };

@@ -1,0 +1,101 @@
+import { AgentState, type Priority, type StoredJob } from '@kiln/contracts';
+import { type AgentRegistry, Counter, Gauge, Histogram, type IntakeData, type JobStore, type PlacementReason, PRIORITY_RANK, registry } from '@kiln/runtime';
+import type { Queue } from 'bullmq';
+
+/**
+ * The dispatcher's metrics: placement (tick time, decisions and why), the queue depth meant for
+ * autoscaling and its breakdown, the fleet by state, failovers and the webhook messages given up
+ * on. Every dispatcher reports the queue and the fleet (read from Redis at scrape time, so a
+ * standby's figures are as good as the leader's: take `max` across dispatchers); only the leader
+ * counts placements.
+ */
+
+export const placementTickSeconds = new Histogram({
+  name: 'kiln_placement_tick_seconds',
+  help: "One placement tick of the lease holder: failover, sweep (when due) and placement",
+  buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+  registers: [registry],
+});
+
+export const placementDecisions = new Counter({
+  name: 'kiln_placement_decisions_total',
+  help: 'Placement decisions: placed (reason: model_resident, load_needed, eviction), waiting (no slot worth taking yet), unschedulable (no live agent can run it; counted when it fails)',
+  labelNames: ['decision', 'reason'] as const,
+  registers: [registry],
+});
+
+export const failovers = new Counter({
+  name: 'kiln_agent_failovers_total',
+  help: 'Agents whose heartbeat lapsed and whose jobs were re-placed',
+  registers: [registry],
+});
+
+export const webhookMessagesFailed = new Counter({
+  name: 'kiln_webhook_messages_failed_total',
+  help: 'Webhook messages given up on after their last try (WEBHOOK_MAX_ATTEMPTS) or refused',
+  registers: [registry],
+});
+
+export const leader = new Gauge({
+  name: 'kiln_dispatcher_leader',
+  help: '1 while this dispatcher holds the placement lease',
+  registers: [registry],
+});
+
+/** BullMQ priority rank on intake → the request's priority (a batch child ranks one below its peers). */
+function priorityOf(rank: number | undefined): Priority {
+  const r = rank ?? PRIORITY_RANK.normal;
+  if (r < PRIORITY_RANK.normal) return 'high';
+  if (r < PRIORITY_RANK.low) return 'normal';
+  return 'low';
+}
+
+const modelOf = (job: StoredJob): string =>
+  job.kind === 'generation' ? job.request.model.base : job.kind === 'training' ? job.request.base_model : 'cache';
+
+/** Jobs read per scrape for the breakdown; the total is exact whatever the depth. */
+const BREAKDOWN_LIMIT = 5_000;
+
+/** Queue-depth and fleet gauges, read from Redis when Prometheus scrapes. */
+export function registerQueueGauges(intake: Queue<IntakeData>, store: JobStore, agents: AgentRegistry): void {
+  new Gauge({
+    name: 'kiln_queue_depth',
+    help: 'Jobs waiting for a GPU (queued, not yet placed on an agent): the series to autoscale agents on',
+    registers: [registry],
+    async collect() {
+      const counts = await intake.getJobCounts('waiting', 'prioritized', 'delayed');
+      this.set(Object.values(counts).reduce((s, n) => s + n, 0));
+    },
+  });
+  new Gauge({
+    name: 'kiln_queue_jobs',
+    help: `Jobs waiting for a GPU by priority, model and tenant (the first ${BREAKDOWN_LIMIT} in queue order)`,
+    labelNames: ['priority', 'model', 'tenant'] as const,
+    registers: [registry],
+    async collect() {
+      const entries = (await intake.getJobs(['prioritized', 'waiting', 'delayed'], 0, BREAKDOWN_LIMIT - 1, true)).filter((e) => e?.data);
+      const records = await store.getMany(entries.map((e) => e.data.job_id));
+      this.reset();
+      entries.forEach((entry, i) => {
+        const job = records[i];
+        if (!job || job.status !== 'queued' || job.attempt !== entry.data.attempt) return; // stale: placement drops it
+        this.inc({ priority: priorityOf(entry.opts.priority), model: modelOf(job), tenant: job.client });
+      });
+    },
+  });
+  new Gauge({
+    name: 'kiln_agents',
+    help: 'Live agents by state (starting, ready, busy, draining, defunct)',
+    labelNames: ['state'] as const,
+    registers: [registry],
+    async collect() {
+      const live = await agents.live();
+      for (const state of AgentState.options) this.set({ state }, live.filter((a) => a.state === state).length);
+    },
+  });
+}
+
+/** The reason a placement was made, as its counter and log line name it. */
+export function countPlacement(reason: PlacementReason): void {
+  placementDecisions.inc({ decision: 'placed', reason });
+}
