@@ -47,13 +47,15 @@ export interface FarmOptions {
   apiKey?: string;
   /** a Redis of the test's own (one it restarts), instead of the shared REDIS_URL */
   redisUrl?: string;
+  /** KILN_PREFIX (default: kiln-test-<random>), e.g. a hash-tagged one for Redis Cluster */
+  prefix?: string;
   /** variables for the dispatcher or the API alone (e.g. a METRICS_PORT each) */
   dispatcherEnv?: Record<string, string>;
   apiEnv?: Record<string, string>;
 }
 
 export class Farm {
-  readonly prefix = `kiln-test-${randomUUID().slice(0, 8)}`;
+  readonly prefix: string;
   readonly logDir: string;
   api = '';
   s3!: EmbeddedS3;
@@ -63,6 +65,7 @@ export class Farm {
   private port = 0;
 
   constructor(private readonly opts: FarmOptions = {}) {
+    this.prefix = opts.prefix ?? `kiln-test-${randomUUID().slice(0, 8)}`;
     this.logDir = resolve(REPO_ROOT, '.kiln/test-logs', this.prefix);
     mkdirSync(this.logDir, { recursive: true });
   }

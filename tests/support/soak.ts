@@ -254,7 +254,8 @@ export async function runSoak(cfg: SoakConfig): Promise<SoakReport> {
     })();
 
     // ---- faults, at random times within the duration ----
-    const at = (frac: number) => sleep(Math.max(0, t0 + 5_000 + frac * cfg.durationMs - Date.now()));
+    const tw = Date.now(); // the workload's start: faults are placed within its duration
+    const at = (frac: number) => sleep(Math.max(0, tw + 2_000 + frac * cfg.durationMs - Date.now()));
     const hitJobs = new Set<string>();
     const schedule: Array<Promise<unknown>> = [];
     for (let k = 0; k < cfg.faults.workerKills; k++) {

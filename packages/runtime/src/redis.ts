@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { Redis } from 'ioredis';
+import { Cluster, Redis } from 'ioredis';
 import { processLogger } from './logger.js';
 import { redisErrors } from './metrics.js';
 
@@ -83,17 +83,37 @@ export function quietErrors<T extends { on(event: 'error', listener: (err: Error
   return emitter;
 }
 
+/** Reconnect every few hundred ms, at most a second apart: every process is back within about a second of Redis. */
+const retryStrategy = (times: number) => Math.min(100 * times, 1_000);
+
 /**
- * A connection BullMQ can share (it requires maxRetriesPerRequest: null for workers). It
- * retries every few hundred ms, at most a second apart, so after an outage every process is
- * back within about a second of Redis — failover waits on that (see the dispatcher).
+ * A connection BullMQ can share (it requires maxRetriesPerRequest: null for workers); after an
+ * outage every process is back within about a second of Redis — failover waits on that (see
+ * the dispatcher). `?cluster=true` on the URL (any node's address) makes a Redis Cluster
+ * client; with a hash-tagged KILN_PREFIX every key a farm uses is in one slot, so every
+ * command and script Kiln and BullMQ send is one a single node answers. It is typed as Redis:
+ * Kiln uses only commands both clients have.
  */
 export function createRedis(url: string, name?: string): Redis {
+  const parsed = new URL(url);
+  if (parsed.searchParams.get('cluster') === 'true') {
+    const cluster = new Cluster([{ host: parsed.hostname, port: Number(parsed.port || 6379) }], {
+      clusterRetryStrategy: retryStrategy,
+      redisOptions: {
+        maxRetriesPerRequest: null,
+        connectionName: name,
+        username: decodeURIComponent(parsed.username) || undefined,
+        password: decodeURIComponent(parsed.password) || undefined,
+        ...(parsed.protocol === 'rediss:' ? { tls: {} } : {}),
+      },
+    });
+    return redisHealth.watch(cluster as unknown as Redis, name ?? 'redis');
+  }
   const client = new Redis(url, {
     maxRetriesPerRequest: null,
     connectionName: name,
     lazyConnect: false,
-    retryStrategy: (times) => Math.min(100 * times, 1_000),
+    retryStrategy,
   });
   return redisHealth.watch(client, name ?? 'redis');
 }
