@@ -393,11 +393,16 @@ export class Agent {
     if (!still.ok) return this.log.info({ job: job.id, attempt }, 'the job was taken back while it ran here; its result is dropped');
     const uploadStart = Date.now();
     const outputs: StoredOutput[] = [];
-    for (const o of result.outputs) {
-      const key = Storage.outputKey(job.id, run, o.index, o.content_type.split('/')[1] ?? 'bin');
-      await this.upload(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256, 'x-amz-meta-attempt': String(attempt), 'x-amz-meta-agent': this.id });
-      const { path: _path, ...rest } = o;
-      outputs.push({ ...rest, key });
+    try {
+      for (const o of result.outputs) {
+        const key = Storage.outputKey(job.id, run, o.index, o.content_type.split('/')[1] ?? 'bin');
+        await this.upload(key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256, 'x-amz-meta-attempt': String(attempt), 'x-amz-meta-agent': this.id });
+        const { path: _path, ...rest } = o;
+        outputs.push({ ...rest, key });
+      }
+    } catch (err) {
+      await this.discard(outputs.map((o) => o.key)); // a run that ends here leaves no objects behind
+      throw err;
     }
     const finishedAt = new Date();
     const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {
