@@ -102,7 +102,18 @@ describe('no spelling of a path reaches a route without its key', () => {
     const urls = routes.map((r) => `${r.method} ${r.url}`);
     expect(urls).toEqual(expect.arrayContaining(['POST /v1/generations', 'GET /v1/jobs/:id', 'DELETE /v1/cache', 'GET /admin/queues', 'GET /healthz']));
     // every route is either explicitly public or needs a key: nothing is open by omission
-    expect(routes.filter((r) => r.auth === 'public').map((r) => r.url).sort()).toEqual(['/healthz', '/readyz']);
+    // (the API reference: its document, and Swagger UI's page and assets)
+    expect(routes.filter((r) => r.auth === 'public').map((r) => r.url).sort()).toEqual([
+      '/docs',
+      '/docs/json',
+      '/docs/static/*',
+      '/docs/static/index.html',
+      '/docs/static/swagger-initializer.js',
+      '/docs/yaml',
+      '/healthz',
+      '/openapi.json',
+      '/readyz',
+    ]);
   });
 
   it('every route, under every spelling that routes at all, answers 401 without a key', async () => {
@@ -122,7 +133,7 @@ describe('no spelling of a path reaches a route without its key', () => {
   it('a client key gets 403 on every admin route, however it is spelled', async () => {
     const leaks: string[] = [];
     const adminOnly = routes.filter((r) => r.auth === 'admin' || r.url.startsWith('/admin'));
-    expect(adminOnly.map((r) => `${r.method} ${r.url}`)).toEqual(expect.arrayContaining(['POST /v1/cache', 'DELETE /v1/cache', 'POST /v1/loras/share']));
+    expect(adminOnly.map((r) => `${r.method} ${r.url}`)).toEqual(expect.arrayContaining(['POST /v1/cache', 'DELETE /v1/cache', 'POST /v1/loras/share', 'POST /v1/agents/:id/drain', 'POST /v1/agents/:id/resume', 'GET /metrics']));
     for (const r of adminOnly) {
       for (const path of spellings(samplePath(r.url))) {
         const res = await raw(port, r.method, path, bearer(KEY_A));

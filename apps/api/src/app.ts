@@ -5,7 +5,9 @@ import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { registerJsonBody } from './plugins/json-body.js';
+import { registerOpenApi } from './plugins/openapi.js';
 import { registerMetrics } from './plugins/metrics.js';
+import { registerRateLimit } from './plugins/rate-limit.js';
 import { agentRoutes } from './routes/agents.js';
 import { batchRoutes } from './routes/batches.js';
 import { cacheRoutes } from './routes/cache.js';
@@ -15,8 +17,14 @@ import { healthRoutes } from './routes/health.js';
 import { jobRoutes } from './routes/jobs.js';
 import { serverOptions } from './server-options.js';
 
-/** Builds the API (no listening here: main.ts and the tests do that). */
-export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance; close: () => Promise<void> }> {
+export interface RegisteredRoute {
+  method: string;
+  url: string;
+  auth: 'public' | 'client' | 'admin' | undefined;
+}
+
+/** Builds the API (no listening here: main.ts and the tests do that); `routes` lists every route it registered. */
+export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance; routes: RegisteredRoute[]; close: () => Promise<void> }> {
   const app: FastifyInstance = Fastify({
     loggerInstance: ctx.log as FastifyBaseLogger,
     bodyLimit: ctx.env.BODY_LIMIT_BYTES,
@@ -24,10 +32,17 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     logController: new LogController({ disableRequestLogging: true }),
     ...serverOptions(ctx.env),
   });
+  const routes: RegisteredRoute[] = [];
+  app.addHook('onRoute', (r) => {
+    // auth is read when asked: a plugin's own onRoute hook (the docs pages') may set it after this one
+    for (const method of [r.method].flat()) routes.push({ method, url: r.url, get auth() { return r.config?.auth; } });
+  });
   registerErrorHandling(app);
   registerJsonBody(app);
-  registerAuth(app, ctx.env.API_KEYS);
+  registerAuth(app, ctx.ring);
+  await registerOpenApi(app, ctx); // before any route: it documents the routes as they are added
   await registerMetrics(app, ctx);
+  await registerRateLimit(app, ctx);
   const closeBoard = await registerBullBoard(app, ctx);
   await app.register(async (v1) => {
     v1.setValidatorCompiler(validatorCompiler);
@@ -42,6 +57,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
   });
   return {
     app,
+    routes,
     close: async () => {
       await closeBoard();
       await app.close();

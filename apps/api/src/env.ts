@@ -1,5 +1,6 @@
 import { boolFromEnv, CommonEnv, JobEnv, MetricsEnv, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { z } from 'zod';
+import { KeyList, KeysFilePath } from './keys.js';
 
 /**
  * How long the HTTP server waits for a client. Without them a client that sends fewer bytes than
@@ -21,11 +22,17 @@ export const ApiEnv = CommonEnv.extend(StorageEnv.shape)
   .extend({
     HOST: z.string().default('127.0.0.1'),
     PORT: z.coerce.number().int().min(0).max(65535).default(8080),
-    API_KEYS: z
+    API_KEYS: KeyList('client').default([]).describe('comma-separated client keys, `tenant:key` (a bare key is its own tenant)'),
+    ADMIN_API_KEYS: KeyList('admin').default([]).describe('comma-separated admin keys, `name:key`'),
+    API_KEYS_FILE: KeysFilePath.optional().describe('JSON file of keys (or their sha-256), roles and per-tenant limits'),
+    RATE_LIMIT_PER_MINUTE: z.coerce.number().int().min(1).default(3000).describe('requests per minute per tenant (when keys are set)'),
+    MAX_QUEUED_JOBS: z.coerce.number().int().min(1).default(5000).describe('unfinished jobs a tenant may have (when keys are set)'),
+    SHARED_S3_PREFIXES: z
       .string()
       .transform((s) => s.split(',').map((k) => k.trim()).filter(Boolean))
-      .pipe(z.array(z.string().min(16, 'each API key must be at least 16 characters')))
-      .default([]),
+      .pipe(z.array(z.string().regex(/^[A-Za-z0-9_.-]+(\/[A-Za-z0-9_.-]+)*\/$/, 'each shared prefix is a key prefix ending in "/"')))
+      .default(['shared/'])
+      .describe('bucket prefixes every tenant may read (admins fill them)'),
     BODY_LIMIT_BYTES: z.coerce.number().int().min(1024).default(48 * 1024 * 1024).describe('room for a few base64 input images'),
     INPUT_ALLOW_PRIVATE: boolFromEnv.default(false).describe('allow input image URLs on private/loopback addresses'),
     INPUT_FETCH_TIMEOUT_MS: z.coerce.number().int().min(100).default(15_000),

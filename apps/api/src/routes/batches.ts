@@ -1,8 +1,10 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import {
+  ApiError,
   BatchRequest,
   type GenerationJob,
   GenerationRequest,
+  GroupRecord,
   isTerminal,
   issuesToDetails,
   MAX_SEED,
@@ -45,7 +47,14 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const load = (who: Principal, id: string) => loadVisible(who, id, 'batch', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'batch');
 
   return async (app) => {
-    app.post('/v1/batches', { schema: { body: BatchRequest } }, async (req, reply) => {
+    const batchDoc = {
+      summary: 'Submit a batch',
+      description:
+        'Up to 1000 generation requests as `items`, each merged over `defaults` and validated like a single request (one bad item rejects the batch naming `items.<index>.<field>`). 202 with the batch record; it ends when every child has ended.',
+      body: BatchRequest,
+      response: { 202: GroupRecord, 422: ApiError },
+    };
+    app.post('/v1/batches', { schema: batchDoc }, async (req, reply) => {
       const body = req.body;
       const who = req.principal;
       if (body.webhook) await checkWebhookOf(ctx, body.webhook.url, 'webhook');
@@ -126,10 +135,10 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       }
     });
 
-    app.get('/v1/batches/:id', { schema: { params: IdParams } }, async (req) => view(await load(req.principal, req.params.id)));
+    app.get('/v1/batches/:id', { schema: { summary: 'A batch', description: 'Counts per state and each child\'s status, agent, outputs and error.', params: IdParams, response: { 200: GroupRecord } } }, async (req) => view(await load(req.principal, req.params.id)));
 
     /** Cancels every unfinished child; the batch ends `canceled` once they have. */
-    app.delete('/v1/batches/:id', { schema: { params: IdParams } }, async (req, reply) => {
+    app.delete('/v1/batches/:id', { schema: { summary: 'Cancel a batch', description: 'Cancels every unfinished child; the batch ends `canceled` once they have. A batch that already ended is a 409.', params: IdParams, response: { 202: GroupRecord, 409: ApiError } } }, async (req, reply) => {
       const group = await load(req.principal, req.params.id);
       if (['succeeded', 'failed', 'partially_succeeded'].includes(group.status)) throw new KilnError('conflict', `batch ${group.id} already ${group.status}`);
       const asked = (await ctx.jobs.groups.requestCancel(group.id))!;

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type AgentHeartbeat, type CacheJob, CacheRequest, type CacheTask, EvictRequest, type ModelInfo, type StoredGroup } from '@kiln/contracts';
+import { type AgentHeartbeat, ApiError, type CacheJob, CacheRequest, type CacheTask, EvictRequest, GroupRecord, type ModelInfo, NothingToEvict, ResidencyResponse, type StoredGroup } from '@kiln/contracts';
 import { groupRecord, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
@@ -49,7 +49,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   }
 
   return async (app) => {
-    app.get('/v1/cache', async () => ({
+    app.get('/v1/cache', { schema: { summary: 'What is resident where', description: 'Per live agent: VRAM, and each resident model\'s size, location (vram or ram), pinned flag and last use.', response: { 200: ResidencyResponse } } }, async () => ({
       agents: (await ctx.registry.live()).map((a) => ({
         agent_id: a.agent_id,
         state: a.state,
@@ -59,12 +59,18 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       })),
     }));
 
-    app.get('/v1/cache/:id', { schema: { params: IdParams } }, async (req) =>
+    app.get('/v1/cache/:id', { schema: { summary: 'A cache request', description: 'Each target agent\'s share and its result.', params: IdParams, response: { 200: GroupRecord } } }, async (req) =>
       view(await loadVisible(req.principal, req.params.id, 'cache request', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'cache')),
     );
 
     // loading, pinning and evicting change what every tenant's jobs run on: admins only
-    app.post('/v1/cache', { schema: { body: CacheRequest }, config: { auth: 'admin' } }, async (req, reply) => {
+    const loadDoc = {
+      summary: 'Load (and pin) a model suite',
+      description: 'Onto all live agents, a number of replicas, or named agents; into VRAM (hot) or host RAM (warm). 202 with the cache request\'s record. Admin key.',
+      body: CacheRequest,
+      response: { 202: GroupRecord, 422: ApiError },
+    };
+    app.post('/v1/cache', { schema: loadDoc, config: { auth: 'admin' } }, async (req, reply) => {
       const body = req.body;
       await checkWebhookOf(ctx, body.webhook?.url);
       const m = body.models;
@@ -107,7 +113,13 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       return reply.code(202).header('location', record.links.self).send(record);
     });
 
-    app.delete('/v1/cache', { schema: { body: EvictRequest }, config: { auth: 'admin' } }, async (req, reply) => {
+    const evictDoc = {
+      summary: 'Evict (and unpin) models',
+      description: 'From the named agents, or every live agent holding them: 202 with the request\'s record, or 200 when no live agent holds them. Admin key.',
+      body: EvictRequest,
+      response: { 200: NothingToEvict, 202: GroupRecord, 422: ApiError },
+    };
+    app.delete('/v1/cache', { schema: evictDoc, config: { auth: 'admin' } }, async (req, reply) => {
       const live = await ctx.registry.live();
       const targets = req.body.agents
         ? req.body.agents.map((id, i) => {

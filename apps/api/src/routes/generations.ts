@@ -1,5 +1,5 @@
 import { createHash, randomInt, randomUUID } from 'node:crypto';
-import { GenerationRequest, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob } from '@kiln/contracts';
+import { ApiError, GenerationRequest, JobRecord, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
 import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -34,17 +34,32 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   }
 
   return async (app) => {
-    app.post('/v1/validate', { schema: { body: GenerationRequest } }, async (req) => {
-      const { request, agents } = await prepare(req.principal, req.body, 'validate', false);
-      return { valid: true, request, agents };
-    });
+    app.post(
+      '/v1/validate',
+      {
+        schema: {
+          summary: 'Check a generation without queuing it',
+          description: 'The same checks as POST /v1/generations — including whether a live agent can run it and fetching the input images — with nothing stored or queued.',
+          body: GenerationRequest,
+          response: { 200: ValidateResponse, 422: ApiError },
+        },
+      },
+      async (req) => {
+        const { request, agents } = await prepare(req.principal, req.body, 'validate', false);
+        return { valid: true as const, request, agents };
+      },
+    );
 
     app.post(
       '/v1/generations',
       {
         schema: {
+          summary: 'Submit a generation',
+          description:
+            'Validates, resolves (scheduler aliases, default models, LoRA names), refuses what no live agent could ever run (422), fetches and checks input images, records and queues the job: 202 with the job record and a `Location` header. A repeat with the same `Idempotency-Key` returns the same job (200, `idempotent-replayed: true`).',
           body: GenerationRequest,
-          headers: z.looseObject({ 'idempotency-key': IdempotencyKey.optional() }),
+          headers: z.looseObject({ 'idempotency-key': IdempotencyKey.optional().describe('a repeat with the same key (and body) returns the same job') }),
+          response: { 200: JobRecord, 202: JobRecord, 409: ApiError, 422: ApiError },
         },
       },
       async (req, reply) => {

@@ -1,4 +1,4 @@
-import { isTerminal, type StoredJob } from '@kiln/contracts';
+import { ApiError, isTerminal, JobRecord, type StoredJob } from '@kiln/contracts';
 import { jobRecord, KilnError, intakeJobId } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
@@ -9,13 +9,24 @@ export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const view = (job: StoredJob) => jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
 
   return async (app) => {
-    app.get('/v1/jobs/:id', { schema: { params: IdParams } }, async (req) => view(await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id))));
+    app.get('/v1/jobs/:id', { schema: { summary: 'A job', description: 'Any kind of job (generation, training, cache task): status, stage, progress, outputs with fresh presigned URLs, events, webhook deliveries, links.', params: IdParams, response: { 200: JobRecord } } }, async (req) => view(await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id))));
 
-    app.delete('/v1/jobs/:id', { schema: { params: IdParams } }, async (req, reply) => {
-      await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id));
-      const { status, job } = await cancelJob(ctx, req.params.id);
-      return reply.code(status).send(await view(job));
-    });
+    app.delete(
+      '/v1/jobs/:id',
+      {
+        schema: {
+          summary: 'Cancel a job',
+          description: 'A queued job is canceled at once (200); a running one is asked to stop (202, `cancel_requested: true`) and ends `canceled` within about a second; canceling again is harmless; a job that succeeded or failed is a 409.',
+          params: IdParams,
+          response: { 200: JobRecord, 202: JobRecord, 409: ApiError },
+        },
+      },
+      async (req, reply) => {
+        await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id));
+        const { status, job } = await cancelJob(ctx, req.params.id);
+        return reply.code(status).send(await view(job));
+      },
+    );
   };
 }
 

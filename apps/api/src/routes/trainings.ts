@@ -1,5 +1,5 @@
 import { randomInt, randomUUID } from 'node:crypto';
-import { firstBadChar, IMAGE_LIMITS, LIMITS, Text, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainingRequest, trainingVramMb } from '@kiln/contracts';
+import { ApiError, firstBadChar, IMAGE_LIMITS, JobRecord, LIMITS, LorasResponse, Text, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainedLora, TrainingRequest, trainingVramMb } from '@kiln/contracts';
 import { jobRecord, KilnError, newJobFields, qualifiedLoraName } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -76,7 +76,14 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   }
 
   return async (app) => {
-    app.post('/v1/trainings', { schema: { body: TrainingRequest } }, async (req, reply) => {
+    const trainDoc = {
+      summary: 'Start a LoRA fine-tune',
+      description:
+        'On an SDXL base model, from a dataset in the bucket: a prefix of images with same-named .txt captions, or a JSON manifest. The LoRA is registered as `<tenant>/<output.name>` (reserved now: a second training of the same name is a 409). 202 with the job record.',
+      body: TrainingRequest,
+      response: { 202: JobRecord, 409: ApiError, 422: ApiError },
+    };
+    app.post('/v1/trainings', { schema: trainDoc }, async (req, reply) => {
       const body = req.body;
       const who = req.principal;
       await checkWebhookOf(ctx, body.webhook?.url);
@@ -125,15 +132,15 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     });
 
     const load = (who: Principal, id: string) => loadVisible(who, id, 'training', (i) => ctx.store.get(i), (j) => j.kind === 'training');
-    app.get('/v1/trainings/:id', { schema: { params: IdParams } }, async (req) => jobRecord(await load(req.principal, req.params.id), ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
-    app.delete('/v1/trainings/:id', { schema: { params: IdParams } }, async (req, reply) => {
+    app.get('/v1/trainings/:id', { schema: { summary: 'A training', description: 'The job record, with `training` (step, total, loss, last checkpoint, the LoRA).', params: IdParams, response: { 200: JobRecord } } }, async (req) => jobRecord(await load(req.principal, req.params.id), ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
+    app.delete('/v1/trainings/:id', { schema: { summary: 'Cancel a training', description: 'Stops it within a step and keeps the last checkpoint; like DELETE /v1/jobs/:id.', params: IdParams, response: { 200: JobRecord, 202: JobRecord, 409: ApiError } } }, async (req, reply) => {
       await load(req.principal, req.params.id);
       const { status, job } = await cancelJob(ctx, req.params.id);
       return reply.code(status).send(await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
     });
 
     /** Trained LoRAs the caller may use (its own and shared ones), and the LoRAs agents ship with. */
-    app.get('/v1/loras', async (req) => {
+    app.get('/v1/loras', { schema: { summary: 'LoRAs the caller may use', response: { 200: LorasResponse } } }, async (req) => {
       const trained = (await ctx.loras.list()).filter((l) => l.shared || canSee(req.principal, l.tenant));
       const registered = new Set((await ctx.loras.list()).map((l) => l.name));
       const shipped = [
@@ -143,7 +150,7 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     });
 
     /** An admin shares a tenant's LoRA with every tenant (or stops sharing it). */
-    app.post('/v1/loras/share', { schema: { body: ShareBody }, config: { auth: 'admin' } }, async (req) => {
+    app.post('/v1/loras/share', { schema: { summary: "Share a tenant's LoRA with every tenant", description: '`"shared": false` stops sharing. Admin key.', body: ShareBody, response: { 200: TrainedLora, 404: ApiError } }, config: { auth: 'admin' } }, async (req) => {
       const lora = await ctx.loras.share(req.body.name, req.body.shared);
       if (!lora) throw new KilnError('not_found', `no trained LoRA ${req.body.name}`);
       return lora;
