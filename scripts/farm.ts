@@ -89,7 +89,7 @@ function killGroup(pid: number, signal: NodeJS.Signals) {
 // each process its own metrics port (the API serves /metrics on its own port)
 const metricsBase = Number(env.METRICS_PORT_BASE || '9400');
 delete env.METRICS_PORT;
-const metricsPort = (offset: number) => (Number.isInteger(metricsBase) && metricsBase > 0 && metricsBase + offset <= 65535 ? { METRICS_PORT: String(metricsBase + offset) } : {});
+const metricsPort = (offset: number): Record<string, string> => (Number.isInteger(metricsBase) && metricsBase > 0 && metricsBase + offset <= 65535 ? { METRICS_PORT: String(metricsBase + offset) } : {});
 start('dispatcher', ENTRY.dispatcher, metricsPort(0));
 start('api', ENTRY.api);
 for (let i = 0; i < agents; i++) start(`agent ${i}`, ENTRY.agent, { GPU_ID: String(i), AGENT_ID: env.AGENT_ID_PREFIX ? `${env.AGENT_ID_PREFIX}${i}` : `local-gpu${i}`, ...metricsPort(1 + i) });

@@ -92,6 +92,8 @@ export class Agent {
   private avgJobMs: number | null = null;
   private readonly startedAt = new Date().toISOString();
   private draining = false;
+  /** an operator took this agent out of rotation (registry): it finishes what it holds, gets nothing new */
+  private maintenance = false;
   /** LoRA files in KILN_LORA_DIR whose bytes were checked, with the sha256 they had */
   private readonly verifiedLoras = new Map<string, string>();
 
@@ -629,7 +631,12 @@ export class Agent {
     const w = this.worker;
     const st = w?.lastState;
     const caps = w?.ready?.capabilities ?? null;
-    const state: AgentState = this.draining ? 'draining' : this.current ? 'busy' : w?.state === 'ready' ? 'ready' : this.state === 'defunct' ? 'defunct' : 'starting';
+    const maintenance = await this.registry.inMaintenance(this.id).catch(() => this.maintenance);
+    if (maintenance !== this.maintenance) {
+      this.maintenance = maintenance;
+      this.log.info({ agent: this.id, job: this.current?.job.id }, maintenance ? 'in maintenance: finishing what it holds, taking nothing new' : 'back in rotation');
+    }
+    const state: AgentState = this.draining || maintenance ? 'draining' : this.current ? 'busy' : w?.state === 'ready' ? 'ready' : this.state === 'defunct' ? 'defunct' : 'starting';
     agentMetrics.state(state);
     const hb: AgentHeartbeat = {
       agent_id: this.id,
@@ -641,6 +648,7 @@ export class Agent {
         vram_free_mb: st ? st.vram_total_mb - st.vram_used_mb : 0,
       },
       state,
+      maintenance,
       resident: st?.resident ?? [],
       current_job: this.current?.job.id ?? null,
       capabilities: w?.state === 'ready' || w?.state === 'busy' ? caps : null,

@@ -56,6 +56,7 @@ export const AgentHeartbeat = z.object({
   gpu_id: z.string(),
   gpu: z.object({ name: z.string(), vram_total_mb: z.number().int(), vram_free_mb: z.number().int() }),
   state: AgentState,
+  maintenance: z.boolean().default(false).describe('taken out of rotation by an operator (POST /v1/agents/:id/drain): it finishes what it holds and gets nothing new, until resumed'),
   resident: z.array(ResidentModel),
   current_job: z.string().nullable(),
   capabilities: WorkerCapabilities.nullable(),

@@ -17,6 +17,8 @@ export class Keys {
   /** hash: LoRA name → where a trained LoRA lives in S3 */
   loras = () => `${this.prefix}:loras`;
   agents = () => `${this.prefix}:agents`;
+  /** set of agent ids an operator took out of rotation (drain); kept across their restarts until resumed */
+  agentsMaintenance = () => `${this.prefix}:agents:maintenance`;
   agent = (agentId: string) => `${this.prefix}:agent:${agentId}`;
   dispatcherLease = () => `${this.prefix}:dispatcher:lease`;
   idempotency = (tenant: string, key: string) => `${this.prefix}:idem:${tenant}:${key}`;

@@ -4,7 +4,10 @@ import type { Keys } from './keys.js';
 
 /**
  * The agent registry: each agent's last heartbeat as a key that expires after AGENT_TTL_MS,
- * plus a set of every agent ever registered so the dispatcher notices the ones that lapsed.
+ * plus a set of every agent ever registered so the dispatcher notices the ones that lapsed,
+ * and the set of agents in maintenance (drained by an operator: they finish what they hold and
+ * get nothing new). An agent in maintenance reads as `draining` from the moment it is drained,
+ * before its own next heartbeat says so, so placement never races the drain.
  */
 export class AgentRegistry {
   constructor(
@@ -29,16 +32,28 @@ export class AgentRegistry {
     return this.redis.smembers(this.keys.agents());
   }
 
+  /** Takes an agent out of rotation (`on`) or puts it back; kept across the agent's restarts. */
+  async setMaintenance(agentId: string, on: boolean): Promise<void> {
+    if (on) await this.redis.sadd(this.keys.agentsMaintenance(), agentId);
+    else await this.redis.srem(this.keys.agentsMaintenance(), agentId);
+  }
+
+  async inMaintenance(agentId: string): Promise<boolean> {
+    return (await this.redis.sismember(this.keys.agentsMaintenance(), agentId)) === 1;
+  }
+
   /** Live agents, and the registered ones whose heartbeat has lapsed. */
   async snapshot(): Promise<{ live: AgentHeartbeat[]; lapsed: string[] }> {
     const ids = (await this.registered()).sort();
     if (ids.length === 0) return { live: [], lapsed: [] };
-    const raws = await this.redis.mget(ids.map((id) => this.keys.agent(id)));
+    const [raws, maintenance] = await Promise.all([this.redis.mget(ids.map((id) => this.keys.agent(id))), this.redis.smembers(this.keys.agentsMaintenance())]);
+    const drained = new Set(maintenance);
     const live: AgentHeartbeat[] = [];
     const lapsed: string[] = [];
     raws.forEach((raw, i) => {
-      if (raw) live.push(AgentHeartbeat.parse(JSON.parse(raw)));
-      else lapsed.push(ids[i]!);
+      if (!raw) return void lapsed.push(ids[i]!);
+      const hb = AgentHeartbeat.parse(JSON.parse(raw));
+      live.push(drained.has(hb.agent_id) && hb.state !== 'defunct' ? { ...hb, state: 'draining', maintenance: true } : hb);
     });
     return { live, lapsed };
   }
