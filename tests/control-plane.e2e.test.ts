@@ -4,7 +4,10 @@ import { resolve } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { REPO_ROOT, startProcess } from '../scripts/farm-lib.js';
 import { basicRequest, Farm, type GenRecord, leakedProcesses, sleep } from './support/farm.js';
+import { ResolvedGenerationRequest } from '@kiln/contracts';
+import { GroupStore, JobStore, Keys, newJobFields } from '@kiln/runtime';
 import { freePort, RedisServer, TcpProxy } from './support/redis-server.js';
+import { WebhookReceiver } from './support/webhook-receiver.js';
 
 /**
  * The control plane under ordinary outages: Redis restarting or stalling is not an agent
@@ -109,6 +112,43 @@ describe('a Redis outage is not an agent death', () => {
     await agentLink.restore();
     await expectNobodyLost(jobs);
   }, 150_000);
+});
+
+describe('atomic ends: an end whose announcement a crash interrupted is announced by the sweep', () => {
+  const farm = new Farm({ agents: 0 });
+  const receiver = new WebhookReceiver();
+  beforeAll(async () => {
+    await receiver.start();
+    await farm.start();
+  });
+  afterAll(async () => {
+    await farm.close();
+    await receiver.close();
+  });
+
+  it('a job ended by a process that died right after its terminal write still gets its webhook, and its batch closes with its own', async () => {
+    // what a crashed agent leaves: the terminal writes done (one script each), nothing after them
+    const keys = new Keys(farm.prefix);
+    const store = new JobStore(farm.redis, keys, 3_600);
+    const groups = new GroupStore(farm.redis, keys, 3_600);
+    const batchId = randomUUID();
+    const now = new Date().toISOString();
+    const request = (seed: number) =>
+      ResolvedGenerationRequest.parse({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0' }, conditioning: { prompt: 'x' }, hyperparameters: { seed }, webhook: { url: receiver.url, events: ['completed'] } });
+    const children = [1, 2].map((seed) => ({ ...newJobFields(randomUUID(), 'anonymous', 'normal', batchId, now), kind: 'generation' as const, request: request(seed), status: 'running' as const, attempt: 1, agent: 'gone' }));
+    await groups.create({ id: batchId, kind: 'batch', client: 'anonymous', status: 'running', priority: 'normal', children: children.map((c) => c.id), webhook: { url: receiver.url, events: ['completed'] }, cancel_requested: false, created_at: now, finished_at: null });
+    for (const c of children) {
+      await store.create(c);
+      expect(await store.update(c.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: now })).not.toBeNull();
+    }
+    // the dispatcher's sweep (every SWEEP_INTERVAL_MS) makes the announcements
+    await farm.waitFor(async () => receiver.received.length >= 3, 15_000, 'two job webhooks and the batch webhook');
+    await sleep(2_500); // another sweep: nothing is announced twice
+    const types = receiver.received.map((r) => JSON.parse(r.body).type).sort();
+    expect(types).toEqual(['batch.completed', 'job.completed', 'job.completed']);
+    expect((await groups.get(batchId))!.status).toBe('succeeded');
+    expect((await groups.history(batchId)).events.filter((e) => e.status === 'succeeded')).toHaveLength(1);
+  });
 });
 
 describe('a farm with a bad variable stops as a whole, naming it, with exit code 2', () => {
