@@ -2,13 +2,14 @@
 //  1. Parse config; connect to Redis; make sure the output bucket exists.
 //  2. Build the app (routes, auth, Bull Board) and listen on HOST:PORT.
 //  3. On SIGTERM: stop accepting connections, finish in-flight requests, close Redis.
-import { createJobServices, createLogger, onShutdown, parseEnv, runAll } from '@kiln/runtime';
+import { createJobServices, createLogger, guardProcess, onShutdown, parseEnv, runAll } from '@kiln/runtime';
 import { buildApp } from './app.js';
 import { ApiEnv } from './env.js';
 import { KeyRing } from './keys.js';
 
 const env = parseEnv(ApiEnv, 'api');
 const log = createLogger('api', env.LOG_LEVEL);
+guardProcess(log); // from the start: a rejection nobody handled is logged, not fatal
 const services = createJobServices(env, 'kiln-api');
 const { storage } = services;
 
