@@ -96,6 +96,23 @@ describe('storage outages', () => {
     await expectOutputsMatchRecord(id);
   });
 
+  it('a cancel while the job waits for S3 to upload its outputs ends it at once', async () => {
+    const { id } = await farm.submit(slow(7));
+    await farm.waitForJob(id, (j) => j.stage === 'running' && (j.progress?.step ?? 0) >= 1);
+    await farm.s3.stop();
+    try {
+      await farm.waitForJob(id, (j) => j.stage === 'uploading', 30_000);
+      await sleep(2_200); // inside a backoff wait of up to 2 s
+      const asked = Date.now();
+      expect((await farm.request('DELETE', `/v1/jobs/${id}`)).status).toBe(202);
+      const job = await farm.waitForDone(id, 10_000);
+      expect(job.status).toBe('canceled');
+      expect(Date.now() - asked).toBeLessThan(1_000);
+    } finally {
+      await farm.s3.resume();
+    }
+  });
+
   it('S3 down across a training checkpoint: the agent lives on, a later checkpoint is saved and the training succeeds on its first attempt', async () => {
     const agentPid = farm.procs.get('agent-0')!.pid;
     const res = await farm.request('POST', '/v1/trainings', {

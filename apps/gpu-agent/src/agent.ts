@@ -92,6 +92,8 @@ export class Agent {
   private avgJobMs: number | null = null;
   private readonly startedAt = new Date().toISOString();
   private draining = false;
+  /** ends the wait between in-place transfer retries when the running job is stopped */
+  private readonly pauses = new Set<() => void>();
   /** an operator took this agent out of rotation (registry): it finishes what it holds, gets nothing new */
   private maintenance = false;
   /** LoRA files in KILN_LORA_DIR whose bytes were checked, with the sha256 they had */
@@ -370,10 +372,23 @@ export class Agent {
         }
         if (tries === 1) this.log.warn({ what, err: message, retryForMs: this.env.TRANSFER_RETRY_MS }, 'storage unreachable; retrying in place');
         // the last wait is cut to the window, so the final try comes at its end
-        await new Promise((r) => setTimeout(r, Math.min(left, delay * (0.5 + Math.random() / 2))));
+        await this.pause(Math.min(left, delay * (0.5 + Math.random() / 2)));
         delay = Math.min(delay * 2, TRANSFER_BACKOFF_MS.max);
       }
     }
+  }
+
+  /** A wait that a stop of the running job (stopCurrent) cuts short. */
+  private pause(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.pauses.delete(done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.pauses.add(done);
+    });
   }
 
   private upload(key: string, path: string, contentType: string, meta: Record<string, string> = {}): Promise<void> {
@@ -608,6 +623,7 @@ export class Agent {
     const cur = this.current;
     if (!cur || cur.cancel) return;
     cur.cancel = reason;
+    for (const wake of [...this.pauses]) wake(); // a transfer waiting to retry sees the flag now
     const worker = this.worker;
     if (!cur.requestId || !worker) return; // not started yet: process() sees the flag
     this.log.info({ job: cur.job.id, reason }, 'stopping the running request');
