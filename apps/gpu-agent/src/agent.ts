@@ -534,8 +534,16 @@ export class Agent {
     await this.upload(key, c.path, 'application/octet-stream', { 'x-amz-meta-sha256': c.sha256, 'x-amz-meta-attempt': String(attempt) });
     const now = await this.jobs.store.get(job.id);
     if (now?.kind !== 'training') return;
-    const saved = await this.jobs.update(job.id, { status: ['running'], attempt }, { training: { ...now.training, last_checkpoint: { step: c.step, key, sha256: c.sha256, bytes: c.bytes } } }, { message: `checkpoint at step ${c.step}` });
-    if (saved && c.step > resumedFrom && this.current?.job.id === job.id) this.current.progressed = true;
+    const progress = c.step > resumedFrom;
+    const saved = await this.jobs.update(
+      job.id,
+      { status: ['running'], attempt },
+      // progress also ends any run of failures on the record, so a later one — reported by the
+      // dispatcher as well as by us — is counted afresh
+      { training: { ...now.training, last_checkpoint: { step: c.step, key, sha256: c.sha256, bytes: c.bytes } }, ...(progress ? { charged_attempts: 0, infra_since: null } : {}) },
+      { message: `checkpoint at step ${c.step}` },
+    );
+    if (saved && progress && this.current?.job.id === job.id) this.current.progressed = true;
   }
 
   /** Loads (or unloads) models on this agent's worker for a cache request. */
