@@ -201,9 +201,10 @@ describe('training', () => {
     expect(job.events.some((e: any) => e.message?.startsWith(`resuming from the checkpoint at step`))).toBe(true);
     const resumedAt = Number(job.events.find((e: any) => e.message?.startsWith('resuming')).message.match(/step (\d+)/)[1]);
     expect(resumedAt).toBeGreaterThanOrEqual(checkpointAtKill);
-    expect(job.training).toMatchObject({ step: 24, total: 24, lora: { name: 'kiln/test-style', base_model: BASE, rank: 4 } });
+    // the LoRA is its tenant's (the open farm's one tenant is "default"), used by its short name
+    expect(job.training).toMatchObject({ step: 24, total: 24, lora: { name: 'default/kiln/test-style', base_model: BASE, rank: 4 } });
     const loras = (await farm.get('/v1/loras')).body;
-    expect(loras.trained.map((l: any) => l.name)).toContain('kiln/test-style');
+    expect(loras.trained.map((l: any) => l.name)).toContain('default/kiln/test-style');
 
     const without = await farm.waitForDone((await farm.submit(tiny(9))).id);
     const withLora = await farm.waitForDone((await farm.submit(tiny(9, { loras: [{ name: 'kiln/test-style', weight: 1 }] }))).id);
