@@ -3,7 +3,9 @@ import {
   type AgentJobData,
   type AgentRegistry,
   agentJobId,
+  entryName,
   type IntakeData,
+  keepHistory,
   intakeJobId,
   type Jobs,
   isConnectionError,
@@ -125,7 +127,11 @@ export class Dispatcher {
   private agentQueue(agentId: string): Queue<AgentJobData> {
     let q = this.agentQueues.get(agentId);
     if (!q) {
-      q = quietErrors(new Queue<AgentJobData>(QUEUES.agent(agentId), { connection: this.connection, prefix: this.env.KILN_PREFIX }), `queue agent.${agentId}`);
+      // finished and failed entries stay for Bull Board, bounded (QUEUE_KEEP_*)
+      q = quietErrors(
+        new Queue<AgentJobData>(QUEUES.agent(agentId), { connection: this.connection, prefix: this.env.KILN_PREFIX, defaultJobOptions: keepHistory(this.env) }),
+        `queue agent.${agentId}`,
+      );
       this.agentQueues.set(agentId, q);
     }
     return q;
@@ -171,7 +177,8 @@ export class Dispatcher {
         }
       } else if (job.status === 'running' && job.agent && liveIds.has(job.agent)) {
         const entry = await this.agentQueue(job.agent).getJob(agentJobId(job.id, job.attempt));
-        if (!entry) {
+        // a finished entry kept for Bull Board is not held either: its processor is done with it
+        if (!entry || entry.finishedOn) {
           // re-read: the agent may have finished it between our two reads
           const now = await this.jobs.store.get(job.id);
           if (now?.status === 'running' && now.attempt === job.attempt) {
@@ -237,9 +244,9 @@ export class Dispatcher {
       if (claimed) {
         const demand = demandOf(job);
         await this.agentQueue(d.agentId).add(
-          'generation',
+          entryName(job),
           { job_id: job.id, attempt: claimed.attempt, client: job.client, models: [demand.model, ...(demand.adapters ?? [])], activation_mb: demand.activationMb },
-          { jobId: agentJobId(job.id, claimed.attempt), removeOnComplete: true, removeOnFail: true },
+          { jobId: agentJobId(job.id, claimed.attempt) },
         );
         countPlacement(reason);
         lifecycle.placed(claimed, d.agentId, reason, now - entry.timestamp);

@@ -55,7 +55,19 @@ interface Current {
   cancel: 'user' | 'timeout' | 'handback' | null;
   /** a training attempt advanced its checkpoint: a failure now spends no attempt */
   progressed: boolean;
+  /** its entry on this agent's queue, where progress is mirrored for Bull Board */
+  entry: Job<AgentJobData>;
 }
+
+/** A queue entry's failure as Bull Board shows it: the job's code and message, no agent stack trace. */
+function failure(message: string): Error {
+  const err = new Error(message);
+  err.stack = message;
+  return err;
+}
+
+/** How often progress is mirrored onto the queue entry (besides each stage's first and last step). */
+const ENTRY_PROGRESS_MS = 500;
 
 /** Waits between in-place retries of a transfer: doubling, capped, with full jitter. */
 const TRANSFER_BACKOFF_MS = { first: 250, max: 4_000 };
@@ -125,7 +137,7 @@ export class Agent {
     await this.reclaim();
     this.ensureWorker();
     await this.workerReady;
-    this.consumer = new Worker<AgentJobData>(QUEUES.agent(this.id), (j) => this.process(j), {
+    this.consumer = new Worker<AgentJobData>(QUEUES.agent(this.id), (j) => this.process(j).then(() => this.entryOutcome(j)), {
       connection: this.connection,
       prefix: this.env.KILN_PREFIX,
       concurrency: 1,
@@ -246,7 +258,7 @@ export class Agent {
       await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       return;
     }
-    this.current = { job, requestId: null, cancel: null, progressed: false };
+    this.current = { job, requestId: null, cancel: null, progressed: false, entry };
     this.state = 'busy';
     void this.heartbeat().catch(() => {});
     const jobDir = join(this.env.WORK_DIR, this.id, `${job.id}-a${attempt}`);
@@ -296,6 +308,23 @@ export class Agent {
   }
 
   /**
+   * What the queue entry of one attempt records for Bull Board, once its run is over: a
+   * summary when the attempt ended the job successfully; otherwise a failure carrying the
+   * job's error code and message, or why the attempt did not end it (retried, handed back,
+   * taken over) — so the board's failed list is the farm's failed attempts.
+   */
+  private async entryOutcome(entry: Job<AgentJobData>): Promise<{ status: 'succeeded'; outputs: number; total_ms: number | null }> {
+    const { job_id, attempt } = entry.data;
+    const job = await this.jobs.store.get(job_id);
+    if (!job) throw failure(`not_found: job ${job_id} is gone`);
+    const ours = job.attempt === attempt && job.agent === this.id;
+    if (ours && job.status === 'succeeded') return { status: 'succeeded', outputs: job.kind === 'generation' ? job.outputs.length : 0, total_ms: job.timings.total_ms };
+    if (ours && job.error) throw failure(`${job.error.code}: ${job.error.message}`);
+    const last = (await this.jobs.store.history(job_id)).events.filter((e) => e.message && e.attempt >= attempt - 1).at(-1);
+    throw failure(`attempt ${attempt} did not end the job here (now ${job.status}, attempt ${job.attempt})${last?.message ? `: ${last.message}` : ''}`);
+  }
+
+  /**
    * Sends a request to the worker as the current one; a cancel that came early applies now.
    * The job's timeout_s runs while the worker works on it, not while storage is retried.
    */
@@ -325,6 +354,8 @@ export class Agent {
   private progressHandler(job: StoredJob, attempt: number) {
     let lastHook = 0;
     let lastStage = '';
+    let lastMirror = 0;
+    const entry = this.current?.entry;
     const wantsHook = 'webhook' in job.request && !!job.request.webhook?.events.includes('progress');
     return (p: ProgressMessage) => {
       const stage = p.stage === 'loading_model' ? 'loading_model' : 'running';
@@ -333,12 +364,17 @@ export class Agent {
         .then(async ({ ok, cancelRequested }) => {
           if (!ok) return this.stopCurrent('handback');
           if (cancelRequested) return this.stopCurrent('user');
+          const now = Date.now();
+          if (entry && (p.stage !== lastStage || p.step === p.total || now - lastMirror >= ENTRY_PROGRESS_MS)) {
+            lastMirror = now; // Bull Board's Progress tab shows the entry's progress
+            const percent = p.total > 0 ? Math.round((100 * p.step) / p.total) : 0;
+            void entry.updateProgress({ stage: p.stage, step: p.step, total: p.total, percent, ...(p.loss === undefined ? {} : { loss: p.loss }) }).catch(() => {});
+          }
           if (p.stage !== lastStage) {
             lastStage = p.stage; // each stage (loading, base, refiner, upscale, safety, train) is an event
             lifecycle.stage(job, this.id, p.stage, p.total);
             await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { message: `stage ${p.stage}: ${p.total} step${p.total === 1 ? '' : 's'}` });
           }
-          const now = Date.now();
           if (wantsHook && (now - lastHook >= this.env.PROGRESS_WEBHOOK_MS || p.step === p.total)) {
             lastHook = now;
             await this.jobs.update(job.id, { status: ['running'], attempt }, {}, { webhook: 'progress' });

@@ -56,7 +56,22 @@ export const JobEnv = z.object({
     .describe('how long a job is retried through infrastructure failures (storage, Redis, a lost agent), which spend no attempt, before it fails'),
   JOB_RETENTION_S: z.coerce.number().int().min(60).default(7 * 24 * 3600),
   AGENT_TTL_MS: z.coerce.number().int().min(200).default(5_000),
+  QUEUE_KEEP_COMPLETED: z.coerce.number().int().min(0).default(1_000).describe('finished entries each Kiln queue keeps for Bull Board'),
+  QUEUE_KEEP_FAILED: z.coerce.number().int().min(0).default(5_000).describe('failed entries each Kiln queue keeps for Bull Board'),
+  QUEUE_KEEP_S: z.coerce.number().int().min(60).default(7 * 24 * 3600).describe('how long a finished or failed queue entry is kept'),
 });
+
+/**
+ * How long BullMQ keeps finished and failed entries (bounded by count and age): the history
+ * Bull Board shows. The job records themselves are kept for JOB_RETENTION_S either way.
+ */
+export function keepHistory(env: Partial<Record<'QUEUE_KEEP_COMPLETED' | 'QUEUE_KEEP_FAILED' | 'QUEUE_KEEP_S', number>>) {
+  const age = env.QUEUE_KEEP_S ?? 7 * 24 * 3600;
+  return {
+    removeOnComplete: { count: env.QUEUE_KEEP_COMPLETED ?? 1_000, age },
+    removeOnFail: { count: env.QUEUE_KEEP_FAILED ?? 5_000, age },
+  };
+}
 
 export class EnvError extends Error {
   constructor(readonly problems: string[]) {

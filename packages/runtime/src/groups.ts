@@ -151,7 +151,8 @@ export interface GroupTrackData {
 
 /** Puts a new group on the `groups` queue, so Bull Board shows it until its children end. */
 export async function trackGroup(queue: Queue<GroupTrackData>, group: StoredGroup): Promise<void> {
-  await queue.add(group.kind, { group_id: group.id, total: group.children.length }, { jobId: group.id, removeOnComplete: { age: 7 * 24 * 3600 }, removeOnFail: { age: 7 * 24 * 3600 } });
+  // kept once ended as the queue's history allows (QUEUE_KEEP_*: createJobServices)
+  await queue.add(group.kind, { group_id: group.id, total: group.children.length }, { jobId: group.id });
 }
 
 /**

@@ -30,6 +30,17 @@ export interface AgentJobData {
   activation_mb?: number;
 }
 
+/** A queue entry's name, as Bull Board lists it: kind, model (or what a cache task does) and tenant. */
+export function entryName(job: StoredJob): string {
+  const what =
+    job.kind === 'generation'
+      ? job.request.model.base
+      : job.kind === 'training'
+        ? `${job.request.base_model} → ${job.request.output.name}`
+        : `${job.request.action} ${job.request.models.join(', ')}`;
+  return `${job.kind} · ${what} · ${job.client}`;
+}
+
 /** Intake entry id: one per (job, queueing), so re-adding after a crash is a no-op. */
 export const intakeJobId = (jobId: string, attempt: number) => `${jobId}-q${attempt}`;
 /** Agent-queue entry id: one per attempt. */
@@ -88,7 +99,7 @@ export class Jobs {
   /** Adds a queued job to intake and wakes the dispatcher. Idempotent per attempt. */
   async enqueue(job: StoredJob): Promise<void> {
     await this.intake.add(
-      'generation',
+      entryName(job),
       { job_id: job.id, attempt: job.attempt, client: job.client },
       {
         jobId: intakeJobId(job.id, job.attempt),

@@ -1,6 +1,6 @@
 import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import type { StorageEnv, WebhookEnv } from './env.js';
+import { keepHistory, type StorageEnv, type WebhookEnv } from './env.js';
 import { GroupStore, type GroupTrackData } from './groups.js';
 import { JobStore } from './job-store.js';
 import { type IntakeData, Jobs } from './jobs.js';
@@ -29,7 +29,9 @@ export interface JobServices {
 }
 
 export function createJobServices(
-  env: StorageEnv & WebhookEnv & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number; INFRA_RETRY_DEADLINE_S: number },
+  env: StorageEnv &
+    WebhookEnv &
+    Parameters<typeof keepHistory>[0] & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number; INFRA_RETRY_DEADLINE_S: number },
   connectionName: string,
 ): JobServices {
   const keys = new Keys(env.KILN_PREFIX);
@@ -40,8 +42,13 @@ export function createJobServices(
   const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
   // every BullMQ object gets the quiet `error` listener: BullMQ prints with console.error otherwise
   const intake = quietErrors(new Queue<IntakeData>(QUEUES.intake, queueOpts), 'queue intake');
-  const webhookQueue = quietErrors(new Queue<DeliveryData>(QUEUES.webhooks, queueOpts), 'queue webhooks');
-  const groupsQueue = quietErrors(new Queue<GroupTrackData>(QUEUES.groups, queueOpts), 'queue groups');
+  // finished and failed entries are kept for Bull Board, bounded (QUEUE_KEEP_*); delivered
+  // webhooks at least a day and 10,000, since a message still there is what makes a repeated
+  // drain a no-op (WebhookOutbox)
+  const history = keepHistory(env);
+  const webhookHistory = { ...history, removeOnComplete: { count: Math.max(history.removeOnComplete.count, 10_000), age: Math.max(history.removeOnComplete.age, 24 * 3600) } };
+  const webhookQueue = quietErrors(new Queue<DeliveryData>(QUEUES.webhooks, { ...queueOpts, defaultJobOptions: webhookHistory }), 'queue webhooks');
+  const groupsQueue = quietErrors(new Queue<GroupTrackData>(QUEUES.groups, { ...queueOpts, defaultJobOptions: history }), 'queue groups');
   const outbox = new WebhookOutbox(webhookQueue, store, groups, storage, env.PUBLIC_URL, env);
   const jobs = new Jobs(store, intake, redis, keys, outbox, env.MAX_ATTEMPTS, groups, env.INFRA_RETRY_DEADLINE_S);
   return {

@@ -118,13 +118,12 @@ export class WebhookOutbox {
     const msgId = d.msgId ?? `msg_${randomUUID().replaceAll('-', '')}`;
     const data: DeliveryData = { job_id: d.job_id, group: d.group, event: d.event, msg_id: msgId, url: d.url, body: JSON.stringify(d.payload) };
     // a message with this id still on the queue (waiting, retrying or delivered within the
-    // retention below) makes this add a no-op: that is what makes a repeated drain harmless
+    // queue's retention, at least a day: createJobServices) makes this add a no-op: that is
+    // what makes a repeated drain harmless
     await this.queue.add(`${d.group ? 'group' : 'job'}.${d.event}`, data, {
       jobId: msgId,
       attempts: this.env.WEBHOOK_MAX_ATTEMPTS,
       backoff: { type: 'exponential', delay: this.env.WEBHOOK_BACKOFF_MS },
-      removeOnComplete: { age: 24 * 3600, count: 10_000 },
-      removeOnFail: { age: 7 * 24 * 3600 },
     });
   }
 

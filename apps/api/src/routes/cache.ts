@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { type AgentHeartbeat, ApiError, type CacheJob, CacheRequest, type CacheTask, EvictRequest, GroupRecord, type ModelInfo, NothingToEvict, ResidencyResponse, type StoredGroup } from '@kiln/contracts';
-import { groupRecord, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
+import { entryName, groupRecord, keepHistory, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
@@ -42,7 +42,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     for (const c of children) {
       await ctx.store.create(c);
       const q = quietErrors(new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX }), `queue agent.${c.agent}`);
-      await q.add('cache', { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, removeOnComplete: true, removeOnFail: true, priority: 1 });
+      await q.add(entryName(c), { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, ...keepHistory(ctx.env), priority: 1 });
       await q.close();
     }
     return group;
