@@ -534,8 +534,8 @@ export class Agent {
     const now = (await this.jobs.store.get(job.id)) as TrainingJob | null;
     const name = qualifiedLoraName(job.client, job.request.output.name);
     const lora = { name, key, sha256: trained.sha256, bytes: trained.bytes, base_model: job.request.base_model, rank: job.request.hyperparameters.rank };
-    if (!(await this.loras.register({ ...lora, tenant: job.client, job_id: job.id, created_at: new Date().toISOString() })))
-      throw new KilnError('conflict', `the LoRA name ${name} is held by another training`);
+    if (!(await this.loras.register({ ...lora, tenant: job.client, job_id: job.id, created_at: new Date().toISOString() }, attempt)))
+      throw new KilnError('conflict', `the LoRA ${name} was not registered: this attempt no longer holds the job, or another training holds the name`);
     const finishedAt = new Date();
     await this.jobs.update(job.id, { status: ['running'], attempt }, {
       status: 'succeeded',

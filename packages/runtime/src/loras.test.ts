@@ -23,7 +23,7 @@ afterEach(async () => {
 });
 
 const lora = (name: string, job: string) => ({ name, tenant: 'acme', key: `loras/${job}.safetensors`, sha256: 'a'.repeat(64), bytes: 10, base_model: 'b', rank: 4, job_id: job, created_at: new Date().toISOString() });
-const setStatus = (job: string, status: string) => redis.hset(keys.job(job), 'status', JSON.stringify(status));
+const setStatus = (job: string, status: string, attempt = 1) => redis.hset(keys.job(job), 'status', JSON.stringify(status), 'attempt', JSON.stringify(attempt));
 
 describe('LoraRegistry', () => {
   it('reserves a name once: a second training of the same name is refused while the first lives', async () => {
@@ -42,8 +42,11 @@ describe('LoraRegistry', () => {
     await setStatus(j1, 'failed');
     expect(await loras.reserve('acme/style', 'acme', j2)).toBe(true);
     // the first training cannot register over the second's reservation
-    expect(await loras.register(lora('acme/style', j1))).toBe(false);
-    expect(await loras.register(lora('acme/style', j2))).toBe(true);
+    expect(await loras.register(lora('acme/style', j1), 1)).toBe(false);
+    await setStatus(j2, 'running', 2);
+    // an attempt that lost the job (attempt 1 of a job now on attempt 2) registers nothing
+    expect(await loras.register(lora('acme/style', j2), 1)).toBe(false);
+    expect(await loras.register(lora('acme/style', j2), 2)).toBe(true);
     expect((await loras.get('acme/style'))?.job_id).toBe(j2);
     expect(await loras.reserve('acme/style', 'acme', randomUUID())).toBe(false); // registered: taken for good
   });
@@ -52,7 +55,8 @@ describe('LoraRegistry', () => {
     const j = randomUUID();
     await loras.reserve('acme/style', 'acme', j);
     expect(await loras.share('acme/style', true)).toBeNull();
-    await loras.register(lora('acme/style', j));
+    await setStatus(j, 'running');
+    expect(await loras.register(lora('acme/style', j), 1)).toBe(true);
     expect((await loras.share('acme/style', true))?.shared).toBe(true);
     expect((await loras.share('acme/style', false))?.shared).toBe(false);
     expect(await loras.share('acme/none', true)).toBeNull();

@@ -52,10 +52,13 @@ end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 `;
-// Registers a LoRA only under the reservation of the job that trained it.
+// Registers a LoRA only under the reservation of the job that trained it, and only while the
+// attempt that trained it still holds the job (a stale attempt's LoRA never becomes the name's).
 const REGISTER = `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and cjson.decode(cur).job_id ~= ARGV[3] then return 0 end
+local job = redis.call('HMGET', KEYS[2], 'status', 'attempt')
+if job[1] ~= '"running"' or job[2] ~= ARGV[4] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
 `;
@@ -88,10 +91,13 @@ export class LoraRegistry {
     if (raw && Entry.parse(JSON.parse(raw)).state === 'reserved' && JSON.parse(raw).job_id === jobId) await this.redis.hdel(this.keys.loras(), qualified);
   }
 
-  /** Registers a trained LoRA; false when its name is held by another job's reservation. */
-  async register(l: Omit<RegisteredLora, 'shared'> & { shared?: boolean }): Promise<boolean> {
+  /**
+   * Registers a trained LoRA; false when its name is held by another job's reservation, or when
+   * `attempt` no longer holds the job (the LoRA of an attempt that lost its job is not registered).
+   */
+  async register(l: Omit<RegisteredLora, 'shared'> & { shared?: boolean }, attempt: number): Promise<boolean> {
     const entry = JSON.stringify({ ...RegisteredLora.parse(l), state: 'ready' });
-    return (await this.redis.eval(REGISTER, 1, this.keys.loras(), l.name, entry, l.job_id)) === 1;
+    return (await this.redis.eval(REGISTER, 2, this.keys.loras(), this.keys.job(l.job_id), l.name, entry, l.job_id, JSON.stringify(attempt))) === 1;
   }
 
   async share(qualified: string, shared: boolean): Promise<RegisteredLora | null> {
