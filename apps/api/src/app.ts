@@ -16,6 +16,7 @@ import { trainingRoutes } from './routes/trainings.js';
 import { generationRoutes } from './routes/generations.js';
 import { healthRoutes } from './routes/health.js';
 import { jobRoutes } from './routes/jobs.js';
+import { listRoutes } from './routes/lists.js';
 import { serverOptions } from './server-options.js';
 
 export interface RegisteredRoute {
@@ -50,6 +51,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     v1.setSerializerCompiler(serializerCompiler);
     await v1.register(generationRoutes(ctx));
     await v1.register(jobRoutes(ctx));
+    await v1.register(listRoutes(ctx));
     await v1.register(agentRoutes(ctx));
     await v1.register(agentMaintenanceRoutes(ctx));
     await v1.register(healthRoutes(ctx));

@@ -1,8 +1,9 @@
 // The API process.
 //  1. Parse config; connect to Redis; make sure the output bucket exists.
 //  2. Build the app (routes, auth, Bull Board) and listen on HOST:PORT.
-//  3. On SIGTERM: stop accepting connections, finish in-flight requests, close Redis.
-import { createJobServices, createLogger, guardProcess, onShutdown, parseEnv, runAll } from '@kiln/runtime';
+//  3. Sweep for expired records, deleting their objects (one API instance at a time).
+//  4. On SIGTERM: stop accepting connections, finish in-flight requests, stop the sweep, close Redis.
+import { createJobServices, createLogger, guardProcess, onShutdown, parseEnv, RetentionSweeper, runAll } from '@kiln/runtime';
 import { buildApp } from './app.js';
 import { ApiEnv } from './env.js';
 import { KeyRing } from './keys.js';
@@ -16,7 +17,9 @@ const { storage } = services;
 await storage.ensureBucket().catch((err) => log.warn({ err: err.message }, 'storage not reachable yet; /readyz will say so'));
 const { app, close } = await buildApp({ env, log, ring: KeyRing.from(env), ...services });
 await app.listen({ host: env.HOST, port: env.PORT });
+const retention = new RetentionSweeper(services.redis, services.keys, storage, log, { intervalMs: env.RETENTION_SWEEP_MS });
+retention.start();
 
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, () =>
-  runAll([() => close(), () => services.close()]),
+  runAll([() => close(), () => retention.close(), () => services.close()]),
 );

@@ -1,6 +1,7 @@
 import { z } from 'zod';
 import { AgentHeartbeat, AgentState, ModelKind, ResidentModel, WorkerCapabilities } from './agent.js';
 import { GenerationRequest } from './generation.js';
+import { GroupRecord, JobRecord } from './job.js';
 
 export const AgentsResponse = z.object({ agents: z.array(AgentHeartbeat) });
 
@@ -84,3 +85,17 @@ export const LorasResponse = z.object({
   trained: z.array(TrainedLora).describe("the caller's own and shared ones"),
   available_on_agents: z.array(z.string()).describe('LoRAs the agents ship with (global)'),
 });
+
+// ---- lists --------------------------------------------------------------------------------
+
+const NextCursor = z.string().nullable().describe('pass as `cursor` for the next page; null when there is no more');
+
+/** GET /v1/jobs and GET /v1/trainings: newest first. */
+export const JobList = z.object({ data: z.array(JobRecord), next_cursor: NextCursor });
+
+/** A batch as a list shows it: its record without the children, events and deliveries (GET /v1/batches/:id has them). */
+export const GroupSummary = GroupRecord.omit({ children: true, events: true, webhook_deliveries: true });
+export type GroupSummary = z.infer<typeof GroupSummary>;
+
+/** GET /v1/batches: newest first. */
+export const BatchList = z.object({ data: z.array(GroupSummary), next_cursor: NextCursor });

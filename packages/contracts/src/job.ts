@@ -134,7 +134,11 @@ export type GenerationJob = z.infer<typeof GenerationJob>;
 export type TrainingJob = z.infer<typeof TrainingJob>;
 export type CacheJob = z.infer<typeof CacheJob>;
 
+/** When a record and everything it stored (outputs, inputs, checkpoints) are deleted. */
+const ExpiresAt = z.string().nullable().describe('when the record and its outputs are deleted: JOB_RETENTION_S after it ended; null until it ends');
+
 const recordExtras = {
+  expires_at: ExpiresAt,
   outputs: z.array(Output),
   events: z.array(JobEvent),
   webhook_deliveries: z.array(WebhookDelivery),
@@ -179,6 +183,7 @@ export const GroupRecord = StoredGroup.omit({ children: true }).extend({
   ),
   events: z.array(GroupEvent),
   webhook_deliveries: z.array(WebhookDelivery),
+  expires_at: ExpiresAt,
   links: z.object({ self: z.string(), cancel: z.string() }),
 });
 export type GroupRecord = z.infer<typeof GroupRecord>;

@@ -3,6 +3,7 @@ import type { Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { JobStore } from './job-store.js';
+import { expiresAt } from './job-view.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -39,15 +40,19 @@ export class GroupStore {
   constructor(
     private readonly redis: Redis,
     private readonly keys: Keys,
-    private readonly retentionS: number,
+    /** how long a record is kept after it ends (JOB_RETENTION_S) */
+    readonly retentionS: number,
   ) {}
 
   async create(group: StoredGroup): Promise<void> {
-    await this.redis
+    const created = Date.parse(group.created_at);
+    const tx = this.redis
       .multi()
       .hset(this.keys.group(group.id), { record: JSON.stringify(group), done: '0', total: String(group.children.length) })
-      .rpush(this.keys.groupEvents(group.id), JSON.stringify(groupEvent(group.status, 'submitted')))
-      .exec();
+      .rpush(this.keys.groupEvents(group.id), JSON.stringify(groupEvent(group.status, 'submitted')));
+    // the lists (GET /v1/batches): by tenant and kind, newest first
+    for (const key of this.keys.recordIndexes('groups', group.client, group.kind)) tx.zadd(key, created, group.id);
+    await tx.hset(this.keys.recordOwners('groups'), group.id, `${group.client} ${group.kind}`).exec();
   }
 
   async get(id: string): Promise<StoredGroup | null> {
@@ -141,7 +146,7 @@ export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: 
   );
   const self = new URL(`${path}/${group.id}`, publicUrl).toString();
   const { children: _ids, ...rest } = group;
-  return { ...rest, counts, children: list, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+  return { ...rest, counts, children: list, events, webhook_deliveries: deliveries, expires_at: expiresAt(group.finished_at, groups.retentionS), links: { self, cancel: self } };
 }
 
 export interface GroupTrackData {

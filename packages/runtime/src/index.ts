@@ -16,3 +16,4 @@ export * from './shutdown.js';
 export * from './services.js';
 export * from './metrics.js';
 export * from './lifecycle.js';
+export * from './retention.js';

@@ -127,17 +127,21 @@ export class JobStore {
   constructor(
     private readonly redis: Redis,
     private readonly keys: Keys,
-    private readonly retentionS: number,
+    /** how long a record is kept after it ends (JOB_RETENTION_S) */
+    readonly retentionS: number,
   ) {}
 
   async create(job: StoredJob): Promise<void> {
     const event = this.event(job, 'submitted');
-    await this.redis
+    const created = Date.parse(job.created_at);
+    const tx = this.redis
       .multi()
       .hset(this.keys.job(job.id), encode(job))
       .rpush(this.keys.jobEvents(job.id), JSON.stringify(event))
-      .zadd(this.keys.activeJobs(), Date.parse(job.created_at), job.id)
-      .exec();
+      .zadd(this.keys.activeJobs(), created, job.id);
+    // the lists (GET /v1/jobs, /v1/trainings): by tenant and kind, newest first
+    for (const key of this.keys.recordIndexes('jobs', job.client, job.kind)) tx.zadd(key, created, job.id);
+    await tx.hset(this.keys.recordOwners('jobs'), job.id, `${job.client} ${job.kind}`).exec();
     lifecycle.submitted(job);
   }
 
@@ -160,6 +164,13 @@ export class JobStore {
       const r = raw as Record<string, string>;
       return r?.status ? StoredJob.parse(decode(r)) : null;
     });
+  }
+
+  /** Just the status of each job (null: no such job, or its record expired), in one round trip. */
+  async statuses(ids: string[]): Promise<(JobStatus | null)[]> {
+    const pipe = this.redis.pipeline();
+    for (const id of ids) pipe.hget(this.keys.job(id), 'status');
+    return ((await pipe.exec()) ?? []).map(([, raw]) => (typeof raw === 'string' ? (JSON.parse(raw) as JobStatus) : null));
   }
 
   async history(id: string): Promise<{ events: JobEvent[]; deliveries: WebhookDelivery[] }> {

@@ -24,6 +24,25 @@ export class Keys {
   idempotency = (tenant: string, key: string) => `${this.prefix}:idem:${tenant}:${key}`;
   /** sorted set of a tenant's job ids, for its queued-jobs quota (ended ones pruned lazily) */
   tenantJobs = (tenant: string) => `${this.prefix}:tenant:${tenant}:jobs`;
+  /**
+   * Sorted sets of record ids (`jobs` or `groups`) by creation time (ms), for lists: one per
+   * tenant and kind, one per tenant for every kind (`all`), and the same for the whole farm
+   * (tenant null, what an admin lists).
+   */
+  recordIndex = (family: 'jobs' | 'groups', tenant: string | null, kind: string) =>
+    tenant === null ? `${this.prefix}:index:${family}:farm:${kind}` : `${this.prefix}:index:${family}:tenant:${tenant}:${kind}`;
+  /** Every index a new record of this tenant and kind goes into. */
+  recordIndexes = (family: 'jobs' | 'groups', tenant: string, kind: string) => [
+    this.recordIndex(family, tenant, kind),
+    this.recordIndex(family, tenant, 'all'),
+    this.recordIndex(family, null, kind),
+    this.recordIndex(family, null, 'all'),
+  ];
+  /** hash: record id → "<tenant> <kind>", so the retention sweep can drop an expired id from each index */
+  recordOwners = (family: 'jobs' | 'groups') => `${this.prefix}:index:${family}:owners`;
+  /** the retention sweep's lease (one API at a time) and where its walk through the indexes stands */
+  retentionLease = () => `${this.prefix}:retention:lease`;
+  retentionCursor = (family: 'jobs' | 'groups') => `${this.prefix}:retention:cursor:${family}`;
   /** @fastify/rate-limit's keys */
   rateLimit = () => `${this.prefix}:ratelimit:`;
   /** pub/sub: a job was submitted or an agent freed a slot — placement should look now. */

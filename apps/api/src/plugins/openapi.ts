@@ -55,7 +55,7 @@ for (const [schema, id] of [
 const ERRORS: Record<number, string> = {
   400: '`validation_failed`: the request breaks a rule; `details` names each field (dotted path) and rule',
   401: '`unauthorized`: no API key, or not a valid one (`Authorization: Bearer <key>`)',
-  403: '`forbidden`: this route needs an admin key',
+  403: "`forbidden`: this needs an admin key (an admin route, or another tenant's list)",
   404: "`not_found`: no such id — or another tenant's, which is the same to the caller",
   409: '`conflict`: the record is not in a state that allows this (already ended, a name taken, a replay still being submitted)',
   413: '`payload_too_large`: the body (`BODY_LIMIT_BYTES`) or an input image is too large',

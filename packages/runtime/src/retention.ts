@@ -1,0 +1,92 @@
+import type { Redis } from 'ioredis';
+import type { Keys } from './keys.js';
+import type { Logger } from './logger.js';
+import type { Storage } from './storage.js';
+
+/**
+ * Retention: a job's record expires JOB_RETENTION_S after it ended (the end-job script sets the
+ * TTL), and with it must go what it stored — its outputs, its fetched inputs and a training's
+ * checkpoints (a trained LoRA stays: it is registered and outlives its job). Redis says nothing
+ * when a key expires, so a sweep walks the farm-wide lists (oldest first, a chunk per tick, a
+ * cursor kept in Redis so any API instance picks up where another stopped) and, for each id
+ * whose record is gone, deletes its objects, then drops it from every list. One API instance
+ * sweeps at a time (a lease).
+ */
+export class RetentionSweeper {
+  private timer: NodeJS.Timeout | null = null;
+  private running: Promise<void> | null = null;
+  private readonly holder = `${process.pid}-${Math.random().toString(36).slice(2)}`;
+
+  constructor(
+    private readonly redis: Redis,
+    private readonly keys: Keys,
+    private readonly storage: Storage,
+    private readonly log: Logger,
+    private readonly opts: { intervalMs: number; chunk?: number },
+  ) {}
+
+  start(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => {
+      if (this.running) return;
+      this.running = this.tick()
+        .then(() => undefined)
+        .catch((err) => this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'retention sweep failed'))
+        .finally(() => (this.running = null));
+    }, this.opts.intervalMs);
+    this.timer.unref();
+  }
+
+  async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await this.running;
+  }
+
+  /** One step of the sweep, if this instance holds the lease: returns how many expired records it cleared. */
+  async tick(): Promise<number> {
+    if (!(await this.lease())) return 0;
+    return (await this.sweep('jobs')) + (await this.sweep('groups'));
+  }
+
+  private async lease(): Promise<boolean> {
+    const ttl = Math.max(5_000, this.opts.intervalMs * 3);
+    const got = await this.redis.set(this.keys.retentionLease(), this.holder, 'PX', ttl, 'NX');
+    if (got === 'OK') return true;
+    if ((await this.redis.get(this.keys.retentionLease())) !== this.holder) return false;
+    await this.redis.pexpire(this.keys.retentionLease(), ttl);
+    return true;
+  }
+
+  private async sweep(family: 'jobs' | 'groups'): Promise<number> {
+    const k = this.keys;
+    const all = k.recordIndex(family, null, 'all');
+    const chunk = this.opts.chunk ?? 500;
+    const offset = Number((await this.redis.get(k.retentionCursor(family))) ?? 0);
+    const ids = await this.redis.zrange(all, offset, offset + chunk - 1);
+    const pipe = this.redis.pipeline();
+    for (const id of ids) pipe.exists(family === 'jobs' ? k.job(id) : k.group(id));
+    const exists = ((await pipe.exec()) ?? []).map(([, n]) => n === 1);
+    const gone = ids.filter((_, i) => !exists[i]);
+    for (const id of gone) {
+      if (family === 'jobs') {
+        // objects first: an id leaves the lists only once nothing of it is left behind
+        for (const prefix of [`outputs/${id}/`, `inputs/${id}/`, `trainings/${id}/`]) {
+          const objects = await this.storage.list(prefix);
+          if (objects.length) await this.storage.remove(objects.map((o) => o.key));
+        }
+      }
+      const owner = await this.redis.hget(k.recordOwners(family), id);
+      const split = owner?.lastIndexOf(' ') ?? -1;
+      const tx = this.redis.multi();
+      if (owner && split > 0) for (const key of k.recordIndexes(family, owner.slice(0, split), owner.slice(split + 1))) tx.zrem(key, id);
+      else tx.zrem(all, id);
+      await tx.hdel(k.recordOwners(family), id).exec();
+    }
+    // removals shift later ranks down; at the end, start over
+    const next = ids.length < chunk ? 0 : offset + ids.length - gone.length;
+    await this.redis.set(k.retentionCursor(family), String(next));
+    if (gone.length) this.log.info({ family, cleared: gone.length }, 'expired records and their objects removed');
+    return gone.length;
+  }
+}
