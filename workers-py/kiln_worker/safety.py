@@ -20,5 +20,7 @@ class SyntheticSafetyChecker:
     def __init__(self, marker: str = DEFAULT_SYNTHETIC_NSFW_WORD):
         self.marker = marker.lower()
 
-    def check(self, prompt: str) -> dict:
-        return verdict(bool(self.marker) and self.marker in prompt.lower(), SYNTHETIC_CHECKER)
+    def check(self, prompt: str, checker: str = SYNTHETIC_CHECKER) -> dict:
+        """The verdict, naming `checker` (the backend passes its safety checker model's name, as
+        the diffusers backend reports it)."""
+        return verdict(bool(self.marker) and self.marker in prompt.lower(), checker)

