@@ -1,5 +1,5 @@
 import { activationVramMb, type AgentHeartbeat, type ModelInfo, type ParsedGenerationRequest, suiteOf } from '@kiln/contracts';
-import { KilnError, type LoraRegistry, qualifiedLoraName } from '@kiln/runtime';
+import { type AgentRegistry, KilnError, type LoraRegistry, qualifiedLoraName, REGISTRY_MAX_AGE_MS } from '@kiln/runtime';
 
 /**
  * Feasibility at the door. Given the live agents, fills the choices a client may leave to Kiln
@@ -121,6 +121,21 @@ export function fillDefaults(r: Req, agents: Agent[]): Req {
     up.upscaler = [...new Set(models)].sort()[0] ?? 'lanczos';
   }
   return out;
+}
+
+/**
+ * Runs a check against the live agents as the API last read them (at most REGISTRY_MAX_AGE_MS
+ * ago), so a submit costs no registry read; a refusal is confirmed against a fresh read first,
+ * so an agent that came up a moment ago is never missed. Accepting on a stale view is safe:
+ * the dispatcher checks again and fails what no agent can run after its grace period.
+ */
+export async function againstLiveAgents<T>(registry: AgentRegistry, check: (live: AgentHeartbeat[]) => T | Promise<T>): Promise<T> {
+  try {
+    return await check(await registry.live({ maxAgeMs: REGISTRY_MAX_AGE_MS }));
+  } catch (err) {
+    if (!(err instanceof KilnError && err.code === 'unschedulable')) throw err;
+    return check(await registry.live());
+  }
 }
 
 /** Returns the request with defaults filled and the ids of agents that could run it. */

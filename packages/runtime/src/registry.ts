@@ -26,6 +26,7 @@ export class AgentRegistry {
   /** Removes an agent for good (clean shutdown, or after its jobs were handed back). */
   async remove(agentId: string): Promise<void> {
     await this.redis.multi().del(this.keys.agent(agentId)).srem(this.keys.agents(), agentId).exec();
+    this.changed();
   }
 
   async registered(): Promise<string[]> {
@@ -36,29 +37,89 @@ export class AgentRegistry {
   async setMaintenance(agentId: string, on: boolean): Promise<void> {
     if (on) await this.redis.sadd(this.keys.agentsMaintenance(), agentId);
     else await this.redis.srem(this.keys.agentsMaintenance(), agentId);
+    this.changed();
   }
 
   async inMaintenance(agentId: string): Promise<boolean> {
     return (await this.redis.sismember(this.keys.agentsMaintenance(), agentId)) === 1;
   }
 
-  /** Live agents, and the registered ones whose heartbeat has lapsed. */
-  async snapshot(): Promise<{ live: AgentHeartbeat[]; lapsed: string[] }> {
+  /**
+   * Live agents, and the registered ones whose heartbeat has lapsed. `maxAgeMs` > 0 accepts a
+   * snapshot read up to that long ago (the API's submit path: feasibility at the door must not
+   * cost a read and a parse of every heartbeat per request); 0 reads Redis now. Either way a
+   * heartbeat is parsed only when its text changed, and concurrent readers share one read.
+   */
+  async snapshot(opts: { maxAgeMs?: number } = {}): Promise<RegistrySnapshot> {
+    const maxAgeMs = opts.maxAgeMs ?? 0;
+    if (maxAgeMs > 0 && this.last && Date.now() - this.last.at <= maxAgeMs) return this.last.value;
+    // a fresh read never shares one under way: it must see what was written before it was asked
+    if (maxAgeMs > 0 && this.reading && this.reading.since > (this.changedAt ?? -1)) return this.reading.value;
+    const since = Date.now();
+    const value = this.read().then(
+      (snap) => {
+        if (this.reading?.value === value) this.reading = null;
+        // a change made here (a drain) while this read was under way may not be in it
+        if ((this.changedAt === null || since > this.changedAt) && (!this.last || since >= this.last.at)) this.last = { at: since, value: Promise.resolve(snap) };
+        return snap;
+      },
+      (err: unknown) => {
+        if (this.reading?.value === value) this.reading = null;
+        throw err;
+      },
+    );
+    this.reading = { since, value };
+    return value;
+  }
+
+  async live(opts: { maxAgeMs?: number } = {}): Promise<AgentHeartbeat[]> {
+    return (await this.snapshot(opts)).live;
+  }
+
+  private last: { at: number; value: Promise<RegistrySnapshot> } | null = null;
+  private reading: { since: number; value: Promise<RegistrySnapshot> } | null = null;
+  /** when this process last changed the registry itself (a drain): older snapshots are not served */
+  private changedAt: number | null = null;
+  /** each agent's last heartbeat text and its parse, so an unchanged heartbeat is not parsed again */
+  private readonly parsed = new Map<string, { raw: string; hb: AgentHeartbeat }>();
+
+  private changed(): void {
+    this.last = null;
+    this.changedAt = Date.now();
+  }
+
+  private async read(): Promise<RegistrySnapshot> {
     const ids = (await this.registered()).sort();
-    if (ids.length === 0) return { live: [], lapsed: [] };
+    if (ids.length === 0) {
+      this.parsed.clear();
+      return { live: [], lapsed: [] };
+    }
     const [raws, maintenance] = await Promise.all([this.redis.mget(ids.map((id) => this.keys.agent(id))), this.redis.smembers(this.keys.agentsMaintenance())]);
     const drained = new Set(maintenance);
     const live: AgentHeartbeat[] = [];
     const lapsed: string[] = [];
+    const seen = new Set<string>();
     raws.forEach((raw, i) => {
-      if (!raw) return void lapsed.push(ids[i]!);
-      const hb = AgentHeartbeat.parse(JSON.parse(raw));
+      const id = ids[i]!;
+      if (!raw) return void lapsed.push(id);
+      seen.add(id);
+      let entry = this.parsed.get(id);
+      if (entry?.raw !== raw) {
+        entry = { raw, hb: AgentHeartbeat.parse(JSON.parse(raw)) };
+        this.parsed.set(id, entry);
+      }
+      const hb = entry.hb;
       live.push(drained.has(hb.agent_id) && hb.state !== 'defunct' ? { ...hb, state: 'draining', maintenance: true } : hb);
     });
+    for (const id of this.parsed.keys()) if (!seen.has(id)) this.parsed.delete(id);
     return { live, lapsed };
   }
-
-  async live(): Promise<AgentHeartbeat[]> {
-    return (await this.snapshot()).live;
-  }
 }
+
+export interface RegistrySnapshot {
+  live: AgentHeartbeat[];
+  lapsed: string[];
+}
+
+/** How old a registry snapshot the API's submit path accepts (it re-reads before refusing). */
+export const REGISTRY_MAX_AGE_MS = 250;

@@ -16,7 +16,7 @@ import { groupRecord, KilnError, newJobFields, trackGroup } from '@kiln/runtime'
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
 import type { Principal } from '../keys.js';
-import { checkFeasible, resolveLoras } from '../feasibility.js';
+import { againstLiveAgents, checkFeasible, resolveLoras } from '../feasibility.js';
 import { ingestImages } from '../images.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
@@ -58,7 +58,6 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       const body = req.body;
       const who = req.principal;
       if (body.webhook) await checkWebhookOf(ctx, body.webhook.url, 'webhook');
-      const live = await ctx.registry.live();
       const batchId = randomUUID();
       const items = body.items.map((item, i) => {
         const merged = mergeDefaults(body.defaults, { priority: body.priority, ...item });
@@ -74,7 +73,7 @@ export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         try {
           await assertImageKeysReachable(ctx, who, item);
           const { request, registered } = await resolveLoras(ctx, who, { ...item, scheduler: resolveScheduler(item.scheduler) });
-          parsed.push(checkFeasible(request, live, registered).request);
+          parsed.push((await againstLiveAgents(ctx.registry, (live) => checkFeasible(request, live, registered))).request);
         } catch (err) {
           if (err instanceof KilnError && err.details) {
             throw new KilnError(err.code, `items.${i}: ${err.message}`, { details: err.details.map((d) => ({ ...d, field: `items.${i}.${d.field}` })) });

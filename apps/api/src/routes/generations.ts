@@ -4,7 +4,7 @@ import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-import { checkFeasible, resolveLoras } from '../feasibility.js';
+import { againstLiveAgents, checkFeasible, resolveLoras } from '../feasibility.js';
 import { ingestImages } from '../images.js';
 import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
@@ -28,7 +28,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     await checkWebhookOf(ctx, body.webhook?.url);
     await assertImageKeysReachable(ctx, who, body);
     const { request: named, registered } = await resolveLoras(ctx, who, { ...body, scheduler: resolveScheduler(body.scheduler) });
-    const { request, agents } = checkFeasible(named, await ctx.registry.live(), registered);
+    const { request, agents } = await againstLiveAgents(ctx.registry, (live) => checkFeasible(named, live, registered));
     const withImages = await ingestImages(request, id, sources, store);
     return { request: withImages, agents };
   }

@@ -7,6 +7,7 @@ import type { ApiContext } from '../context.js';
 import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
 import { assertReachable, canSee, IdParams, loadVisible } from '../tenancy.js';
+import { againstLiveAgents } from '../feasibility.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { cancelJob } from './jobs.js';
 
@@ -87,16 +88,18 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       const body = req.body;
       const who = req.principal;
       await checkWebhookOf(ctx, body.webhook?.url);
-      const live = (await ctx.registry.live()).filter((a) => a.capabilities);
-      if (live.length) {
-        const trainers = live.filter((a) => a.capabilities!.features.includes('training'));
-        if (!trainers.length) throw new KilnError('unschedulable', 'no live agent can train', { details: [{ field: '', rule: 'unsupported_feature', message: 'no live worker supports training' }] });
-        const withBase = trainers.filter((a) => a.capabilities!.models.some((m) => m.name === body.base_model && m.kind === 'base'));
-        if (!withBase.length) throw new KilnError('unschedulable', `no live agent has the base model "${body.base_model}"`, { details: [{ field: 'base_model', rule: 'unknown_model', message: `no live agent has the base model "${body.base_model}"` }] });
-        const need = (a: (typeof live)[number]) => (a.capabilities!.models.find((m) => m.name === body.base_model)?.vram_mb ?? 0) + trainingVramMb(body);
-        if (!withBase.some((a) => need(a) <= a.gpu.vram_total_mb))
-          throw new KilnError('unschedulable', 'training needs more VRAM than any live GPU has', { details: [{ field: 'hyperparameters', rule: 'exceeds_vram', message: 'lower resolution or batch_size' }] });
-      }
+      await againstLiveAgents(ctx.registry, (all) => {
+        const live = all.filter((a) => a.capabilities);
+        if (live.length) {
+          const trainers = live.filter((a) => a.capabilities!.features.includes('training'));
+          if (!trainers.length) throw new KilnError('unschedulable', 'no live agent can train', { details: [{ field: '', rule: 'unsupported_feature', message: 'no live worker supports training' }] });
+          const withBase = trainers.filter((a) => a.capabilities!.models.some((m) => m.name === body.base_model && m.kind === 'base'));
+          if (!withBase.length) throw new KilnError('unschedulable', `no live agent has the base model "${body.base_model}"`, { details: [{ field: 'base_model', rule: 'unknown_model', message: `no live agent has the base model "${body.base_model}"` }] });
+          const need = (a: (typeof live)[number]) => (a.capabilities!.models.find((m) => m.name === body.base_model)?.vram_mb ?? 0) + trainingVramMb(body);
+          if (!withBase.some((a) => need(a) <= a.gpu.vram_total_mb))
+            throw new KilnError('unschedulable', 'training needs more VRAM than any live GPU has', { details: [{ field: 'hyperparameters', rule: 'exceeds_vram', message: 'lower resolution or batch_size' }] });
+        }
+      });
       const items = await resolveDataset(who, body.dataset);
       const id = randomUUID();
       // the name is the tenant's from now on: two trainings cannot race for it

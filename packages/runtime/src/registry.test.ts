@@ -1,0 +1,108 @@
+import { randomUUID } from 'node:crypto';
+import type { AgentHeartbeat } from '@kiln/contracts';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { Keys } from './keys.js';
+import { createRedis, type Redis } from './redis.js';
+import { AgentRegistry } from './registry.js';
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+
+let redis: Redis;
+let keys: Keys;
+let registry: AgentRegistry;
+
+beforeAll(() => {
+  redis = createRedis(REDIS_URL, 'registry-test');
+});
+afterAll(async () => {
+  await redis.quit();
+});
+beforeEach(() => {
+  keys = new Keys(`kiln-test-${randomUUID()}`);
+  registry = new AgentRegistry(redis, keys);
+});
+afterEach(async () => {
+  const left = await redis.keys(`${keys.prefix}:*`);
+  if (left.length) await redis.del(...left);
+});
+
+function heartbeat(id: string, over: Partial<AgentHeartbeat> = {}): AgentHeartbeat {
+  const now = new Date().toISOString();
+  return {
+    agent_id: id,
+    host: 'test',
+    gpu_id: '0',
+    gpu: { name: 'test', vram_total_mb: 24_000, vram_free_mb: 24_000 },
+    state: 'ready',
+    maintenance: false,
+    resident: [],
+    current_job: null,
+    capabilities: null,
+    worker: { pid: null, restarts: 0 },
+    jobs_done: 0,
+    avg_job_ms: null,
+    started_at: now,
+    heartbeat_at: now,
+    ...over,
+  };
+}
+
+/** Counts the commands this test's connection sends while `fn` runs. */
+async function commandsDuring(fn: () => Promise<unknown>): Promise<number> {
+  let n = 0;
+  const send = redis.sendCommand.bind(redis);
+  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
+    n += 1;
+    return send(cmd);
+  }) as typeof redis.sendCommand;
+  try {
+    await fn();
+  } finally {
+    redis.sendCommand = send;
+  }
+  return n;
+}
+
+describe('AgentRegistry snapshot', () => {
+  it('serves submits from a snapshot at most maxAgeMs old, then reads again', async () => {
+    await registry.publish(heartbeat('a1'), 10_000);
+    expect((await registry.live({ maxAgeMs: 250 })).map((a) => a.agent_id)).toEqual(['a1']);
+    // a new agent within the window is not seen, and no command is sent for the read
+    await registry.publish(heartbeat('a2'), 10_000);
+    const sent = await commandsDuring(async () => {
+      for (let i = 0; i < 50; i++) expect((await registry.live({ maxAgeMs: 250 })).map((a) => a.agent_id)).toEqual(['a1']);
+    });
+    expect(sent).toBe(0);
+    // a fresh read sees it at once, and refreshes what the cached path serves
+    expect((await registry.live()).map((a) => a.agent_id)).toEqual(['a1', 'a2']);
+    expect((await registry.live({ maxAgeMs: 250 })).map((a) => a.agent_id)).toEqual(['a1', 'a2']);
+    // and past the window the cached path reads again by itself
+    await registry.publish(heartbeat('a3'), 10_000);
+    await new Promise((r) => setTimeout(r, 300));
+    expect((await registry.live({ maxAgeMs: 250 })).map((a) => a.agent_id)).toEqual(['a1', 'a2', 'a3']);
+  });
+
+  it('concurrent cached readers share one read', async () => {
+    await registry.publish(heartbeat('a1'), 10_000);
+    const sent = await commandsDuring(() => Promise.all(Array.from({ length: 20 }, () => registry.live({ maxAgeMs: 250 }))));
+    expect(sent).toBe(3); // SMEMBERS agents, MGET heartbeats, SMEMBERS maintenance
+  });
+
+  it('a drain made by this process shows at once, even on the cached path', async () => {
+    await registry.publish(heartbeat('a1'), 10_000);
+    expect((await registry.live({ maxAgeMs: 10_000 }))[0]!.state).toBe('ready');
+    await registry.setMaintenance('a1', true);
+    expect((await registry.live({ maxAgeMs: 10_000 }))[0]).toMatchObject({ state: 'draining', maintenance: true });
+    await registry.setMaintenance('a1', false);
+    expect((await registry.live({ maxAgeMs: 10_000 }))[0]!.state).toBe('ready');
+  });
+
+  it('reports lapsed agents and picks up a changed heartbeat', async () => {
+    await registry.publish(heartbeat('a1'), 10_000);
+    await registry.publish(heartbeat('a2'), 10_000);
+    await redis.del(keys.agent('a2'));
+    expect(await registry.snapshot()).toMatchObject({ live: [{ agent_id: 'a1', state: 'ready' }], lapsed: ['a2'] });
+    await registry.publish(heartbeat('a1', { state: 'busy', current_job: 'j1' }), 10_000);
+    expect((await registry.live())[0]).toMatchObject({ state: 'busy', current_job: 'j1' });
+  });
+});
