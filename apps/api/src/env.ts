@@ -37,6 +37,7 @@ export const ApiEnv = CommonEnv.extend(StorageEnv.shape)
     INPUT_ALLOW_PRIVATE: boolFromEnv.default(false).describe('allow input image URLs on private/loopback addresses'),
     INPUT_FETCH_TIMEOUT_MS: z.coerce.number().int().min(100).default(15_000),
     IDEMPOTENCY_TTL_S: z.coerce.number().int().min(60).default(24 * 3600),
+    SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).default(15_000).describe('a comment on every live progress stream this often, so proxies keep it open'),
     RETENTION_SWEEP_MS: z.coerce.number().int().min(100).default(10_000).describe('how often the API looks for expired records whose objects to delete'),
   });
 export type ApiEnv = z.infer<typeof ApiEnv>;

@@ -98,7 +98,10 @@ export class GroupStore {
         opts.event ? JSON.stringify(opts.event) : '',
         String(opts.end ? this.retentionS : 0),
       )) as number;
-      if (res === 1) return next;
+      if (res === 1) {
+        await this.redis.publish(k.groupChanged(id), '1'); // wakes its live followers (SSE)
+        return next;
+      }
       if (res === -1) return null;
     }
   }

@@ -210,7 +210,15 @@ export class JobStore {
       res = (await this.redis.eval(UPDATE_JOB, keys.length, ...keys, ...guardArgs, event, ...fields)) as number;
     }
     if (res !== 1) return null;
+    await this.notify(id, after.group_id);
     return this.get(id);
+  }
+
+  /** Wakes whoever follows the job (and its group) live (SSE): a hint only, they re-read the record. */
+  private async notify(id: string, groupId: string | null): Promise<void> {
+    const pipe = this.redis.pipeline().publish(this.keys.jobChanged(id), '1');
+    if (groupId) pipe.publish(this.keys.groupChanged(groupId), '1');
+    await pipe.exec();
   }
 
   /**
@@ -225,6 +233,7 @@ export class JobStore {
       .multi()
       .eval(UPDATE_JOB, keys.length, ...keys, ...this.guardArgs({ status: ['running'], attempt }), '', ...fields)
       .hget(this.keys.job(id), 'cancel_requested')
+      .publish(this.keys.jobChanged(id), '1')
       .exec();
     return { ok: res?.[0]?.[1] === 1, cancelRequested: res?.[1]?.[1] === 'true' };
   }

@@ -47,6 +47,9 @@ export class Keys {
   rateLimit = () => `${this.prefix}:ratelimit:`;
   /** pub/sub: a job was submitted or an agent freed a slot — placement should look now. */
   wakeChannel = () => `${this.prefix}:wake`;
+  /** pub/sub, per job and per group: it changed (state, stage, progress) — wakes its live followers (SSE). */
+  jobChanged = (id: string) => `${this.prefix}:changed:job:${id}`;
+  groupChanged = (id: string) => `${this.prefix}:changed:group:${id}`;
   /** pub/sub: a job's cancellation was requested. */
   cancelChannel = () => `${this.prefix}:cancel`;
 }
