@@ -7,6 +7,7 @@ import { registerErrorHandling } from './plugins/errors.js';
 import { registerJsonBody } from './plugins/json-body.js';
 import { registerOpenApi } from './plugins/openapi.js';
 import { registerMetrics } from './plugins/metrics.js';
+import { registerTracing } from './plugins/tracing.js';
 import { registerRateLimit } from './plugins/rate-limit.js';
 import { agentMaintenanceRoutes } from './routes/agent-maintenance.js';
 import { agentRoutes } from './routes/agents.js';
@@ -45,6 +46,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
   registerAuth(app, ctx.ring);
   await registerOpenApi(app, ctx); // before any route: it documents the routes as they are added
   await registerMetrics(app, ctx);
+  registerTracing(app);
   await registerRateLimit(app, ctx);
   const closeBoard = await registerBullBoard(app, ctx);
   await app.register(async (v1) => {

@@ -15,6 +15,9 @@ import {
   type LoraRegistry,
   QUEUES,
   quietErrors,
+  contextOf,
+  tracer,
+  tracingOn,
 } from '@kiln/runtime';
 import { type Job, Queue, type ConnectionOptions } from 'bullmq';
 import type { DispatcherEnv } from './env.js';
@@ -235,6 +238,10 @@ export class Dispatcher {
       }
       const view = agents.find((a) => a.id === d.agentId)!;
       const reason = placementReason(view, demandOf(job));
+      // a span in the job's trace (tracing.ts), under the API request that submitted it
+      const span = tracingOn()
+        ? tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': job.id, 'kiln.agent': d.agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(job.id)))
+        : null;
       const claimed = await this.jobs.update(
         job.id,
         { status: ['queued'], attempt: job.attempt },
@@ -251,6 +258,7 @@ export class Dispatcher {
         countPlacement(reason);
         lifecycle.placed(claimed, d.agentId, reason, now - entry.timestamp);
       }
+      span?.end();
       await entry.remove().catch(() => {});
     }
   }

@@ -25,6 +25,7 @@ import {
   redisHealth,
   runAll,
   serveMetrics,
+  startTracing,
   webhookDeliverer,
 } from '@kiln/runtime';
 import { Worker } from 'bullmq';
@@ -35,6 +36,7 @@ import { registerQueueGauges, webhookMessagesFailed } from './metrics.js';
 
 const env = parseEnv(DispatcherEnv, 'dispatcher');
 const log = createLogger('dispatcher', env.LOG_LEVEL);
+const stopTracing = startTracing('dispatcher', env, log);
 guardProcess(log);
 const services = createJobServices(env, 'kiln-dispatcher');
 const { redis, keys, store, groups, intake, jobs } = services;
@@ -116,6 +118,7 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
     () => sub.quit(),
     () => metrics.close(),
     () => services.close(),
+    () => stopTracing(),
   ]);
   log.info('dispatcher stopped');
 });

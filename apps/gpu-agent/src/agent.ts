@@ -22,7 +22,12 @@ import {
   coerceError,
   type Jobs,
   KilnError,
+  contextOf,
   lifecycle,
+  type Span,
+  trace,
+  tracer,
+  tracingOn,
   type Logger,
   type LoraRegistry,
   loraFileName,
@@ -57,6 +62,8 @@ interface Current {
   progressed: boolean;
   /** its entry on this agent's queue, where progress is mirrored for Bull Board */
   entry: Job<AgentJobData>;
+  /** its run's span, under the job's trace, when tracing is on (tracing.ts) */
+  span: Span | null;
 }
 
 /** A queue entry's failure as Bull Board shows it: the job's code and message, no agent stack trace. */
@@ -258,7 +265,10 @@ export class Agent {
       await this.finish(job, attempt, new KilnError('canceled', 'canceled by request'));
       return;
     }
-    this.current = { job, requestId: null, cancel: null, progressed: false, entry };
+    const span = tracingOn()
+      ? tracer().startSpan('agent run', { attributes: { 'kiln.job': job.id, 'kiln.agent': this.id, 'kiln.attempt': attempt, 'kiln.kind': job.kind } }, contextOf(await this.jobs.store.traceOf(job.id)))
+      : null;
+    this.current = { job, requestId: null, cancel: null, progressed: false, entry, span };
     this.state = 'busy';
     void this.heartbeat().catch(() => {});
     const jobDir = join(this.env.WORK_DIR, this.id, `${job.id}-a${attempt}`);
@@ -299,12 +309,19 @@ export class Agent {
         await this.finish(job, attempt, coerceError(err), { progressed: this.current?.progressed });
       }
     } finally {
+      span?.end();
       this.current = null;
       this.state = this.worker?.state === 'ready' || this.worker?.state === 'busy' ? 'ready' : this.state === 'busy' ? 'starting' : this.state;
       await rm(jobDir, { recursive: true, force: true }).catch(() => {});
       await this.heartbeat().catch(() => {});
       await this.jobs.wake();
     }
+  }
+
+  /** A span under the running job's (null when tracing is off or nothing runs). */
+  private childSpan(name: string, attributes: Record<string, string | number>): Span | null {
+    const parent = this.current?.span;
+    return parent ? tracer().startSpan(name, { attributes }, trace.setSpan(contextOf(null), parent)) : null;
   }
 
   /**
@@ -339,7 +356,9 @@ export class Agent {
     }
     const timeout = setTimeout(() => void this.stopCurrent('timeout'), timeoutOf(cur.job) * 1000);
     agentMetrics.busy();
+    const span = this.childSpan('worker request', { 'kiln.request': run.id });
     return run.done.finally(() => {
+      span?.end();
       agentMetrics.idle();
       clearTimeout(timeout);
       if (cur.requestId === run.id) cur.requestId = null; // nothing left for a stop to kill
@@ -446,6 +465,7 @@ export class Agent {
     if (!still.ok) return this.log.info({ job: job.id, attempt }, 'the job was taken back while it ran here; its result is dropped');
     const uploadStart = Date.now();
     const outputs: StoredOutput[] = [];
+    const uploadSpan = this.childSpan('upload outputs', { 'kiln.outputs': result.outputs.length });
     try {
       for (const o of result.outputs) {
         const key = Storage.outputKey(job.id, run, o.index, o.content_type.split('/')[1] ?? 'bin');
@@ -456,6 +476,8 @@ export class Agent {
     } catch (err) {
       await this.discard(outputs.map((o) => o.key)); // a run that ends here leaves no objects behind
       throw err;
+    } finally {
+      uploadSpan?.end();
     }
     const finishedAt = new Date();
     const done = await this.jobs.update(job.id, { status: ['running'], attempt }, {

@@ -8,7 +8,7 @@
 //  4. Consume this agent's queue, one job at a time (agent.ts).
 //  5. Serve /metrics on METRICS_PORT (state, GPU busy time, model loads and evictions, restarts).
 //  6. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
-import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics } from '@kiln/runtime';
+import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics, startTracing } from '@kiln/runtime';
 import { join } from 'node:path';
 import { Agent } from './agent.js';
 import { listenForCancels } from './cancels.js';
@@ -18,6 +18,7 @@ import { agentMetrics } from './metrics.js';
 const env = parseEnv(AgentEnv, 'gpu-agent');
 const log = createLogger(`agent:${env.AGENT_ID}`, env.LOG_LEVEL);
 agentMetrics.init(env.AGENT_ID);
+const stopTracing = startTracing('agent', env, log);
 const services = createJobServices(env, `kiln-agent-${env.AGENT_ID}`);
 const { keys, storage, jobs } = services;
 const sub = createRedis(env.REDIS_URL, `kiln-agent-${env.AGENT_ID}-sub`);
@@ -37,6 +38,7 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
     () => sub.quit(),
     () => metrics.close(),
     () => services.close(),
+    () => stopTracing(),
   ]);
   log.info('agent stopped');
 });

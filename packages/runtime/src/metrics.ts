@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from 'prom-client';
 import { z } from 'zod';
 import type { Logger } from './logger.js';
+import { TracingEnv } from './tracing.js';
 
 /**
  * Prometheus metrics: one registry per process, the families every process shares (job ends,
@@ -82,11 +83,16 @@ export const webhookSeconds = new Histogram({
   registers: [registry],
 });
 
-/** METRICS_HOST / METRICS_PORT: where a process serves /metrics of its own (off without a port). */
-export const MetricsEnv = z.object({
-  METRICS_HOST: z.string().min(1).default('127.0.0.1').describe('address the metrics server listens on'),
-  METRICS_PORT: z.coerce.number().int().min(0).max(65535).optional().describe('port of this process’s /metrics server; unset: none'),
-});
+/**
+ * METRICS_HOST / METRICS_PORT: where a process serves /metrics of its own (off without a port);
+ * with them, every process's tracing variables (OTEL_EXPORTER_OTLP_ENDPOINT: tracing.ts).
+ */
+export const MetricsEnv = z
+  .object({
+    METRICS_HOST: z.string().min(1).default('127.0.0.1').describe('address the metrics server listens on'),
+    METRICS_PORT: z.coerce.number().int().min(0).max(65535).optional().describe('port of this process’s /metrics server; unset: none'),
+  })
+  .extend(TracingEnv.shape);
 export type MetricsEnv = z.infer<typeof MetricsEnv>;
 
 /** The text Prometheus scrapes, and its content type. */

@@ -10,6 +10,7 @@ import { jobRecord } from './job-view.js';
 import { FetchError, guardedRequest, targetPolicy } from './net-guard.js';
 import type { Storage } from './storage.js';
 import { webhookDeliveries, webhookSeconds } from './metrics.js';
+import { inSpan, SpanKind, tracingOn } from './tracing.js';
 
 /**
  * Webhooks per the Standard Webhooks specification: the body is signed with
@@ -172,7 +173,13 @@ export function webhookDeliverer(store: JobStore, groups: GroupStore, env: Webho
     let status: number;
     try {
       // the guarded client checks the target again here, after resolving it: DNS may have changed since submission
-      status = await postWebhook(d.url, headers, d.body, env.WEBHOOK_TIMEOUT_MS, env.WEBHOOK_ALLOW_PRIVATE);
+      const parent = tracingOn() && !d.group ? await store.traceOf(d.job_id) : null;
+      const attrs = { 'kiln.job': d.job_id, 'kiln.webhook.event': d.event, 'kiln.webhook.try': bullJob.attemptsMade + 1 };
+      status = await inSpan('webhook deliver', parent, attrs, async (span) => {
+        const code = await postWebhook(d.url, headers, d.body, env.WEBHOOK_TIMEOUT_MS, env.WEBHOOK_ALLOW_PRIVATE);
+        span.setAttribute('http.response.status_code', code);
+        return code;
+      }, SpanKind.CLIENT);
     } catch (err) {
       // the record is shown to the client: the guard's own words, never a socket error
       const message = err instanceof FetchError ? err.message : 'internal: the delivery could not be attempted';
