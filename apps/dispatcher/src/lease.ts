@@ -1,7 +1,8 @@
+import { LuaScript } from '@kiln/runtime';
 import type { Redis } from 'ioredis';
 
-const RENEW = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end`;
-const RELEASE = `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end`;
+const RENEW = new LuaScript('kilnRenewLease', `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end`);
+const RELEASE = new LuaScript('kilnReleaseLease', `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end`);
 
 /** Exactly one active dispatcher: whoever holds this Redis lease. Others stand by. */
 export class Lease {
@@ -16,7 +17,7 @@ export class Lease {
   /** Takes the lease if free, renews it if ours. Returns whether we hold it now. */
   async acquireOrRenew(): Promise<boolean> {
     if (this.held) {
-      this.held = (await this.redis.eval(RENEW, 1, this.key, this.owner, String(this.ttlMs))) === 1;
+      this.held = (await RENEW.run(this.redis, [this.key], [this.owner, String(this.ttlMs)])) === 1;
     } else {
       this.held = (await this.redis.set(this.key, this.owner, 'PX', this.ttlMs, 'NX')) === 'OK';
     }
@@ -24,7 +25,7 @@ export class Lease {
   }
 
   async release(): Promise<void> {
-    if (this.held) await this.redis.eval(RELEASE, 1, this.key, this.owner);
+    if (this.held) await RELEASE.run(this.redis, [this.key], [this.owner]);
     this.held = false;
   }
 }

@@ -4,6 +4,7 @@ import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { JobStore } from './job-store.js';
 import { expiresAt } from './job-view.js';
+import { LuaScript } from './scripts.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -13,7 +14,7 @@ import type { Storage } from './storage.js';
  * ended, so it ends exactly once, and starts its retention.
  * ARGV: record read, new record, event JSON ('' = none), ttl s (0 = not an end).
  */
-const PATCH_GROUP = `
+const PATCH_GROUP = new LuaScript('kilnPatchGroup', `
 if redis.call('HEXISTS', KEYS[1], 'ended') == 1 then return -1 end
 if redis.call('HGET', KEYS[1], 'record') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2])
@@ -24,7 +25,7 @@ if ttl > 0 then
   for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
 end
 return 1
-`;
+`);
 
 const ENDED: readonly GroupStatus[] = ['succeeded', 'failed', 'partially_succeeded', 'canceled'];
 
@@ -87,17 +88,11 @@ export class GroupStore {
       const group = StoredGroupSchema.parse(JSON.parse(raw));
       if (groupEnded(group) || (opts.from && group.status !== opts.from)) return null;
       const next = { ...group, ...fields };
-      const res = (await this.redis.eval(
-        PATCH_GROUP,
-        3,
-        k.group(id),
-        k.groupEvents(id),
-        k.groupDeliveries(id),
-        raw,
-        JSON.stringify(next),
-        opts.event ? JSON.stringify(opts.event) : '',
-        String(opts.end ? this.retentionS : 0),
-      )) as number;
+      const res = await PATCH_GROUP.run<number>(
+        this.redis,
+        [k.group(id), k.groupEvents(id), k.groupDeliveries(id)],
+        [raw, JSON.stringify(next), opts.event ? JSON.stringify(opts.event) : '', String(opts.end ? this.retentionS : 0)],
+      );
       if (res === 1) {
         await this.redis.publish(k.groupChanged(id), '1'); // wakes its live followers (SSE)
         return next;

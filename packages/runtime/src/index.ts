@@ -17,5 +17,4 @@ export * from './shutdown.js';
 export * from './services.js';
 export * from './metrics.js';
 export * from './lifecycle.js';
-export * from './tracing.js';
 export * from './retention.js';

@@ -166,4 +166,56 @@ describe('JobStore', () => {
     await store.update(job.id, { status: ['running'] }, { cancel_requested: true });
     expect(await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 4, total: 30 } })).toEqual({ ok: true, cancelRequested: true });
   });
+
+  it('writes with one EVALSHA and no read: the script returns the record as written', async () => {
+    const job = await runningJob();
+    let after: StoredJob | null = null;
+    const sent = await commandsDuring(async () => {
+      after = await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'running' });
+    });
+    expect(after).toEqual(await store.get(job.id));
+    expect(sent.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+    // the end too, with its announcement and retention in the same step
+    const ended = await commandsDuring(() => store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' }));
+    expect(ended.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+    expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'running', 'succeeded']);
+    expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual([`job:${job.id}`]); // its webhook listens for completed
+  });
+
+  it('loads its scripts again when Redis lost them (SCRIPT FLUSH, a restart)', async () => {
+    const job = await runningJob();
+    await redis.script('FLUSH');
+    expect(await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'running' })).toMatchObject({ stage: 'running' });
+    await redis.script('FLUSH');
+    expect(await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 2, total: 30 } })).toEqual({ ok: true, cancelRequested: false });
+  });
+
+  it('a write that keeps the status of an ended job is refused; the end of a group child counts on its group', async () => {
+    const job = newJob({ group_id: 'g1', request: { ...newJob().request, webhook: undefined } as GenerationJob['request'] });
+    await store.create(job);
+    await redis.hset(keys.group('g1'), { record: '{}', done: '0', total: '1' });
+    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', attempt: 1, agent: 'a' });
+    expect(await store.update(job.id, { status: ['running'] }, { status: 'failed', stage: 'done' }, 'boom')).toMatchObject({ status: 'failed' });
+    expect(await store.update(job.id, {}, { stage: 'running' })).toBeNull();
+    expect(await store.update(job.id, {}, { status: 'canceled' })).toBeNull();
+    expect(await redis.hget(keys.group('g1'), 'done')).toBe('1');
+    expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual(['group:g1']); // no webhook: no job announcement
+    expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'failed', stage: 'done', attempt: 1, agent: 'a', message: 'boom' });
+  });
 });
+
+/** The commands this test's connection sends while `fn` runs, lower case. */
+async function commandsDuring(fn: () => Promise<unknown>): Promise<string[]> {
+  const names: string[] = [];
+  const send = redis.sendCommand.bind(redis);
+  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
+    names.push(String(cmd.name).toLowerCase());
+    return send(cmd);
+  }) as typeof redis.sendCommand;
+  try {
+    await fn();
+  } finally {
+    redis.sendCommand = send;
+  }
+  return names;
+}

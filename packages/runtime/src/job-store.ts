@@ -11,7 +11,7 @@ import {
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import { lifecycle } from './lifecycle.js';
-import { currentTraceparent } from './tracing.js';
+import { LuaScript } from './scripts.js';
 
 /**
  * Job records in Redis: one hash per job (each field JSON-encoded, so writers touching
@@ -28,7 +28,7 @@ import { currentTraceparent } from './tracing.js';
 // allowed statuses and still on the expected attempt (0 if not). Sets `i` to the first
 // argument after the guard.
 const GUARD = `
-local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+local cur = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'stage', 'agent')
 if not cur[1] then return -1 end
 local n = tonumber(ARGV[1])
 local ok = (n == 0)
@@ -38,48 +38,84 @@ local i = n + 2
 if ARGV[i] ~= '' and cur[2] ~= ARGV[i] then return 0 end
 `;
 
-/**
- * update-job (KEYS: job, events) — a guarded write that does not end the job: sets the fields,
- * appends the lifecycle event if any.
- * ARGV: guard…, event, field, value, …
- */
-const UPDATE_JOB = `${GUARD}
-local event = ARGV[i + 1]
-for j = i + 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
-if event ~= '' then redis.call('RPUSH', KEYS[2], event) end
-return 1
+// Sets the fields (ARGV from `first` on, field/value pairs) and, when `at` is given, appends a
+// lifecycle event if status, stage, attempt or agent changed or there is a message — built here
+// from the record as written, so the caller needs no read before the write. Values in the hash
+// are JSON, so the event is their concatenation.
+const WRITE = `
+local function write(first, at, message)
+  for j = first, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  if at == '' then return end
+  local now = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'stage', 'agent')
+  local changed = false
+  for k = 1, 4 do if now[k] ~= cur[k] then changed = true end end
+  if not changed and message == '' then return end
+  local ev = '{"at":' .. at .. ',"status":' .. now[1] .. ',"stage":' .. (now[3] or 'null') .. ',"attempt":' .. (now[2] or 'null') .. ',"agent":' .. (now[4] or 'null')
+  if message ~= '' then ev = ev .. ',"message":' .. message end
+  redis.call('RPUSH', KEYS[2], ev .. '}')
+end
 `;
 
+const TERMINAL = `cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '"canceled"'`;
+
 /**
- * end-job (KEYS: job, events, deliveries, active, outbox[, group]) — the job's terminal
- * transition, its announcement and its group's count as one step, so no crash between them
- * can lose a `completed` webhook or leave a batch open: sets the fields, appends the event,
- * starts retention, and puts `job:<id>` (when someone listens for its end) and, for the
- * child that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox).
- * A job ends once: a second end is refused like a failed guard.
- * ARGV: guard…, event, ttl, job id, announce ('1'|'0'), group id, field, value, …
+ * update-job (KEYS: job, events) — a guarded write that does not end the job: sets the fields,
+ * appends the lifecycle event if any. A job that ended takes no write that leaves its status as
+ * it is (a late write after the end). Replies with the record as written (`reply` 'record'),
+ * with {1, cancel_requested} ('cancel': the progress path), or 1.
+ * ARGV: guard…, at (JSON; '' = no event), message (JSON or ''), reply, field, value, …
  */
-const END_JOB = `${GUARD}
-if cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '"canceled"' then return 0 end
-local event, ttl, id, announce, group = ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
-for j = i + 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
-if event ~= '' then redis.call('RPUSH', KEYS[2], event) end
+const UPDATE_JOB = new LuaScript('kilnUpdateJob', `${GUARD}${WRITE}
+local sets_status = false
+for j = i + 4, #ARGV, 2 do if ARGV[j] == 'status' then sets_status = true end end
+if not sets_status and (${TERMINAL}) then return 0 end
+write(i + 4, ARGV[i + 1], ARGV[i + 2])
+if ARGV[i + 3] == 'record' then return redis.call('HGETALL', KEYS[1]) end
+if ARGV[i + 3] == 'cancel' then return {1, redis.call('HGET', KEYS[1], 'cancel_requested') or ''} end
+return 1
+`);
+
+/**
+ * end-job (KEYS: job, events, deliveries, active, outbox) — the job's terminal transition, its
+ * announcement and its group's count as one step, so no crash between them can lose a
+ * `completed` webhook or leave a batch open: sets the fields, appends the event, starts
+ * retention, and puts `job:<id>` (when its webhook listens for `completed`) and, for the child
+ * that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox). The
+ * webhook and the group come from the record itself (both fixed at submission); the group's key
+ * is the group key prefix and its id. A job ends once: a second end is refused like a failed
+ * guard. Returns the record as written.
+ * ARGV: guard…, at (JSON), message (JSON or ''), ttl, job id, group key prefix, field, value, …
+ */
+const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}
+if ${TERMINAL} then return 0 end
+local ttl, id, group_prefix = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
+write(i + 6, ARGV[i + 1], ARGV[i + 2])
 redis.call('ZREM', KEYS[4], id)
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if announce == '1' then redis.call('ZADD', KEYS[5], now, 'job:' .. id) end
-if KEYS[6] and redis.call('EXISTS', KEYS[6]) == 1 then
-  local done = redis.call('HINCRBY', KEYS[6], 'done', 1)
-  local total = tonumber(redis.call('HGET', KEYS[6], 'total') or '')
-  if not total then
-    local rec = redis.call('HGET', KEYS[6], 'record')
-    total = rec and #cjson.decode(rec).children or -1
-  end
-  if done == total then redis.call('ZADD', KEYS[5], now, 'group:' .. group) end
+local announce = false
+local ok, req = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or 'null')
+if ok and type(req) == 'table' and type(req.webhook) == 'table' and type(req.webhook.events) == 'table' then
+  for _, e in ipairs(req.webhook.events) do if e == 'completed' then announce = true end end
 end
-return 1
-`;
+if announce then redis.call('ZADD', KEYS[5], now, 'job:' .. id) end
+local gid = redis.call('HGET', KEYS[1], 'group_id')
+if gid and gid ~= 'null' then
+  gid = cjson.decode(gid)
+  local gkey = group_prefix .. gid
+  if redis.call('EXISTS', gkey) == 1 then
+    local done = redis.call('HINCRBY', gkey, 'done', 1)
+    local total = tonumber(redis.call('HGET', gkey, 'total') or '')
+    if not total then
+      local rec = redis.call('HGET', gkey, 'record')
+      total = rec and #cjson.decode(rec).children or -1
+    end
+    if done == total then redis.call('ZADD', KEYS[5], now, 'group:' .. gid) end
+  end
+end
+return redis.call('HGETALL', KEYS[1])
+`);
 
 /**
  * claim-announcements (KEYS: outbox) — hands a drainer the announcements due now (or those
@@ -87,7 +123,7 @@ return 1
  * it to the next one once the lease runs out, and two drainers never work on one at a time.
  * ARGV: lease ms, limit, member…
  */
-const CLAIM_ANNOUNCEMENTS = `
+const CLAIM_ANNOUNCEMENTS = new LuaScript('kilnClaimAnnouncements', `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = {}
@@ -101,7 +137,7 @@ else
 end
 for _, m in ipairs(due) do redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[1]), m) end
 return due
-`;
+`);
 
 /** Outbox members: the announcement of a job's end, or of a group's (its last child ended). */
 export const announcement = {
@@ -137,20 +173,13 @@ export class JobStore {
     const created = Date.parse(job.created_at);
     const tx = this.redis
       .multi()
-      // the API request's trace (when tracing): every later span of the job continues it
-      .hset(this.keys.job(job.id), { ...encode(job), ...traceField() })
+      .hset(this.keys.job(job.id), encode(job))
       .rpush(this.keys.jobEvents(job.id), JSON.stringify(event))
       .zadd(this.keys.activeJobs(), created, job.id);
     // the lists (GET /v1/jobs, /v1/trainings): by tenant and kind, newest first
     for (const key of this.keys.recordIndexes('jobs', job.client, job.kind)) tx.zadd(key, created, job.id);
     await tx.hset(this.keys.recordOwners('jobs'), job.id, `${job.client} ${job.kind}`).exec();
     lifecycle.submitted(job);
-  }
-
-  /** The W3C traceparent the job's spans continue (tracing.ts), if it was created in a traced request. */
-  async traceOf(id: string): Promise<string | null> {
-    const raw = await this.redis.hget(this.keys.job(id), 'trace');
-    return raw ? (JSON.parse(raw) as string) : null;
   }
 
   /** Ids of every job not yet finished, oldest first. */
@@ -199,27 +228,16 @@ export class JobStore {
    * Returns the updated job, or null when the guard refused the write.
    */
   async update(id: string, guard: Guard, patch: JobPatch, message?: string): Promise<StoredJob | null> {
-    const before = await this.get(id);
-    if (!before) return null;
-    const after = { ...before, ...patch } as StoredJob;
-    const changed =
-      before.status !== after.status || before.stage !== after.stage || before.attempt !== after.attempt || before.agent !== after.agent;
-    const event = changed || message ? JSON.stringify(this.event(after, message)) : '';
-    const guardArgs = this.guardArgs(guard);
     const fields = Object.entries(encode(patch)).flat();
-    let res: number;
-    if (isTerminal(after.status)) {
-      const hook = 'webhook' in after.request ? after.request.webhook : undefined;
-      const announce = hook?.events.includes('completed') ? '1' : '0';
-      const keys = this.scriptKeys('end', id, after.group_id);
-      res = (await this.redis.eval(END_JOB, keys.length, ...keys, ...guardArgs, event, String(this.retentionS), id, announce, after.group_id ?? '', ...fields)) as number;
-    } else {
-      const keys = this.scriptKeys('update', id);
-      res = (await this.redis.eval(UPDATE_JOB, keys.length, ...keys, ...guardArgs, event, ...fields)) as number;
-    }
-    if (res !== 1) return null;
-    await this.notify(id, after.group_id);
-    return this.get(id);
+    const at = JSON.stringify(new Date().toISOString());
+    const said = message ? JSON.stringify(message) : '';
+    const res = patch.status && isTerminal(patch.status)
+      ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, String(this.retentionS), id, this.keys.group(''), ...fields])
+      : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...fields]);
+    if (!Array.isArray(res)) return null;
+    const job = StoredJob.parse(decode(pairs(res as string[])));
+    await this.notify(id, job.group_id);
+    return job;
   }
 
   /** Wakes whoever follows the job (and its group) live (SSE): a hint only, they re-read the record. */
@@ -236,14 +254,12 @@ export class JobStore {
    */
   async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage' | 'training'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
     const fields = Object.entries(encode(patch)).flat();
-    const keys = this.scriptKeys('update', id);
-    const res = await this.redis
-      .multi()
-      .eval(UPDATE_JOB, keys.length, ...keys, ...this.guardArgs({ status: ['running'], attempt }), '', ...fields)
-      .hget(this.keys.job(id), 'cancel_requested')
-      .publish(this.keys.jobChanged(id), '1')
-      .exec();
-    return { ok: res?.[0]?.[1] === 1, cancelRequested: res?.[1]?.[1] === 'true' };
+    // one script call, not a MULTI: a script inside MULTI cannot be reloaded if Redis lost it
+    const write = UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs({ status: ['running'], attempt }), '', '', 'cancel', ...fields]);
+    const notify = this.redis.publish(this.keys.jobChanged(id), '1');
+    const [res] = await Promise.all([write, notify]);
+    const reply = Array.isArray(res) ? (res as [number, string]) : null;
+    return { ok: reply !== null, cancelRequested: reply?.[1] === 'true' };
   }
 
   /**
@@ -252,7 +268,7 @@ export class JobStore {
    */
   async claimAnnouncements(leaseMs: number, members: string[] = [], limit = 100): Promise<string[]> {
     if (members.length === 0 && limit <= 0) return [];
-    return (await this.redis.eval(CLAIM_ANNOUNCEMENTS, 1, this.keys.outbox(), String(leaseMs), String(limit), ...members)) as string[];
+    return CLAIM_ANNOUNCEMENTS.run<string[]>(this.redis, [this.keys.outbox()], [String(leaseMs), String(limit), ...members]);
   }
 
   /** The announcement was made (its webhook queued, its group finished): drop it from the outbox. */
@@ -266,10 +282,11 @@ export class JobStore {
   }
 
   /** The keys each job script touches, in its KEYS order: the one place they are assembled. */
-  private scriptKeys(script: 'update' | 'end', id: string, groupId?: string | null): string[] {
+  private scriptKeys(script: 'update' | 'end', id: string): string[] {
     const k = this.keys;
     if (script === 'update') return [k.job(id), k.jobEvents(id)];
-    return [k.job(id), k.jobEvents(id), k.jobDeliveries(id), k.activeJobs(), k.outbox(), ...(groupId ? [k.group(groupId)] : [])];
+    // the group's key (group key prefix + the record's group_id) is made in the script: see END_JOB
+    return [k.job(id), k.jobEvents(id), k.jobDeliveries(id), k.activeJobs(), k.outbox()];
   }
 
   private guardArgs(guard: Guard): string[] {
@@ -293,14 +310,16 @@ export class JobStore {
   }
 }
 
-function traceField(): Record<string, string> {
-  const tp = currentTraceparent();
-  return tp ? { trace: JSON.stringify(tp) } : {};
-}
-
 function encode(obj: object): Record<string, string> {
   const out: Record<string, string> = {};
   for (const [k, v] of Object.entries(obj)) if (v !== undefined) out[k] = JSON.stringify(v);
+  return out;
+}
+
+/** HGETALL's reply as a script returns it (field, value, …) as an object. */
+function pairs(flat: string[]): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (let i = 0; i < flat.length; i += 2) out[flat[i]!] = flat[i + 1]!;
   return out;
 }
 

@@ -1,6 +1,7 @@
 import type { Redis } from 'ioredis';
 import { z } from 'zod';
 import type { Keys } from './keys.js';
+import { LuaScript } from './scripts.js';
 
 /**
  * Trained LoRAs. Each belongs to the tenant that trained it and is named `<tenant>/<name>` (the
@@ -40,7 +41,7 @@ export const loraFileName = (name: string) => `${name.replaceAll('/', '~')}.safe
 
 // Takes a name unless it is registered, or reserved by a job that is still queued or running
 // (or still being submitted: its record may not exist for a moment after the reservation).
-const RESERVE = `
+const RESERVE = new LuaScript('kilnReserveLora', `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur then
   local e = cjson.decode(cur)
@@ -51,18 +52,18 @@ if cur then
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
-`;
+`);
 // Registers a LoRA only under the reservation of the job that trained it, and only while the
 // attempt that trained it still holds the job (a stale attempt's LoRA never becomes the name's).
-const REGISTER = `
+const REGISTER = new LuaScript('kilnRegisterLora', `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and cjson.decode(cur).job_id ~= ARGV[3] then return 0 end
 local job = redis.call('HMGET', KEYS[2], 'status', 'attempt')
 if job[1] ~= '"running"' or job[2] ~= ARGV[4] then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return 1
-`;
-const SHARE = `
+`);
+const SHARE = new LuaScript('kilnShareLora', `
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if not cur then return 0 end
 local e = cjson.decode(cur)
@@ -70,7 +71,7 @@ if e.state ~= 'ready' then return 0 end
 e.shared = (ARGV[2] == '1')
 redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(e))
 return 1
-`;
+`);
 
 export class LoraRegistry {
   constructor(
@@ -82,7 +83,7 @@ export class LoraRegistry {
   async reserve(qualified: string, tenant: string, jobId: string): Promise<boolean> {
     const now = Date.now();
     const entry = JSON.stringify({ state: 'reserved', name: qualified, tenant, job_id: jobId, at: now });
-    return (await this.redis.eval(RESERVE, 1, this.keys.loras(), qualified, entry, this.keys.job(''), String(now))) === 1;
+    return (await RESERVE.run(this.redis, [this.keys.loras()], [qualified, entry, this.keys.job(''), String(now)])) === 1;
   }
 
   /** Gives a reservation back (the submission failed after reserving). */
@@ -97,11 +98,11 @@ export class LoraRegistry {
    */
   async register(l: Omit<RegisteredLora, 'shared'> & { shared?: boolean }, attempt: number): Promise<boolean> {
     const entry = JSON.stringify({ ...RegisteredLora.parse(l), state: 'ready' });
-    return (await this.redis.eval(REGISTER, 2, this.keys.loras(), this.keys.job(l.job_id), l.name, entry, l.job_id, JSON.stringify(attempt))) === 1;
+    return (await REGISTER.run(this.redis, [this.keys.loras(), this.keys.job(l.job_id)], [l.name, entry, l.job_id, JSON.stringify(attempt)])) === 1;
   }
 
   async share(qualified: string, shared: boolean): Promise<RegisteredLora | null> {
-    if ((await this.redis.eval(SHARE, 1, this.keys.loras(), qualified, shared ? '1' : '0')) !== 1) return null;
+    if ((await SHARE.run(this.redis, [this.keys.loras()], [qualified, shared ? '1' : '0'])) !== 1) return null;
     return this.get(qualified);
   }
 
