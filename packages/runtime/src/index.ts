@@ -17,4 +17,5 @@ export * from './shutdown.js';
 export * from './services.js';
 export * from './metrics.js';
 export * from './lifecycle.js';
+export * from './tracing.js';
 export * from './retention.js';

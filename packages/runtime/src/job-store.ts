@@ -12,6 +12,7 @@ import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import { lifecycle } from './lifecycle.js';
 import { LuaScript } from './scripts.js';
+import { currentTraceparent } from './tracing.js';
 
 /**
  * Job records in Redis: one hash per job (each field JSON-encoded, so writers touching
@@ -173,13 +174,20 @@ export class JobStore {
     const created = Date.parse(job.created_at);
     const tx = this.redis
       .multi()
-      .hset(this.keys.job(job.id), encode(job))
+      // the API request's trace (when tracing): every later span of the job continues it
+      .hset(this.keys.job(job.id), { ...encode(job), ...traceField() })
       .rpush(this.keys.jobEvents(job.id), JSON.stringify(event))
       .zadd(this.keys.activeJobs(), created, job.id);
     // the lists (GET /v1/jobs, /v1/trainings): by tenant and kind, newest first
     for (const key of this.keys.recordIndexes('jobs', job.client, job.kind)) tx.zadd(key, created, job.id);
     await tx.hset(this.keys.recordOwners('jobs'), job.id, `${job.client} ${job.kind}`).exec();
     lifecycle.submitted(job);
+  }
+
+  /** The W3C traceparent the job's spans continue (tracing.ts), if it was created in a traced request. */
+  async traceOf(id: string): Promise<string | null> {
+    const raw = await this.redis.hget(this.keys.job(id), 'trace');
+    return raw ? (JSON.parse(raw) as string) : null;
   }
 
   /** Ids of every job not yet finished, oldest first. */
@@ -308,6 +316,11 @@ export class JobStore {
       ...(message ? { message } : {}),
     };
   }
+}
+
+function traceField(): Record<string, string> {
+  const tp = currentTraceparent();
+  return tp ? { trace: JSON.stringify(tp) } : {};
 }
 
 function encode(obj: object): Record<string, string> {
