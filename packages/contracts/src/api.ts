@@ -1,6 +1,6 @@
 import { z } from 'zod';
 import { AgentHeartbeat, AgentState, ModelKind, ResidentModel, WorkerCapabilities } from './agent.js';
-import { GenerationRequest } from './generation.js';
+import { GenerationRequest, IMAGE_LIMITS } from './generation.js';
 import { GroupRecord, JobRecord } from './job.js';
 
 export const AgentsResponse = z.object({ agents: z.array(AgentHeartbeat) });
@@ -99,3 +99,49 @@ export type GroupSummary = z.infer<typeof GroupSummary>;
 
 /** GET /v1/batches: newest first. */
 export const BatchList = z.object({ data: z.array(GroupSummary), next_cursor: NextCursor });
+
+// ---- uploads ------------------------------------------------------------------------------
+
+/** What may be uploaded, with its file name extensions and size limit. */
+export const UPLOAD_TYPES = {
+  'image/png': { extensions: ['png'], maxBytes: IMAGE_LIMITS.maxBytes },
+  'image/jpeg': { extensions: ['jpg', 'jpeg'], maxBytes: IMAGE_LIMITS.maxBytes },
+  'image/webp': { extensions: ['webp'], maxBytes: IMAGE_LIMITS.maxBytes },
+  'text/plain': { extensions: ['txt'], maxBytes: 64 * 1024 },
+  'application/json': { extensions: ['json'], maxBytes: 16 * 1024 * 1024 },
+} as const;
+export type UploadType = keyof typeof UPLOAD_TYPES;
+
+/** POST /v1/uploads: a file to put into the caller's area of the bucket. */
+export const UploadRequest = z
+  .strictObject({
+    content_type: z.enum(Object.keys(UPLOAD_TYPES) as [UploadType, ...UploadType[]]).describe('an input image (png, jpeg, webp), a caption (.txt) or a dataset manifest (.json)'),
+    bytes: z.number().int().min(1).describe('its size: at most 10 MB for an image, 64 KB for a caption, 16 MB for a manifest'),
+    path: z
+      .string()
+      .min(1)
+      .max(300)
+      .regex(/^[A-Za-z0-9_.-]+(\/[A-Za-z0-9_.-]+)*$/, 'letters, digits, "_", "." and "-" in "/"-separated segments')
+      .regex(/^(?!(?:.*\/)?\.{1,2}(?:\/|$))/, 'no "." or ".." segments')
+      .optional()
+      .describe('where under your uploads area, e.g. datasets/kilns/1.png (a training dataset is the prefix datasets/kilns/); default: a new name'),
+  })
+  .superRefine((r, ctx) => {
+    const type = UPLOAD_TYPES[r.content_type];
+    if (r.bytes > type.maxBytes) ctx.addIssue({ code: 'custom', path: ['bytes'], message: `at most ${type.maxBytes} bytes for ${r.content_type}`, params: { rule: 'too_large' } });
+    const ext = r.path?.split('.').pop()?.toLowerCase();
+    if (r.path !== undefined && !(type.extensions as readonly string[]).includes(ext ?? ''))
+      ctx.addIssue({ code: 'custom', path: ['path'], message: `a ${r.content_type} file name ends in .${type.extensions.join(' or .')}`, params: { rule: 'extension_mismatch' } });
+  });
+export type UploadRequest = z.infer<typeof UploadRequest>;
+
+export const UploadResponse = z.object({
+  s3_key: z.string().describe('use it in requests: image.init.s3_key, controlnets[].image.s3_key, dataset.s3_prefix (its folder), dataset.manifest'),
+  url: z.string().describe('PUT the file here, with the content-type below, before url_expires_at'),
+  method: z.literal('PUT'),
+  headers: z.object({ 'content-type': z.string() }),
+  max_bytes: z.number().int().describe('Kiln refuses the object when it is used if it is larger'),
+  url_expires_at: z.string(),
+  expires_at: z.string().describe('when the object is deleted (UPLOAD_RETENTION_S after this request; ask again to keep it longer)'),
+});
+export type UploadResponse = z.infer<typeof UploadResponse>;

@@ -10,7 +10,8 @@ import type { Storage } from './storage.js';
  * when a key expires, so a sweep walks the farm-wide lists (oldest first, a chunk per tick, a
  * cursor kept in Redis so any API instance picks up where another stopped) and, for each id
  * whose record is gone, deletes its objects, then drops it from every list. One API instance
- * sweeps at a time (a lease).
+ * sweeps at a time (a lease). Uploads are kept UPLOAD_RETENTION_S from their last request, then
+ * deleted the same way.
  */
 export class RetentionSweeper {
   private timer: NodeJS.Timeout | null = null;
@@ -43,10 +44,21 @@ export class RetentionSweeper {
     await this.running;
   }
 
-  /** One step of the sweep, if this instance holds the lease: returns how many expired records it cleared. */
+  /** One step of the sweep, if this instance holds the lease: returns how many expired things it cleared. */
   async tick(): Promise<number> {
     if (!(await this.lease())) return 0;
-    return (await this.sweep('jobs')) + (await this.sweep('groups'));
+    return (await this.sweep('jobs')) + (await this.sweep('groups')) + (await this.sweepUploads());
+  }
+
+  /** Uploads past their retention (POST /v1/uploads says when): the objects go, then their entries. */
+  private async sweepUploads(): Promise<number> {
+    const due = await this.redis.zrangebyscore(this.keys.uploads(), '-inf', Date.now(), 'LIMIT', 0, this.opts.chunk ?? 500);
+    if (!due.length) return 0;
+    await this.storage.remove(due);
+    // an upload renewed meanwhile (asked for again) has a later score: keep its entry
+    for (const key of due) await this.redis.eval("if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end return 0", 1, this.keys.uploads(), key, String(Date.now()));
+    this.log.info({ cleared: due.length }, 'expired uploads removed');
+    return due.length;
   }
 
   private async lease(): Promise<boolean> {

@@ -92,6 +92,11 @@ export class Storage {
     return this.signer.presignedGetObject(this.bucket, key, this.env.S3_PRESIGN_EXPIRY_S);
   }
 
+  /** A URL a client may PUT one object to, at `key`, for `expiryS` seconds (uploads). */
+  async presignPut(key: string, expiryS: number): Promise<string> {
+    return this.signer.presignedPutObject(this.bucket, key, expiryS);
+  }
+
   async stat(key: string): Promise<{ size: number } | null> {
     try {
       const s = await this.client.statObject(this.bucket, key);

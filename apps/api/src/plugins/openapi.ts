@@ -201,6 +201,7 @@ export async function registerOpenApi(app: FastifyInstance, ctx: ApiContext): Pr
         { name: 'batches', description: 'many generations as one unit' },
         { name: 'trainings', description: 'LoRA fine-tunes and the trained LoRAs' },
         { name: 'cache', description: 'model residency: load, pin, evict (writes need an admin key)' },
+        { name: 'uploads', description: 'files (input images, datasets) into your area of the bucket' },
         { name: 'farm', description: 'agents, models and capabilities' },
         { name: 'health', description: 'liveness, readiness and this document (no key needed)' },
         { name: 'admin', description: 'Bull Board and metrics (admin key)' },
