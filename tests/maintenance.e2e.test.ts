@@ -69,7 +69,8 @@ describe('agent maintenance mode', () => {
     await farm.waitFor(async () => (await state('agent-0'))?.state === 'ready', 5_000, 'agent-0 ready again');
     const next = await farm.waitForDone((await farm.submit(basicRequest())).id, 20_000);
     expect(next).toMatchObject({ status: 'succeeded', agent: 'agent-0' });
-    expect(total(await agentMetrics(0), 'kiln_agent_state', { state: 'ready' })).toBe(1);
+    // its gauge follows its heartbeat, which comes just after the job's end
+    await farm.waitFor(async () => total(await agentMetrics(0), 'kiln_agent_state', { state: 'ready' }) === 1, 5_000, 'agent-0 reports ready');
     await farm.request('POST', '/v1/agents/agent-1/resume');
     await sleep(100);
   }, 90_000);

@@ -90,9 +90,19 @@ describe('Prometheus metrics on every process during a real run', () => {
     await farm.waitFor(async () => receiver.received.length >= 1, 10_000, 'the webhook');
     await farm.waitFor(async () => total(await scrape(url.dispatcher), 'kiln_queue_depth') === 0, 5_000, 'queue depth back to 0');
 
-    const after = await all();
+    let after = await all();
     const delta = (name: string, where: Record<string, string> = {}, pick: (s: Awaited<ReturnType<typeof all>>) => Sample[] = (s) => s.every) =>
       total(pick(after), name, where) - total(pick(before), name, where);
+    // a process counts just after its write: the client can see a job's end (or a webhook) a moment before
+    await farm.waitFor(
+      async () => {
+        after = await all();
+        const idle = after.agents.every((a) => total(a, 'kiln_agent_state', { state: 'ready' }) === 1);
+        return idle && delta('kiln_jobs_ended_total') === gens.length && delta('kiln_webhook_deliveries_total', { outcome: 'delivered' }, (s) => s.dispatcher) === 1;
+      },
+      5_000,
+      'every process to have counted',
+    );
     const succeeded = done.filter((j) => j.status === 'succeeded');
     expect(succeeded).toHaveLength(gens.length - 2);
     expect(done.find((j) => j.id === timedOut.id)?.error?.code).toBe('timeout');
