@@ -1,5 +1,6 @@
 import Fastify, { type FastifyBaseLogger, type FastifyInstance, LogController } from "fastify";
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
+import { ChangeFeed } from './change-feed.js';
 import type { ApiContext } from './context.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
@@ -42,6 +43,10 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     // auth is read when asked: a plugin's own onRoute hook (the docs pages') may set it after this one
     for (const method of [r.method].flat()) routes.push({ method, url: r.url, get auth() { return r.config?.auth; } });
   });
+  // wake-ups for whoever waits on a job (SSE streams, Prefer: wait): one subscriber connection, opened on first use
+  const changes = new ChangeFeed(ctx.redis);
+  app.decorate('changes', changes);
+  app.addHook('onClose', () => changes.close());
   registerErrorHandling(app);
   registerJsonBody(app);
   registerAuth(app, ctx.ring);

@@ -1,5 +1,12 @@
 import type { Redis } from 'ioredis';
 
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** the process's feed of job and group change hints (see ChangeFeed) */
+    changes: ChangeFeed;
+  }
+}
+
 /**
  * Wake-ups for live followers (SSE streams): one subscriber connection per API process,
  * subscribed to the channels someone follows (counted, so two followers of one job share a

@@ -2,7 +2,6 @@ import { GroupEvent, isTerminal, JobEvent, type JobStatus, type StoredGroup } fr
 import { groupEnded, groupRecord, jobRecord } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import { ChangeFeed } from '../change-feed.js';
 import type { ApiContext } from '../context.js';
 import { SseStream } from '../sse.js';
 import { IdParams, loadVisible } from '../tenancy.js';
@@ -49,15 +48,14 @@ Reconnecting with \`Last-Event-ID\` replays the state events after it and sends 
  * and a reconnect resumes from Last-Event-ID.
  */
 export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
-  const feed = new ChangeFeed(ctx.redis);
   const open = new Set<SseStream>();
 
   return async (app) => {
+    const feed = app.changes;
     // streams never end on their own while a job runs: end them so the server can close
     app.addHook('preClose', async () => {
       for (const s of open) s.close();
     });
-    app.addHook('onClose', async () => feed.close());
 
     app.get(
       '/v1/jobs/:id/events',

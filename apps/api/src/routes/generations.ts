@@ -1,5 +1,5 @@
 import { createHash, randomInt, randomUUID } from 'node:crypto';
-import { ApiError, GenerationRequest, JobRecord, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
+import { ApiError, GenerationRequest, isTerminal, JobRecord, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
 import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -10,6 +10,7 @@ import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
 import { assertImageKeysReachable } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
+import { MAX_WAIT_S, preferredWait, waitForEnd } from '../wait.js';
 
 const IdempotencyKey = z.string().min(1).max(200).regex(/^[\x21-\x7e]+$/, 'printable ASCII without spaces');
 
@@ -56,14 +57,31 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         schema: {
           summary: 'Submit a generation',
           description:
-            'Validates, resolves (scheduler aliases, default models, LoRA names), refuses what no live agent could ever run (422), fetches and checks input images, records and queues the job: 202 with the job record and a `Location` header. A repeat with the same `Idempotency-Key` returns the same job (200, `idempotent-replayed: true`).',
+            'Validates, resolves (scheduler aliases, default models, LoRA names), refuses what no live agent could ever run (422), fetches and checks input images, records and queues the job: 202 with the job record and a `Location` header. A repeat with the same `Idempotency-Key` returns the same job (200, `idempotent-replayed: true`). With `Prefer: wait` (or `wait=<seconds>`, at most 60) the answer waits for the job: 200 with the finished record if it ends in time, else 202 with the current one (`Preference-Applied` says the wait).',
           body: GenerationRequest,
-          headers: z.looseObject({ 'idempotency-key': IdempotencyKey.optional().describe('a repeat with the same key (and body) returns the same job') }),
+          headers: z.looseObject({
+            'idempotency-key': IdempotencyKey.optional().describe('a repeat with the same key (and body) returns the same job'),
+            prefer: z.string().max(200).optional().describe(`"wait" or "wait=<seconds>" (at most ${MAX_WAIT_S}): answer when the job has ended (200 with the finished record), or after that long with the current one (202)`),
+          }),
           response: { 200: JobRecord, 202: JobRecord, 409: ApiError, 422: ApiError },
         },
       },
       async (req, reply) => {
         const who = req.principal;
+        const wait = preferredWait(req.headers.prefer); // a bad value is a 400 before anything is queued
+        /** The answer: the record as it is now, or (Prefer: wait) once it has ended or the wait is over. */
+        const answer = async (job: StoredJob, status: 200 | 202) => {
+          if (wait > 0) {
+            reply.header('preference-applied', `wait=${wait}`);
+            const gone = new AbortController();
+            reply.raw.once('close', () => gone.abort()); // the client hung up: stop waiting
+            const now = await waitForEnd(ctx, req.server.changes, job.id, wait, gone.signal);
+            if (now) job = now;
+            if (isTerminal(job.status)) status = 200;
+          }
+          const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+          return reply.code(status).header('location', record.links.self).send(record);
+        };
         const idemKey = req.headers['idempotency-key'];
         const idemRedisKey = idemKey ? ctx.keys.idempotency(who.tenant, idemKey) : null;
         const id = randomUUID();
@@ -80,12 +98,13 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             const existing = existingId ? await ctx.store.get(existingId) : null;
             if (existing) {
               reply.header('idempotent-replayed', 'true');
-              return reply.code(200).send(await jobRecord(existing, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
+              return answer(existing, 200);
             }
             throw new KilnError('conflict', 'a request with this Idempotency-Key is still being submitted; retry shortly');
           }
         }
         let admitted = false;
+        let job: StoredJob;
         try {
           await admitJobs(ctx, who, [id]);
           admitted = true;
@@ -93,20 +112,19 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           const hp = { ...request.hyperparameters, seed: request.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
           const stored = ResolvedGenerationRequest.parse({ ...request, hyperparameters: hp });
           const now = new Date().toISOString();
-          const job: StoredJob = {
+          job = {
             ...newJobFields(id, who.tenant, stored.priority, null, now),
             kind: 'generation',
             request: stored,
           };
           await ctx.store.create(job);
           await ctx.jobs.enqueue(job);
-          const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
-          return reply.code(202).header('location', record.links.self).send(record);
         } catch (err) {
           if (idemRedisKey) await ctx.redis.del(idemRedisKey);
           if (admitted) await releaseJobs(ctx, who, [id]);
           throw err;
         }
+        return answer(job, 202);
       },
     );
   };
