@@ -4,6 +4,7 @@ import { ChangeFeed } from './change-feed.js';
 import type { ApiContext } from './context.js';
 import { registerAuth } from './plugins/auth.js';
 import { registerBullBoard } from './plugins/bull-board.js';
+import { registerCors } from './plugins/cors.js';
 import { registerErrorHandling } from './plugins/errors.js';
 import { registerJsonBody } from './plugins/json-body.js';
 import { registerOpenApi } from './plugins/openapi.js';
@@ -49,6 +50,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
   app.addHook('onClose', () => changes.close());
   registerErrorHandling(app);
   registerJsonBody(app);
+  await registerCors(app, ctx.env); // before auth: a preflight is answered before the key is asked for
   registerAuth(app, ctx.ring);
   await registerOpenApi(app, ctx); // before any route: it documents the routes as they are added
   await registerMetrics(app, ctx);

@@ -37,6 +37,12 @@ export const ApiEnv = CommonEnv.extend(StorageEnv.shape)
     INPUT_ALLOW_PRIVATE: boolFromEnv.default(false).describe('allow input image URLs on private/loopback addresses'),
     INPUT_FETCH_TIMEOUT_MS: z.coerce.number().int().min(100).default(15_000),
     IDEMPOTENCY_TTL_S: z.coerce.number().int().min(60).default(24 * 3600),
+    CORS_ORIGINS: z
+      .string()
+      .transform((s) => s.split(',').map((o) => o.trim()).filter(Boolean))
+      .pipe(z.array(z.union([z.literal('*'), z.string().regex(/^https?:\/\/[^/\s?#]+$/, 'each origin is scheme://host[:port], or *')])))
+      .default([])
+      .describe('origins a browser app may call the API from (CORS), comma-separated; * for any; none by default'),
     UPLOAD_URL_EXPIRY_S: z.coerce.number().int().min(60).max(7 * 24 * 3600).default(3600).describe('how long a presigned upload URL works'),
     UPLOAD_RETENTION_S: z.coerce.number().int().min(60).default(7 * 24 * 3600).describe('an upload is deleted this long after it was last asked for'),
     SSE_KEEPALIVE_MS: z.coerce.number().int().min(100).default(15_000).describe('a comment on every live progress stream this often, so proxies keep it open'),

@@ -66,11 +66,11 @@ const ERRORS: Record<number, string> = {
 };
 
 /**
- * Routes that are not Kiln's API: the reference page and its assets, and Bull Board's own UI
- * and its internal JSON API (its page, GET /admin/queues, is documented).
+ * Routes that are not Kiln's API: the reference page and its assets, Bull Board's own UI and
+ * its internal JSON API (its page, GET /admin/queues, is documented), and CORS's preflight route.
  */
 export function undocumented(url: string): boolean {
-  return url === '/docs' || url.startsWith('/docs/') || (url.startsWith('/admin/queues/') && url !== '/admin/queues/');
+  return url === '/docs' || url.startsWith('/docs/') || (url.startsWith('/admin/queues/') && url !== '/admin/queues/') || url === '*';
 }
 
 const tagFor = (url: string): string => {
