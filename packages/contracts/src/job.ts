@@ -102,6 +102,7 @@ const common = {
   timings: Timings,
   cancel_requested: z.boolean(),
   group_id: z.string().nullable().describe('the batch or cache request this job belongs to'),
+  retry_of: z.string().nullable().optional().describe('the job this one retries (POST /v1/jobs/:id/retry), with the same request'),
   created_at: z.string(),
   started_at: z.string().nullable(),
   finished_at: z.string().nullable(),
@@ -137,12 +138,24 @@ export type CacheJob = z.infer<typeof CacheJob>;
 /** When a record and everything it stored (outputs, inputs, checkpoints) are deleted. */
 const ExpiresAt = z.string().nullable().describe('when the record and its outputs are deleted: JOB_RETENTION_S after it ended; null until it ends');
 
+/** Where to go from a job record; each is a route of the API (method in the description). */
+export const JobLinks = z.object({
+  self: z.string().describe('GET: this record'),
+  cancel: z.string().describe('DELETE: cancel it (409 once it has ended)'),
+  events: z.string().describe('GET: its live progress (server-sent events)'),
+  retry: z.string().optional().describe('POST: a new job with the same request (not for a cache task)'),
+  retry_of: z.string().optional().describe('GET: the job this one retries'),
+  retried_as: z.string().optional().describe('GET: its latest retry'),
+  group: z.string().optional().describe('GET: the batch or cache request it belongs to'),
+});
+
 const recordExtras = {
   expires_at: ExpiresAt,
+  retried_as: z.array(z.string()).describe('the jobs that retry this one, oldest first'),
   outputs: z.array(Output),
   events: z.array(JobEvent),
   webhook_deliveries: z.array(WebhookDelivery),
-  links: z.object({ self: z.string(), cancel: z.string() }),
+  links: JobLinks,
 };
 export const JobRecord = z.discriminatedUnion('kind', [GenerationJob.extend(recordExtras), TrainingJob.extend(recordExtras), CacheJob.extend(recordExtras)]);
 export type JobRecord = z.infer<typeof JobRecord>;
@@ -184,6 +197,11 @@ export const GroupRecord = StoredGroup.omit({ children: true }).extend({
   events: z.array(GroupEvent),
   webhook_deliveries: z.array(WebhookDelivery),
   expires_at: ExpiresAt,
-  links: z.object({ self: z.string(), cancel: z.string() }),
+  links: z.object({
+    self: z.string().describe('GET: this record'),
+    cancel: z.string().describe('DELETE: cancel its unfinished jobs (409 once it has ended)'),
+    events: z.string().optional().describe("GET: a batch's live progress (server-sent events)"),
+    jobs: z.string().optional().describe("GET: a batch's jobs, in their order"),
+  }),
 });
 export type GroupRecord = z.infer<typeof GroupRecord>;

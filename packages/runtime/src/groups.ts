@@ -127,7 +127,7 @@ function groupEvent(status: GroupStatus, message?: string): GroupEvent {
 }
 
 /** The group as clients see it: counts per state and each child's result. */
-export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: JobStore, storage: Storage, publicUrl: string, path: string): Promise<GroupRecord> {
+export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: JobStore, storage: Storage, publicUrl: string): Promise<GroupRecord> {
   const [children, { events, deliveries }] = await Promise.all([jobs.getMany(group.children), groups.history(group.id)]);
   const counts = { total: group.children.length, queued: 0, running: 0, succeeded: 0, failed: 0, canceled: 0 };
   for (const c of children) if (c) counts[c.status] += 1;
@@ -142,9 +142,16 @@ export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: 
       error: c?.error ?? (c ? null : { code: 'not_found' as const, message: 'the child record expired', retryable: false }),
     })),
   );
-  const self = new URL(`${path}/${group.id}`, publicUrl).toString();
   const { children: _ids, ...rest } = group;
-  return { ...rest, counts, children: list, events, webhook_deliveries: deliveries, expires_at: expiresAt(group.finished_at, groups.retentionS), links: { self, cancel: self } };
+  return { ...rest, counts, children: list, events, webhook_deliveries: deliveries, expires_at: expiresAt(group.finished_at, groups.retentionS), links: groupLinks(group, publicUrl) };
+}
+
+/** A group's links: every one a route of the API (see GroupRecord's links for the method of each). */
+export function groupLinks(group: StoredGroup, publicUrl: string): GroupRecord['links'] {
+  const url = (path: string) => new URL(path, publicUrl).toString();
+  if (group.kind === 'cache') return { self: url(`/v1/cache/${group.id}`), cancel: url(`/v1/cache/${group.id}`) };
+  const self = url(`/v1/batches/${group.id}`);
+  return { self, cancel: self, events: url(`/v1/batches/${group.id}/events`), jobs: url(`/v1/jobs?batch=${group.id}`) };
 }
 
 export interface GroupTrackData {

@@ -211,6 +211,19 @@ export class JobStore {
     });
   }
 
+  /** Records that `retryId` retries `id` (its record links to it), for as long as `id` is kept. */
+  async addRetry(id: string, retryId: string): Promise<void> {
+    const ttl = await this.redis.pttl(this.keys.job(id));
+    const tx = this.redis.multi().rpush(this.keys.jobRetries(id), retryId);
+    if (ttl > 0) tx.pexpire(this.keys.jobRetries(id), ttl);
+    await tx.exec();
+  }
+
+  /** The jobs that retry this one, oldest first. */
+  async retriesOf(id: string): Promise<string[]> {
+    return this.redis.lrange(this.keys.jobRetries(id), 0, -1);
+  }
+
   /** Just the status of each job (null: no such job, or its record expired), in one round trip. */
   async statuses(ids: string[]): Promise<(JobStatus | null)[]> {
     const pipe = this.redis.pipeline();

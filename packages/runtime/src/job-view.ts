@@ -4,12 +4,12 @@ import type { Storage } from './storage.js';
 
 /** The job record as clients see it: history attached, outputs with fresh presigned URLs. */
 export async function jobRecord(job: StoredJob, store: JobStore, storage: Storage, publicUrl: string): Promise<JobRecord> {
-  const [{ events, deliveries }, outputs] = await Promise.all([
+  const [{ events, deliveries }, outputs, retries] = await Promise.all([
     store.history(job.id),
     Promise.all(job.outputs.map(async (o) => ({ ...o, url: await storage.presign(o.key) }))),
+    store.retriesOf(job.id),
   ]);
-  const self = new URL(`/v1/jobs/${job.id}`, publicUrl).toString();
-  const record = { ...job, expires_at: expiresAt(job.finished_at, store.retentionS), outputs, events, webhook_deliveries: deliveries, links: { self, cancel: self } };
+  const record = { ...job, expires_at: expiresAt(job.finished_at, store.retentionS), retried_as: retries, outputs, events, webhook_deliveries: deliveries, links: jobLinks(job, retries, publicUrl) };
   if (record.kind === 'training' && record.progress?.stage === 'train') {
     // live step and loss come from the progress field, written on every step
     record.training = { ...record.training, step: record.progress.step, loss: record.progress.loss ?? record.training.loss };
@@ -20,4 +20,19 @@ export async function jobRecord(job: StoredJob, store: JobStore, storage: Storag
 /** A record expires JOB_RETENTION_S after it ended (the end-job script starts that TTL). */
 export function expiresAt(finishedAt: string | null, retentionS: number): string | null {
   return finishedAt ? new Date(Date.parse(finishedAt) + retentionS * 1000).toISOString() : null;
+}
+
+/** The record's links: every one a route of the API (see JobLinks for the method of each). */
+export function jobLinks(job: StoredJob, retries: string[], publicUrl: string): JobRecord['links'] {
+  const url = (path: string) => new URL(path, publicUrl).toString();
+  const self = url(`/v1/jobs/${job.id}`);
+  return {
+    self,
+    cancel: self,
+    events: url(`/v1/jobs/${job.id}/events`),
+    ...(job.kind === 'cache' ? {} : { retry: url(`/v1/jobs/${job.id}/retry`) }),
+    ...(job.retry_of ? { retry_of: url(`/v1/jobs/${job.retry_of}`) } : {}),
+    ...(retries.length ? { retried_as: url(`/v1/jobs/${retries.at(-1)}`) } : {}),
+    ...(job.group_id ? { group: url(`/v1/${job.kind === 'cache' ? 'cache' : 'batches'}/${job.group_id}`) } : {}),
+  };
 }

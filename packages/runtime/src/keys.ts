@@ -7,6 +7,8 @@ export class Keys {
   job = (id: string) => `${this.prefix}:job:${id}`;
   jobEvents = (id: string) => `${this.prefix}:job:${id}:events`;
   jobDeliveries = (id: string) => `${this.prefix}:job:${id}:deliveries`;
+  /** list of the jobs that retry this one (POST /v1/jobs/:id/retry), kept as long as the job */
+  jobRetries = (id: string) => `${this.prefix}:job:${id}:retries`;
   /** sorted set of unfinished job ids, scored by creation time */
   activeJobs = () => `${this.prefix}:jobs:active`;
   /** sorted set of ends not yet announced (`job:<id>`, `group:<id>`), scored by when a drainer may take each */

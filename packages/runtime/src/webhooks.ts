@@ -106,11 +106,10 @@ export class WebhookOutbox {
   /** Queues the `completed` delivery of a batch or cache group, if it has a webhook. */
   async emitGroup(group: StoredGroup): Promise<void> {
     if (!group.webhook) return;
-    const path = group.kind === 'batch' ? '/v1/batches' : '/v1/cache';
     const payload = {
       type: `${group.kind}.completed`,
       timestamp: new Date().toISOString(),
-      data: await groupRecord(group, this.groups, this.store, this.storage, this.publicUrl, path),
+      data: await groupRecord(group, this.groups, this.store, this.storage, this.publicUrl),
     };
     await this.send({ job_id: group.id, group: true, event: 'completed', url: group.webhook.url, payload, msgId: completedMsgId('group', group.id) });
   }

@@ -43,7 +43,7 @@ const isPlainObject = (v: unknown): v is Record<string, unknown> => typeof v ===
  */
 export function batchRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const sources = { storage: ctx.storage, allowPrivate: ctx.env.INPUT_ALLOW_PRIVATE, fetchTimeoutMs: ctx.env.INPUT_FETCH_TIMEOUT_MS };
-  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/batches');
+  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
   const load = (who: Principal, id: string) => loadVisible(who, id, 'batch', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'batch');
 
   return async (app) => {

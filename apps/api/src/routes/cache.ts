@@ -1,11 +1,12 @@
 import { randomUUID } from 'node:crypto';
-import { type AgentHeartbeat, ApiError, type CacheJob, CacheRequest, type CacheTask, EvictRequest, GroupRecord, type ModelInfo, NothingToEvict, ResidencyResponse, type StoredGroup } from '@kiln/contracts';
+import { type AgentHeartbeat, ApiError, isTerminal, type CacheJob, CacheRequest, type CacheTask, EvictRequest, GroupRecord, type ModelInfo, NothingToEvict, ResidencyResponse, type StoredGroup } from '@kiln/contracts';
 import { entryName, groupRecord, keepHistory, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
 import { Queue } from 'bullmq';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
 import { IdParams, loadVisible } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
+import { cancelJob } from './jobs.js';
 
 type Agent = AgentHeartbeat & { capabilities: NonNullable<AgentHeartbeat['capabilities']> };
 
@@ -20,7 +21,7 @@ const unschedulable = (field: string, rule: string, message: string) =>
  * record shows each agent's result.
  */
 export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
-  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/cache');
+  const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
 
   async function dispatch(client: string, tasks: CacheTask[], webhook: StoredGroup['webhook']): Promise<StoredGroup> {
     const groupId = randomUUID();
@@ -61,6 +62,23 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
 
     app.get('/v1/cache/:id', { schema: { summary: 'A cache request', description: 'Each target agent\'s share and its result.', params: IdParams, response: { 200: GroupRecord } } }, async (req) =>
       view(await loadVisible(req.principal, req.params.id, 'cache request', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'cache')),
+    );
+
+    /** Cancels the request's loads not yet done on their agents; it ends `canceled` once they have. */
+    app.delete(
+      '/v1/cache/:id',
+      {
+        schema: { summary: 'Cancel a cache request', description: 'Cancels its loads (or evictions) not yet done on their agents. Admin key; one that has ended is a 409.', params: IdParams, response: { 202: GroupRecord, 409: ApiError } },
+        config: { auth: 'admin' },
+      },
+      async (req, reply) => {
+        const group = await loadVisible(req.principal, req.params.id, 'cache request', (i) => ctx.jobs.groups.get(i), (g) => g.kind === 'cache');
+        if (['succeeded', 'failed', 'partially_succeeded', 'canceled'].includes(group.status)) throw new KilnError('conflict', `cache request ${group.id} already ${group.status}`);
+        const asked = (await ctx.jobs.groups.requestCancel(group.id))!;
+        const children = await ctx.store.getMany(group.children);
+        for (const c of children) if (c && !isTerminal(c.status)) await cancelJob(ctx, c.id).catch(() => {});
+        return reply.code(202).send(await view((await ctx.jobs.groups.get(group.id)) ?? asked));
+      },
     );
 
     // loading, pinning and evicting change what every tenant's jobs run on: admins only

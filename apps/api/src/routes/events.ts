@@ -129,7 +129,7 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             if (JSON.stringify(tally) !== counts) sse.send('progress', String(states), tally);
             counts = JSON.stringify(tally);
             if (groupEnded(group)) {
-              sse.send('end', String(states), await groupRecord(group, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, '/v1/batches'));
+              sse.send('end', String(states), await groupRecord(group, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
               break;
             }
             await woken;

@@ -2,9 +2,10 @@ import { ApiError, isTerminal, JobRecord, type StoredJob } from '@kiln/contracts
 import { jobRecord, KilnError, intakeJobId } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
+import { retryJob } from '../retry.js';
 import { IdParams, loadVisible } from '../tenancy.js';
 
-/** GET /v1/jobs/:id and DELETE /v1/jobs/:id (cancel). */
+/** GET /v1/jobs/:id, DELETE /v1/jobs/:id (cancel) and POST /v1/jobs/:id/retry. */
 export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const view = (job: StoredJob) => jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
 
@@ -25,6 +26,24 @@ export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id));
         const { status, job } = await cancelJob(ctx, req.params.id);
         return reply.code(status).send(await view(job));
+      },
+    );
+
+    app.post(
+      '/v1/jobs/:id/retry',
+      {
+        schema: {
+          summary: 'Retry a job',
+          description:
+            'A new job with the same request as one that has ended (failed, canceled, or succeeded: the same seed makes the same images), in the same tenant: 202 with its record. The new record has `retry_of` and a link to the old one; the old one lists it in `retried_as`. A job still queued or running, a cache task, or a training whose LoRA now exists is a 409.',
+          params: IdParams,
+          response: { 202: JobRecord, 409: ApiError, 429: ApiError },
+        },
+      },
+      async (req, reply) => {
+        const old = await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id));
+        const record = await view(await retryJob(ctx, req.principal, old));
+        return reply.code(202).header('location', record.links.self).send(record);
       },
     );
   };

@@ -1,5 +1,5 @@
 import { ApiError, BatchList, GroupStatus, type GroupSummary, JobKind, JobList, JobStatus, type StoredGroup, type StoredJob } from '@kiln/contracts';
-import { expiresAt, jobRecord, KilnError } from '@kiln/runtime';
+import { expiresAt, groupLinks, jobRecord, KilnError } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -55,8 +55,7 @@ export function listRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     const counts = { total: g.children.length, queued: 0, running: 0, succeeded: 0, failed: 0, canceled: 0 };
     for (const s of await ctx.store.statuses(g.children)) if (s) counts[s] += 1;
     const { children: _children, ...rest } = g;
-    const self = new URL(`/v1/batches/${g.id}`, ctx.env.PUBLIC_URL).toString();
-    return { ...rest, counts, expires_at: expiresAt(g.finished_at, ctx.jobs.groups.retentionS), links: { self, cancel: self } };
+    return { ...rest, counts, expires_at: expiresAt(g.finished_at, ctx.jobs.groups.retentionS), links: groupLinks(g, ctx.env.PUBLIC_URL) };
   }
 
   return async (app) => {
