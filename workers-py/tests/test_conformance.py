@@ -467,14 +467,15 @@ def test_cancel_stops_before_decoding(backend, tmp_path):
     assert decodes(w) >= 1, "the probe did not see the warm-up decode:\n" + w.stderr[-2000:]
     msg = gen(backend, "c", steps=150, width=256, height=256)
     w.send(msg)
-    steps_seen = 0
+    arrivals = []
     while True:
         m = w.recv(120)
         if m["id"] == "c" and m["type"] == "progress" and m["stage"] == "base":
-            steps_seen = m["step"]
-            if steps_seen >= 2:
+            arrivals.append(time.monotonic())
+            if m["step"] >= 3:
                 break
         assert m["type"] not in FINAL, m
+    step_s = max(b - a for a, b in zip(arrivals, arrivals[1:]))
     decoded_before = decodes(w)
     sent = time.monotonic()
     w.send({"v": 1, "type": "cancel", "id": "c"})
@@ -487,7 +488,8 @@ def test_cancel_stops_before_decoding(backend, tmp_path):
     assert set(s for s, _, _ in progress(after)) <= {"base"} and len(late) <= 3, late
     assert not Path(msg["job_dir"]).exists() or not os.listdir(msg["job_dir"])  # nothing written
     assert decodes(w) == decoded_before, "the canceled run was decoded"
-    assert latency < 5, f"cancel took {latency:.2f} s"
+    # a step or two, however loaded the machine (CI shares its cores): never the rest of the run
+    assert latency < 3 * step_s + 1.0, f"cancel took {latency:.2f} s with steps of {step_s:.2f} s"
     assert BASE in resident(final)  # models kept
     _, nxt = ok(backend, gen(backend, "c-next", steps=1), w)
     assert nxt["loaded_models"] == []

@@ -275,14 +275,11 @@ def test_shutdown_says_bye_and_exits_zero(spawn, tmp_path):
     assert worker.wait(3) == 0
 
 
-def test_diffusers_backend_without_its_libraries_exits_3_with_a_clear_message(spawn):
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("diffusers is installed here; the backend is available")
-    worker = spawn({"KILN_BACKEND": "diffusers"})
+def test_diffusers_backend_without_its_libraries_exits_3_with_a_clear_message(spawn, tmp_path):
+    # where diffusers is installed, a package of that name first on the path hides it
+    (tmp_path / "hide" / "diffusers").mkdir(parents=True)
+    (tmp_path / "hide" / "diffusers" / "__init__.py").write_text('raise ImportError("No module named diffusers (hidden by the test)")\n')
+    worker = spawn({"KILN_BACKEND": "diffusers", "PYTHONPATH": str(tmp_path / "hide")})
     assert worker.wait(10) == 3
     time.sleep(0.1)
     assert "diffusers backend" in worker.stderr and "KILN_BACKEND=synthetic" in worker.stderr
