@@ -28,7 +28,7 @@ const beat = (id: string): AgentHeartbeat => {
   const now = new Date().toISOString();
   return {
     agent_id: id, host: 'h', gpu_id: '0', gpu: { name: 'g', vram_total_mb: 1, vram_free_mb: 1 }, state: 'ready', maintenance: false, resident: [],
-    current_job: null, capabilities: null, worker: { pid: null, restarts: 0 }, jobs_done: 0, avg_job_ms: null, started_at: now, heartbeat_at: now,
+    current_job: null, capabilities: null, worker: { pid: null, restarts: 0 }, jobs_done: 0, avg_job_ms: null, step_ms: {}, started_at: now, heartbeat_at: now,
   };
 };
 

@@ -1,4 +1,4 @@
-import { activationVramMb, type AgentHeartbeat, type ModelInfo, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
+import type { AgentHeartbeat, ModelInfo } from '@kiln/contracts';
 import {
   type AgentJobData,
   type AgentRegistry,
@@ -19,26 +19,15 @@ import {
   tracer,
   tracingOn,
 } from '@kiln/runtime';
-import { type Job, Queue, type ConnectionOptions } from 'bullmq';
+import { Queue, type ConnectionOptions } from 'bullmq';
+import type { Redis } from 'ioredis';
 import type { DispatcherEnv } from './env.js';
 import type { Lease } from './lease.js';
 import { countPlacement, failovers, leader, placementDecisions, placementTickSeconds } from './metrics.js';
-import { type AgentView, type Candidate, plan, projectResidency } from './placement.js';
+import { demandOf, HeldView, IntakeView, runMsOf, type Waiting } from './intake-view.js';
+import { type AgentView, type Candidate, planInSlices, projectResidency } from './placement.js';
 import { placementReason } from './placement-reason.js';
 
-
-/** The models a job needs resident and the working VRAM on top, by kind. */
-function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activationMb'> {
-  switch (job.kind) {
-    case 'generation':
-      return { model: job.request.model.base, adapters: suiteOf(job.request).slice(1).map((m) => m.name), activationMb: activationVramMb(job.request.hyperparameters) };
-    case 'training':
-      return { model: job.request.base_model, adapters: [], activationMb: trainingVramMb(job.request) };
-    case 'cache':
-      // cache tasks go straight to their agent's queue; one in intake has lost its agent
-      return { model: `agent:${job.request.target_agent}`, adapters: [], activationMb: 0 };
-  }
-}
 
 /**
  * The active dispatcher's loop. Each tick, while holding the lease:
@@ -51,8 +40,11 @@ function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' | 'activ
  *     missing from intake is added again, a running job whose agent no longer holds it is
  *     retried, ends not yet announced (webhook, group end) are announced, and a job no live
  *     agent can run fails as unschedulable after a grace period;
- *  3. placement: peek at intake, plan, and for each decision claim the job on its record
- *     (a guarded write — the claim), hand it to the agent's queue, then drop the intake entry.
+ *  3. placement: look at intake through an incremental view (IntakeView: ids each tick, a new
+ *     entry and its record read once), plan in slices that give the event loop back every
+ *     PLAN_SLICE_MS, and for each decision claim the job on its record (a guarded write — the
+ *     claim), hand it to the agent's queue, then drop the intake entry; agents are claimed for
+ *     in parallel, each agent's jobs in order.
  * Every step is idempotent, so a dispatcher killed at any line loses nothing: the next one
  * (or the same after restart) repeats the half-done step.
  */
@@ -65,6 +57,10 @@ export class Dispatcher {
   private holdLogged = false;
   /** agents live at the last look, to tell "every agent lapsed at once" from agents dying one by one */
   private liveBefore = 0;
+  private readonly waiting: IntakeView;
+  private readonly held: HeldView;
+  /** the longest stretch one tick held the event loop while planning (ms), for the bench */
+  longestPlanSliceMs = 0;
 
   constructor(
     private readonly env: DispatcherEnv,
@@ -75,7 +71,11 @@ export class Dispatcher {
     private readonly registry: AgentRegistry,
     private readonly lease: Lease,
     private readonly loras: LoraRegistry,
-  ) {}
+  ) {
+    // main.ts passes the process's ioredis client as the connection
+    this.waiting = new IntakeView(intake, jobs.store, connection as Redis, env.INTAKE_WINDOW);
+    this.held = new HeldView(connection as Redis);
+  }
 
   async tick(): Promise<void> {
     const wasLeader = this.lease.held;
@@ -193,74 +193,91 @@ export class Dispatcher {
   }
 
   private async place(live: AgentHeartbeat[]): Promise<void> {
-    const entries = (await this.intake.getJobs(['prioritized', 'waiting'], 0, this.env.INTAKE_WINDOW - 1, true)).filter(
-      (e): e is Job<IntakeData> => Boolean(e?.data),
-    );
-    if (entries.length === 0) return;
-    const records = await this.jobs.store.getMany(entries.map((e) => e.data.job_id));
-    const byId = new Map<string, { entry: Job<IntakeData>; job: StoredJob }>();
-    for (const [i, entry] of entries.entries()) {
-      const job = records[i];
-      if (!job || job.status !== 'queued' || job.attempt !== entry.data.attempt) {
-        await entry.remove().catch(() => {}); // stale: canceled, finished or re-queued since
-        continue;
-      }
-      byId.set(job.id, { entry, job });
-    }
-    if (byId.size === 0) return;
+    const { waiting, stale } = await this.waiting.refresh();
+    // stale: canceled, finished or re-queued since it was queued
+    await Promise.all(stale.map((id) => this.dropEntry(id)));
+    if (waiting.length === 0) return;
 
     const { agents, running } = await this.agentViews(live);
     const now = Date.now();
-    const candidates: Candidate[] = [...byId.values()].map(({ entry, job }) => ({
-      jobId: job.id,
-      ...demandOf(job),
-      rank: entry.opts.priority ?? 5,
-      waitedMs: now - entry.timestamp,
-      client: job.client,
-    }));
-    const decisions = plan(candidates, agents, { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY, warmLoadFactor: this.env.WARM_LOAD_FACTOR });
+    const byId = new Map<string, Waiting>();
+    const candidates: Candidate[] = waiting.map((w) => {
+      byId.set(w.job.id, w);
+      return { jobId: w.job.id, ...w.demand, rank: w.rank, waitedMs: now - w.timestamp, client: w.job.client, work: w.work };
+    });
+    const opts = { agingMs: this.env.AGING_MS, running, policy: this.env.PLACEMENT_POLICY, warmLoadFactor: this.env.WARM_LOAD_FACTOR };
+    const { decisions, longestSliceMs } = await planInSlices(candidates, agents, opts, this.env.PLAN_SLICE_MS);
+    this.longestPlanSliceMs = Math.max(this.longestPlanSliceMs, longestSliceMs);
 
+    const perAgent = new Map<string, Waiting[]>();
+    const ends: Promise<void>[] = [];
     for (const d of decisions) {
-      const { entry, job } = byId.get(d.jobId)!;
+      const w = byId.get(d.jobId)!;
       if (d.kind === 'wait') continue;
       if (d.kind === 'infeasible') {
-        if (now - Date.parse(job.created_at) >= this.env.UNSCHEDULABLE_GRACE_MS) {
-          const failed = await this.jobs.update(job.id, { status: ['queued'], attempt: job.attempt }, {
-            status: 'failed',
-            stage: 'done',
-            error: { code: 'unschedulable', message: `${d.reason}; gave up after ${this.env.UNSCHEDULABLE_GRACE_MS} ms`, retryable: false },
-            finished_at: new Date().toISOString(),
-          });
-          if (failed) placementDecisions.inc({ decision: 'unschedulable', reason: 'none' }); // its end is logged with its code
-          await entry.remove().catch(() => {});
-        }
+        if (now - Date.parse(w.job.created_at) >= this.env.UNSCHEDULABLE_GRACE_MS) ends.push(this.unschedulable(w, d.reason));
         continue;
       }
-      const view = agents.find((a) => a.id === d.agentId)!;
-      const reason = placementReason(view, demandOf(job));
-      // a span in the job's trace (tracing.ts), under the API request that submitted it
-      const span = tracingOn()
-        ? tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': job.id, 'kiln.agent': d.agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(job.id)))
-        : null;
-      const claimed = await this.jobs.update(
-        job.id,
-        { status: ['queued'], attempt: job.attempt },
-        { status: 'running', stage: 'dispatched', agent: d.agentId, attempt: job.attempt + 1 },
-        { message: `placed on ${d.agentId} (${reason.replace('_', ' ')})` },
-      );
-      if (claimed) {
-        const demand = demandOf(job);
-        await this.agentQueue(d.agentId).add(
-          entryName(job),
-          { job_id: job.id, attempt: claimed.attempt, client: job.client, models: [demand.model, ...(demand.adapters ?? [])], activation_mb: demand.activationMb },
-          { jobId: agentJobId(job.id, claimed.attempt) },
-        );
-        countPlacement(reason);
-        lifecycle.placed(claimed, d.agentId, reason, now - entry.timestamp);
-      }
-      span?.end();
-      await entry.remove().catch(() => {});
+      perAgent.set(d.agentId, [...(perAgent.get(d.agentId) ?? []), w]);
     }
+    const views = new Map(agents.map((a) => [a.id, a]));
+    // agents in parallel; each agent's jobs in the order placed, which is the order it runs them
+    await Promise.all([
+      ...ends,
+      ...[...perAgent].map(async ([agentId, ws]) => {
+        for (const w of ws) await this.claim(w, agentId, views.get(agentId)!, now);
+      }),
+    ]);
+  }
+
+  private async unschedulable(w: Waiting, reason: string): Promise<void> {
+    const failed = await this.jobs.update(w.job.id, { status: ['queued'], attempt: w.job.attempt }, {
+      status: 'failed',
+      stage: 'done',
+      error: { code: 'unschedulable', message: `${reason}; gave up after ${this.env.UNSCHEDULABLE_GRACE_MS} ms`, retryable: false },
+      finished_at: new Date().toISOString(),
+    });
+    if (failed) placementDecisions.inc({ decision: 'unschedulable', reason: 'none' }); // its end is logged with its code
+    await this.dropEntry(w.entryId);
+  }
+
+  /** Claims the job on its record for `agentId` (the guarded write), hands it to the agent's queue, drops its intake entry. */
+  private async claim(w: Waiting, agentId: string, view: AgentView, now: number): Promise<void> {
+    const { job, demand } = w;
+    const reason = placementReason(view, demand);
+    // a span in the job's trace (tracing.ts), under the API request that submitted it
+    const span = tracingOn()
+      ? tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': job.id, 'kiln.agent': agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(job.id)))
+      : null;
+    const claimed = await this.jobs.update(
+      job.id,
+      { status: ['queued'], attempt: job.attempt },
+      { status: 'running', stage: 'dispatched', agent: agentId, attempt: job.attempt + 1 },
+      { message: `placed on ${agentId} (${reason.replace('_', ' ')})` },
+    );
+    if (claimed) {
+      await this.agentQueue(agentId).add(
+        entryName(claimed),
+        {
+          job_id: job.id,
+          attempt: claimed.attempt,
+          client: job.client,
+          models: [demand.model, ...(demand.adapters ?? [])],
+          activation_mb: demand.activationMb,
+          ...(w.work ? { work: w.work } : {}),
+        },
+        { jobId: agentJobId(job.id, claimed.attempt) },
+      );
+      countPlacement(reason);
+      lifecycle.placed(claimed, agentId, reason, now - w.timestamp);
+    }
+    span?.end();
+    await this.dropEntry(w.entryId);
+  }
+
+  private async dropEntry(entryId: string): Promise<void> {
+    this.waiting.forget(entryId);
+    await this.intake.remove(entryId).catch(() => {});
   }
 
   /** What placement needs of each usable agent, and how many jobs each client has on agents. */
@@ -273,31 +290,38 @@ export class Dispatcher {
     const fleetJobMs = known.length ? known.reduce((s, v) => s + v, 0) / known.length : 0;
     // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
     const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
-    const agents = await Promise.all(
-      usable.map(async (a) => {
-        const held = (await this.agentQueue(a.agent_id).getJobs(['active', 'waiting', 'prioritized', 'delayed'])).filter(Boolean);
-        for (const h of held) if (h.data?.client) running.set(h.data.client, (running.get(h.data.client) ?? 0) + 1);
-        // held jobs, oldest first: the running one, then the next
-        const queued = [...held].sort((x, y) => x.timestamp - y.timestamp).map((h) => ({ models: h.data?.models ?? [], activationMb: h.data?.activation_mb ?? 0 }));
-        const base = {
-          vramTotalMb: a.gpu.vram_total_mb,
-          // least recently used first, as the worker evicts
-          resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
-          pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
-          models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
-        };
-        const projected = projectResidency(base, queued);
-        return {
-          ...base,
-          id: a.agent_id,
-          free: Math.max(0, this.env.AGENT_SLOTS - held.length),
-          inflight: held.length,
-          avgJobMs: a.avg_job_ms ?? fleetJobMs,
-          resident: projected,
-          warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
-        };
-      }),
-    );
+    const heldBy = await this.held.read(new Map(usable.map((a) => [a.agent_id, this.agentQueue(a.agent_id)])));
+    const now = Date.now();
+    const agents = usable.map((a): AgentView => {
+      // held jobs, oldest first: the running one, then the next
+      const held = heldBy.get(a.agent_id) ?? [];
+      for (const h of held) if (h.data.client) running.set(h.data.client, (running.get(h.data.client) ?? 0) + 1);
+      const queued = held.map((h) => ({ models: h.data.models ?? [], activationMb: h.data.activation_mb ?? 0 }));
+      const avgJobMs = a.avg_job_ms ?? fleetJobMs;
+      const stepMs = a.step_ms ?? {};
+      // what it holds runs for: each job's known work at this agent's step time, less what the
+      // running one has already run
+      const busyMs = held.reduce((s, h) => s + Math.max(0, runMsOf(h.data.work, stepMs, avgJobMs) - (h.processedOn ? now - h.processedOn : 0)), 0);
+      const base = {
+        vramTotalMb: a.gpu.vram_total_mb,
+        // least recently used first, as the worker evicts
+        resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
+        pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
+        models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
+      };
+      const projected = projectResidency(base, queued);
+      return {
+        ...base,
+        id: a.agent_id,
+        free: Math.max(0, this.env.AGENT_SLOTS - held.length),
+        inflight: held.length,
+        avgJobMs,
+        busyMs,
+        runMs: (c) => runMsOf(c.work, stepMs, avgJobMs),
+        resident: projected,
+        warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
+      };
+    });
     return { agents, running };
   }
 

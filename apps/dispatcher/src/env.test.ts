@@ -23,6 +23,7 @@ describe('dispatcher env', () => {
       UNSCHEDULABLE_GRACE_MS: 60_000,
       AGING_MS: 60_000,
       INTAKE_WINDOW: 500,
+      PLAN_SLICE_MS: 10,
       AGENT_SLOTS: 2,
       WEBHOOK_CONCURRENCY: 16,
       WEBHOOK_ALLOW_PRIVATE: false,

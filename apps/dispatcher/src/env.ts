@@ -12,6 +12,7 @@ export const DispatcherEnv = CommonEnv.extend(StorageEnv.shape)
     UNSCHEDULABLE_GRACE_MS: z.coerce.number().int().min(0).default(60_000),
     AGING_MS: z.coerce.number().int().min(1_000).default(60_000).describe('waiting this long raises a job one priority rank'),
     INTAKE_WINDOW: z.coerce.number().int().min(1).max(10_000).default(500),
+    PLAN_SLICE_MS: z.coerce.number().int().min(1).max(1_000).default(10).describe('planning gives the event loop back after running this long'),
     AGENT_SLOTS: z.coerce.number().int().min(1).max(8).default(2).describe('jobs held per agent: the running one plus the next'),
     PLACEMENT_POLICY: z.enum(['affinity', 'fifo']).default('affinity').describe('fifo: plain competing consumers, the benchmark baseline'),
     WARM_LOAD_FACTOR: z.coerce.number().min(0).max(1).default(0.15).describe('cost of bringing a warm (host RAM) model into VRAM, as a fraction of a cold load'),

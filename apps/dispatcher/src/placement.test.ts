@@ -1,6 +1,6 @@
 import type { ModelInfo } from '@kiln/contracts';
 import { describe, expect, it } from 'vitest';
-import { type AgentView, type Candidate, type Decision, plan, projectResidency } from './placement.js';
+import { type AgentView, type Candidate, type Decision, plan, planInSlices, projectResidency } from './placement.js';
 import { referencePlan } from '../test/placement-reference.js';
 
 const SDXL = 'stabilityai/stable-diffusion-xl-base-1.0';
@@ -401,3 +401,52 @@ describe('plan(): indexed, and the same decisions as the plain scan it replaced'
     }
   });
 });
+
+describe('plan(): an agent costs the remaining time of what it holds', () => {
+  it('does not put a job behind a long training run when an idle agent would finish it sooner, load included', () => {
+    // the holder runs a 78 s training; its average job is 2 s, so inflight × average says 2 s
+    const holder = agent('a-holder', { resident: [SDXL], inflight: 1, free: 1, avgJobMs: 2_000, busyMs: 78_000 });
+    expect(plan([job('j1')], [holder, agent('b-idle')], opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'b-idle', load: true }]);
+    // without the remaining time it went behind the training
+    const { busyMs: _, ...averaged } = holder;
+    expect(plan([job('j1')], [averaged, agent('b-idle')], opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'a-holder', load: false }]);
+  });
+
+  it('counts what it places: each job adds its expected run time on that agent', () => {
+    // 1 s of work left on the holder; each job runs 2.5 s there; loading elsewhere costs 3 s
+    const runMs = (c: Candidate) => (c.work?.steps ?? 0) * 100;
+    const holder = agent('a-holder', { resident: [SDXL], inflight: 0, free: 2, busyMs: 1_000, runMs });
+    const other = agent('b-idle', { busyMs: 0, runMs });
+    const work = { key: `generation ${SDXL}`, steps: 25, pixels: 1024 * 1024 };
+    const decisions = plan([job('j1', { work }), job('j2', { work })], [holder, other], opts());
+    // j1: holder 1 s < 3 s load; j2: holder 3.5 s > b-idle 3 s
+    expect(decisions).toEqual([
+      { jobId: 'j1', kind: 'place', agentId: 'a-holder', load: false },
+      { jobId: 'j2', kind: 'place', agentId: 'b-idle', load: true },
+    ]);
+  });
+});
+
+describe('planInSlices(): the same plan, giving the event loop back', () => {
+  it('decides exactly as plan() while other work runs between its slices (a fleet coming up to a backlog)', async () => {
+    const bases = [SDXL, TURBO, JUGGERNAUT];
+    const agents = Array.from({ length: 300 }, (_, i) => agent(`agent-${String(i).padStart(3, '0')}`, { resident: [bases[i % 3]!], avgJobMs: 1_000 + (i % 7) * 100 }));
+    const jobs = Array.from({ length: 2_000 }, (_, i) => job(`j${i}`, { model: bases[i % 3]!, client: `c${i % 5}`, waitedMs: i % 1000 }));
+    const expected = plan(jobs, agents, opts());
+    // a slice of 0 ms gives the loop back at every pause point: other work interleaves
+    let turns = 0;
+    let done = false;
+    const spin = () => {
+      turns += 1;
+      if (!done) setImmediate(spin);
+    };
+    setImmediate(spin);
+    const { decisions, longestSliceMs } = await planInSlices(jobs, agents, opts(), 0);
+    done = true;
+    expect(decisions).toEqual(expected);
+    expect(decisions.filter((d) => d.kind === 'place')).toHaveLength(600);
+    expect(turns).toBeGreaterThan(600);
+    expect(longestSliceMs).toBeGreaterThan(0);
+  });
+});
+

@@ -5,7 +5,8 @@ import type { ModelInfo } from '@kiln/contracts';
  * benchmarked without Redis.
  *
  * The cost of running a job on an agent is what the GPU would spend before starting it:
- * the agent's expected wait (jobs ahead × its typical job time), plus the cold load of the
+ * the agent's expected wait (the remaining time of what it holds: the rest of the running job
+ * and the next, known steps × measured step time), plus the cold load of the
  * job's model when the agent does not hold it, plus — when that load would evict models
  * other waiting jobs need — those models' reload cost.
  *
@@ -26,6 +27,13 @@ export interface AgentView {
   inflight: number;
   /** typical run time of one job on this agent */
   avgJobMs: number;
+  /**
+   * Time until the agent has run what it holds: the rest of its current job and the next, each
+   * as known steps × its measured step time. When absent, `inflight × avgJobMs`.
+   */
+  busyMs?: number;
+  /** expected run time of `c` here, added to `busyMs` once `c` is placed here (default avgJobMs) */
+  runMs?: (c: Candidate) => number;
   vramTotalMb: number;
   /** models in VRAM, least recently used first */
   resident: Set<string>;
@@ -47,6 +55,8 @@ export interface Candidate {
   waitedMs: number;
   client: string;
   activationMb: number;
+  /** how much work the job is: its steps and pixels (for `AgentView.runMs`) */
+  work?: { key: string; steps: number; pixels: number };
 }
 
 export interface PlacementOptions {
@@ -81,6 +91,37 @@ type AgentState = AgentView & { version: number };
  * it are re-pushed too (at most once per model per plan).
  */
 export function plan(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Decision[] {
+  const steps = planSteps(candidates, agents, opts);
+  for (;;) {
+    const r = steps.next();
+    if (r.done) return r.value;
+  }
+}
+
+/**
+ * `plan`, giving the event loop back whenever it has run for `sliceMs`: a fleet coming up to a
+ * large backlog costs the dispatcher tens of milliseconds of planning, which must not hold up
+ * its lease renewals, heartbeats of its own Redis clients, or webhook deliveries. Returns the
+ * longest slice it ran.
+ */
+export async function planInSlices(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions, sliceMs = 10): Promise<{ decisions: Decision[]; longestSliceMs: number }> {
+  const steps = planSteps(candidates, agents, opts);
+  let start = performance.now();
+  let longest = 0;
+  for (;;) {
+    const r = steps.next();
+    const ran = performance.now() - start;
+    if (r.done) return { decisions: r.value, longestSliceMs: Math.max(longest, ran) };
+    if (ran >= sliceMs) {
+      longest = Math.max(longest, ran);
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      start = performance.now();
+    }
+  }
+}
+
+/** The planner as a generator: it yields at points where it may be paused (see planInSlices). */
+function* planSteps(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Generator<void, Decision[], void> {
   const fifo = opts.policy === 'fifo';
   const fairnessMs = opts.agingMs / 10;
   const warmFactor = opts.warmLoadFactor ?? 0.15;
@@ -113,7 +154,8 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   }
   const groups = new Map<string, Group>();
   const feasibleBySuite = new Map<string, AgentState[]>();
-  candidates.forEach((c, index) => {
+  for (const [index, c] of candidates.entries()) {
+    if ((index & 255) === 255) yield;
     const members = suite(c);
     const suiteKey = `${members.join('\0')}\0${c.activationMb}`;
     let feasible = feasibleBySuite.get(suiteKey);
@@ -123,7 +165,7 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     }
     if (feasible.length === 0) {
       infeasible.push({ jobId: c.jobId, kind: 'infeasible', reason: infeasibleReason(c, state) });
-      return;
+      continue;
     }
     const key = `${suiteKey}\0${c.client}`;
     let g = groups.get(key);
@@ -134,7 +176,7 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     const j = { c, index, urgency: c.rank * opts.agingMs - c.waitedMs, done: false };
     g.jobs.push(j);
     g.byWait.push(j);
-  });
+  }
   for (const g of groups.values()) {
     g.jobs.sort((x, y) => x.urgency - y.urgency || x.index - y.index);
     g.byWait.sort((x, y) => y.c.waitedMs - x.c.waitedMs || x.index - y.index);
@@ -163,18 +205,25 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     const loads = g.suite
       .filter((name) => !a.resident.has(name))
       .reduce((s, name) => s + a.models.get(name)!.load_ms * (a.warm?.has(name) ? warmFactor : 1), 0);
-    if (loads === 0) return a.inflight * a.avgJobMs;
+    const wait = a.busyMs ?? a.inflight * a.avgJobMs;
+    if (loads === 0) return wait;
     // evicting a model waiting jobs need costs its reload; any other eviction a tenth of it,
     // since traffic for it may come back (so between equals, an agent with room wins)
     const evictPenalty = evictions(a, g.suite, g.activationMb).reduce((s, name) => s + (a.models.get(name)?.load_ms ?? 0) * ((demand.get(name) ?? 0) > 0 ? 1 : 0.1), 0);
-    return a.inflight * a.avgJobMs + loads + evictPenalty;
+    return wait + loads + evictPenalty;
   };
   const push = (g: Group, a: AgentState) => {
     const e: Entry = { a, cost: cost(a, g), inflight: a.inflight, version: a.version };
     g.all.push(e);
     if (a.free > 0) g.free.push(e);
   };
-  for (const g of groups.values()) for (const a of g.feasible) push(g, a);
+  let pushed = 0;
+  for (const g of groups.values()) {
+    for (const a of g.feasible) {
+      push(g, a);
+      if ((++pushed & 255) === 0) yield;
+    }
+  }
   /** `a` changed: its old entries go stale, and it is pushed again wherever it may run. */
   const repush = (a: AgentState) => {
     a.version += 1;
@@ -183,6 +232,7 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
   const valid = (e: Entry) => e.version === e.a.version;
 
   for (;;) {
+    yield;
     let best: { g: Group; j: Job; a: AgentState; score: number } | null = null;
     for (const g of groups.values()) {
       while (g.head < g.jobs.length && g.jobs[g.head]!.done) g.head += 1;
@@ -217,6 +267,7 @@ export function plan(candidates: Candidate[], agents: AgentView[], opts: Placeme
     }
     a.free -= 1;
     a.inflight += 1;
+    if (a.busyMs !== undefined) a.busyMs += a.runMs ? a.runMs(j.c) : a.avgJobMs;
     running.set(g.client, (running.get(g.client) ?? 0) + 1);
     const ranOut = g.suite.filter((name) => {
       const left = (demand.get(name) ?? 1) - 1;

@@ -109,6 +109,8 @@ export class Agent {
   private heartbeatTimer: NodeJS.Timeout | null = null;
   private jobsDone = 0;
   private avgJobMs: number | null = null;
+  /** ms per step per megapixel by "<kind> <base model>" (heartbeat step_ms) */
+  private readonly stepMs = new Map<string, number>();
   private readonly startedAt = new Date().toISOString();
   private draining = false;
   /** ends the wait between in-place transfer retries when the running job is stopped */
@@ -506,6 +508,9 @@ export class Agent {
     // charges them separately, and counting them here would make a thrashing agent look slow,
     // which sends more jobs elsewhere and makes it thrash more.
     this.recordDuration(Date.now() - started - result.timings.model_load_ms);
+    const h = job.request.hyperparameters;
+    const steps = job.request.scheduler.steps + (job.request.model.refiner ? (job.request.refiner?.steps ?? job.request.scheduler.steps) : 0);
+    this.recordSteps(`generation ${job.request.model.base}`, result.timings.inference_ms, steps, h.width * h.height * h.num_images);
   }
 
   /**
@@ -569,6 +574,8 @@ export class Agent {
       timings: { ...begun.timings, model_load_ms: Math.round(trained.timings.model_load_ms), inference_ms: Math.round(trained.timings.train_ms), upload_ms: null, total_ms: finishedAt.getTime() - Date.parse(job.created_at) },
     });
     this.log.info({ job: job.id, tenant: job.client, agent: this.id, lora: lora.name, steps: trained.steps, loss: trained.final_loss }, 'LoRA registered');
+    const hp = job.request.hyperparameters;
+    this.recordSteps(`training ${job.request.base_model}`, trained.timings.train_ms, trained.steps - (resume?.step ?? 0), hp.resolution * hp.resolution * hp.batch_size);
   }
 
   /** Best effort: objects of a run that did not become the job's result. */
@@ -709,6 +716,14 @@ export class Agent {
     this.avgJobMs = this.avgJobMs === null ? ms : Math.round(this.avgJobMs * 0.8 + ms * 0.2);
   }
 
+  /** Placement's step time: `ms` spent on `steps` steps of `pixels` pixels, per megapixel-step. */
+  private recordSteps(key: string, ms: number, steps: number, pixels: number): void {
+    if (!(steps > 0 && pixels > 0 && ms >= 0)) return;
+    const v = ms / steps / (pixels / 1_000_000);
+    const before = this.stepMs.get(key);
+    this.stepMs.set(key, Math.round((before === undefined ? v : before * 0.8 + v * 0.2) * 1000) / 1000);
+  }
+
   async heartbeat(): Promise<void> {
     const w = this.worker;
     const st = w?.lastState;
@@ -737,6 +752,7 @@ export class Agent {
       worker: { pid: w?.pid ?? null, restarts: this.restarts },
       jobs_done: this.jobsDone,
       avg_job_ms: this.avgJobMs,
+      step_ms: Object.fromEntries(this.stepMs),
       started_at: this.startedAt,
       heartbeat_at: new Date().toISOString(),
     };

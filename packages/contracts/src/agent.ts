@@ -63,6 +63,10 @@ export const AgentHeartbeat = z.object({
   worker: z.object({ pid: z.number().int().nullable(), restarts: z.number().int() }),
   jobs_done: z.number().int(),
   avg_job_ms: z.number().nullable().describe('moving average of run time, for placement'),
+  step_ms: z
+    .record(z.string(), z.number())
+    .default({})
+    .describe('measured time of one step per megapixel, by "<kind> <base model>" (generation, training): moving averages placement multiplies by a job\'s known steps and size to tell how long it will run'),
   started_at: z.string(),
   heartbeat_at: z.string(),
 });

@@ -28,6 +28,15 @@ export interface AgentJobData {
   models?: string[];
   /** working VRAM it needs on top of them */
   activation_mb?: number;
+  /** how much work it is, so placement can tell how long the agent will be busy with it */
+  work?: JobWork;
+}
+
+/** A job's known work: steps of `pixels` pixels (all images), and its step-time key "<kind> <base model>". */
+export interface JobWork {
+  key: string;
+  steps: number;
+  pixels: number;
 }
 
 /** A queue entry's name, as Bull Board lists it: kind, model (or what a cache task does) and tenant. */

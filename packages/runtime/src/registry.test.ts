@@ -41,6 +41,7 @@ function heartbeat(id: string, over: Partial<AgentHeartbeat> = {}): AgentHeartbe
     worker: { pid: null, restarts: 0 },
     jobs_done: 0,
     avg_job_ms: null,
+    step_ms: {},
     started_at: now,
     heartbeat_at: now,
     ...over,
