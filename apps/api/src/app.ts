@@ -22,6 +22,7 @@ import { healthRoutes } from './routes/health.js';
 import { eventRoutes } from './routes/events.js';
 import { jobRoutes } from './routes/jobs.js';
 import { listRoutes } from './routes/lists.js';
+import { queueRoutes } from './routes/queue.js';
 import { serverOptions } from './server-options.js';
 
 export interface RegisteredRoute {
@@ -65,6 +66,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     await v1.register(listRoutes(ctx));
     await v1.register(eventRoutes(ctx));
     await v1.register(uploadRoutes(ctx));
+    await v1.register(queueRoutes(ctx));
     await v1.register(agentRoutes(ctx));
     await v1.register(agentMaintenanceRoutes(ctx));
     await v1.register(healthRoutes(ctx));

@@ -65,7 +65,23 @@ export const ValidateResponse = z.object({
   valid: z.literal(true),
   request: GenerationRequest,
   agents: z.array(z.string()).describe('live agents that could run it now'),
+  estimate: z.object({
+    run_s: z.number().nullable().describe('how long it should run, from the agents measured times (model loads not counted); null with nothing measured yet'),
+    vram_mb: z.number().int().nullable().describe('VRAM its models and images need on the best-fitting capable agent'),
+  }),
 });
+
+/** GET /v1/queue: what waits, what runs it, and how long until it is all done. */
+export const QueueSummary = z.object({
+  waiting: z.number().int().describe('entries in intake'),
+  counted: z.number().int().describe('of those, the ones read for the breakdowns (at most 2000, first to be placed first)'),
+  by_priority: z.object({ high: z.number().int(), normal: z.number().int(), low: z.number().int() }),
+  by_model: z.record(z.string(), z.number().int()),
+  by_tenant: z.record(z.string(), z.number().int()).describe("every tenant's for an admin key; the caller's own for a client key"),
+  agents: z.object({ total: z.number().int(), busy: z.number().int(), idle: z.number().int(), unavailable: z.number().int().describe('starting, draining or defunct') }),
+  drain_s: z.number().int().nullable().describe('estimated seconds until everything queued and running has ended; null without a usable agent'),
+});
+export type QueueSummary = z.infer<typeof QueueSummary>;
 
 /** A LoRA trained here, as GET /v1/loras and POST /v1/loras/share show it. */
 export const TrainedLora = z.object({

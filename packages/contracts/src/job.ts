@@ -149,8 +149,16 @@ export const JobLinks = z.object({
   group: z.string().optional().describe('GET: the batch or cache request it belongs to'),
 });
 
+/** Where a job stands: an estimate from the agents' measured times (model loads not counted). */
+export const QueueInfo = z.object({
+  position: z.number().int().nullable().describe('entries ahead of it in intake (0: next to be placed); null once it is placed'),
+  eta_s: z.number().int().nullable().describe('estimated seconds until it ends; null with nothing to go on yet'),
+});
+export type QueueInfo = z.infer<typeof QueueInfo>;
+
 const recordExtras = {
   expires_at: ExpiresAt,
+  queue: QueueInfo.nullable().optional().describe('while queued or running (the API adds it; null once ended)'),
   retried_as: z.array(z.string()).describe('the jobs that retry this one, oldest first'),
   outputs: z.array(Output),
   events: z.array(JobEvent),

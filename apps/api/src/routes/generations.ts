@@ -1,14 +1,15 @@
 import { createHash, randomInt, randomUUID } from 'node:crypto';
 import { ApiError, GenerationRequest, isTerminal, JobRecord, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
-import { jobRecord, KilnError, newJobFields } from '@kiln/runtime';
+import { KilnError, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
-import { againstLiveAgents, checkFeasible, resolveLoras } from '../feasibility.js';
+import { againstLiveAgents, checkFeasible, resolveLoras, suiteVramMb } from '../feasibility.js';
 import { ingestImages } from '../images.js';
 import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
 import { assertImageKeysReachable } from '../tenancy.js';
+import { generationRunMs, recordOf } from '../queue.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { MAX_WAIT_S, preferredWait, waitForEnd } from '../wait.js';
 
@@ -47,7 +48,11 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       },
       async (req) => {
         const { request, agents } = await prepare(req.principal, req.body, 'validate', false);
-        return { valid: true as const, request, agents };
+        // what running it would take, on the agents that could
+        const capable = (await ctx.registry.live()).filter((a) => agents.includes(a.agent_id));
+        const run = generationRunMs(request, capable);
+        const vram = capable.length ? Math.min(...capable.map((a) => suiteVramMb(request, a as Parameters<typeof suiteVramMb>[1]))) : null;
+        return { valid: true as const, request, agents, estimate: { run_s: run === null ? null : Math.round(run / 100) / 10, vram_mb: vram } };
       },
     );
 
@@ -79,7 +84,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             if (now) job = now;
             if (isTerminal(job.status)) status = 200;
           }
-          const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+          const record = await recordOf(ctx, job);
           return reply.code(status).header('location', record.links.self).send(record);
         };
         const idemKey = req.headers['idempotency-key'];

@@ -1,13 +1,14 @@
 import { ApiError, isTerminal, JobRecord, type StoredJob } from '@kiln/contracts';
-import { jobRecord, KilnError, intakeJobId } from '@kiln/runtime';
+import { KilnError, intakeJobId } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { ApiContext } from '../context.js';
+import { recordOf } from '../queue.js';
 import { retryJob } from '../retry.js';
 import { IdParams, loadVisible } from '../tenancy.js';
 
 /** GET /v1/jobs/:id, DELETE /v1/jobs/:id (cancel) and POST /v1/jobs/:id/retry. */
 export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
-  const view = (job: StoredJob) => jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+  const view = (job: StoredJob) => recordOf(ctx, job);
 
   return async (app) => {
     app.get('/v1/jobs/:id', { schema: { summary: 'A job', description: 'Any kind of job (generation, training, cache task): status, stage, progress, outputs with fresh presigned URLs, events, webhook deliveries, links.', params: IdParams, response: { 200: JobRecord } } }, async (req) => view(await loadVisible(req.principal, req.params.id, 'job', (id) => ctx.store.get(id))));

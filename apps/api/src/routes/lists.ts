@@ -5,6 +5,7 @@ import { z } from 'zod';
 import type { ApiContext } from '../context.js';
 import type { Principal } from '../keys.js';
 import { pageArray, pageIndex } from '../listing.js';
+import { withQueue } from '../queue.js';
 import { loadVisible } from '../tenancy.js';
 
 /** `a,b,c` of an enum's values: what `?status=` takes. */
@@ -46,6 +47,8 @@ export function listRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     return tenant ?? (p.role === 'admin' ? null : p.tenant);
   };
   const view = (j: StoredJob) => jobRecord(j, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+  /** The page's records, with `queue` (one registry read for the page). */
+  const records = async (jobs: StoredJob[]) => withQueue(ctx, await Promise.all(jobs.map(view)));
   const inRange = (created: string, after?: number, before?: number) => {
     const t = Date.parse(created);
     return (after === undefined || t > after) && (before === undefined || t < before);
@@ -78,11 +81,11 @@ export function listRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           const group = await loadVisible(req.principal, q.batch, 'batch', (id) => ctx.jobs.groups.get(id), (g) => g.kind === 'batch');
           const children = (await ctx.store.getMany(group.children)).filter((j): j is StoredJob => !!j && accept(j) && inRange(j.created_at, after, before));
           const page = pageArray(children, q.cursor, q.limit);
-          return { data: await Promise.all(page.items.map(view)), next_cursor: page.next_cursor };
+          return { data: await records(page.items), next_cursor: page.next_cursor };
         }
         const key = ctx.keys.recordIndex('jobs', scope(req.principal, q.tenant), q.kind ?? 'all');
         const page = await pageIndex(ctx.redis, key, { cursor: q.cursor, after, before, limit: q.limit, load: (ids) => ctx.store.getMany(ids), accept });
-        return { data: await Promise.all(page.items.map(view)), next_cursor: page.next_cursor };
+        return { data: await records(page.items), next_cursor: page.next_cursor };
       },
     );
 
@@ -107,7 +110,7 @@ export function listRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           load: (ids) => ctx.store.getMany(ids),
           accept: (j) => !q.status || q.status.includes(j.status),
         });
-        return { data: await Promise.all(page.items.map(view)), next_cursor: page.next_cursor };
+        return { data: await records(page.items), next_cursor: page.next_cursor };
       },
     );
 

@@ -1,6 +1,6 @@
 import { randomInt, randomUUID } from 'node:crypto';
 import { ApiError, firstBadChar, IMAGE_LIMITS, JobRecord, LIMITS, LorasResponse, Text, MAX_SEED, ResolvedTrainingRequest, TRAINING_LIMITS, type TrainingJob, TrainedLora, TrainingRequest, trainingVramMb } from '@kiln/contracts';
-import { jobRecord, KilnError, newJobFields, qualifiedLoraName } from '@kiln/runtime';
+import { KilnError, newJobFields, qualifiedLoraName } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -8,6 +8,7 @@ import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
 import { assertReachable, canSee, IdParams, loadVisible } from '../tenancy.js';
 import { againstLiveAgents } from '../feasibility.js';
+import { recordOf } from '../queue.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { cancelJob } from './jobs.js';
 
@@ -126,7 +127,7 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         };
         await ctx.store.create(job);
         await ctx.jobs.enqueue(job);
-        const record = await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
+        const record = await recordOf(ctx, job);
         return reply.code(202).header('location', record.links.self).send(record);
       } catch (err) {
         await Promise.all([ctx.loras.release(lora, id), releaseJobs(ctx, who, [id])]);
@@ -135,11 +136,11 @@ export function trainingRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
     });
 
     const load = (who: Principal, id: string) => loadVisible(who, id, 'training', (i) => ctx.store.get(i), (j) => j.kind === 'training');
-    app.get('/v1/trainings/:id', { schema: { summary: 'A training', description: 'The job record, with `training` (step, total, loss, last checkpoint, the LoRA).', params: IdParams, response: { 200: JobRecord } } }, async (req) => jobRecord(await load(req.principal, req.params.id), ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
+    app.get('/v1/trainings/:id', { schema: { summary: 'A training', description: 'The job record, with `training` (step, total, loss, last checkpoint, the LoRA).', params: IdParams, response: { 200: JobRecord } } }, async (req) => recordOf(ctx, await load(req.principal, req.params.id)));
     app.delete('/v1/trainings/:id', { schema: { summary: 'Cancel a training', description: 'Stops it within a step and keeps the last checkpoint; like DELETE /v1/jobs/:id.', params: IdParams, response: { 200: JobRecord, 202: JobRecord, 409: ApiError } } }, async (req, reply) => {
       await load(req.principal, req.params.id);
       const { status, job } = await cancelJob(ctx, req.params.id);
-      return reply.code(status).send(await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
+      return reply.code(status).send(await recordOf(ctx, job));
     });
 
     /** Trained LoRAs the caller may use (its own and shared ones), and the LoRAs agents ship with. */
