@@ -1,0 +1,264 @@
+// The control plane's cost per job, against raw BullMQ on the same Redis, in one run:
+//  1. raw BullMQ: a queue and a no-op worker — jobs/s and Redis commands per job (the baseline);
+//  2. the farm with simulated agents: the real API and dispatcher as their own processes, and
+//     N agents in this process that heartbeat like real ones, consume their real agent.<id>
+//     queues and write records through Kiln's runtime (start, then succeed), with zero-cost
+//     work — jobs/s, submit→placed p50/p95, Redis commands per job (INFO commandstats deltas),
+//     CPU ms per job of the dispatcher (per placement) and of the API.
+// A private redis-server (no persistence) keeps other users of the machine's Redis out of the
+// command counts. Prints a table and a final JSON line (bench/README.md); never fails on timing.
+import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
+import type { AgentHeartbeat, JobEvent } from '@kiln/contracts';
+import { type AgentJobData, CommonEnv, createJobServices, createLogger, JobEnv, type JobServices, parseEnvOrThrow, QUEUES, StorageEnv, WebhookEnv } from '@kiln/runtime';
+import { Queue, Worker } from 'bullmq';
+import { Redis } from 'ioredis';
+import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess } from '../scripts/farm-lib.js';
+import { RedisServer } from '../tests/support/redis-server.js';
+
+const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100').split(',').map(Number);
+const FARM_JOBS = Number(process.env.BENCH_FARM_JOBS ?? 1_000);
+const RAW_JOBS = Number(process.env.BENCH_RAW_JOBS ?? 5_000);
+const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 32);
+const MODEL = 'bench/zero';
+const TICK_S = 100; // Linux clock ticks per second (/proc/<pid>/stat)
+
+createLogger('bench', 'warn'); // the runtime's lifecycle lines from the simulated agents stay quiet
+/** every connection this process makes, closed at the end (BullMQ leaves a given one open) */
+const connections: Redis[] = [];
+const connect = (url: string) => {
+  const c = new Redis(url, { maxRetriesPerRequest: null });
+  c.on('error', () => {});
+  connections.push(c);
+  return c;
+};
+
+const pct = (xs: number[], p: number) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))]! : NaN);
+const round = (x: number, d = 2) => Number(x.toFixed(d));
+
+async function commandCalls(redis: Redis): Promise<number> {
+  const info = await redis.info('commandstats');
+  let n = 0;
+  for (const m of info.matchAll(/calls=(\d+)/g)) n += Number(m[1]);
+  return n;
+}
+
+/** CPU ms a process has used (user + system). */
+function cpuMs(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return ((Number(fields[11]) + Number(fields[12])) * 1000) / TICK_S;
+}
+
+async function rawBullmq(url: string): Promise<{ jobs_per_s: number; commands_per_job: number }> {
+  const prefix = `bench-raw-${randomUUID().slice(0, 8)}`;
+  const conn = connect(url);
+  const queue = new Queue('raw', { connection: conn, prefix });
+  let done = 0;
+  let finish!: () => void;
+  const finished = new Promise<void>((r) => (finish = r));
+  const worker = new Worker(
+    'raw',
+    async () => {
+      if (++done === RAW_JOBS) finish();
+    },
+    { connection: connect(url), prefix, concurrency: 50, removeOnComplete: { count: 1000 } },
+  );
+  await worker.waitUntilReady();
+  const before = await commandCalls(conn);
+  const t0 = performance.now();
+  for (let i = 0; i < RAW_JOBS; i += 100) {
+    await Promise.all(Array.from({ length: Math.min(100, RAW_JOBS - i) }, (_, k) => queue.add('noop', { i: i + k })));
+  }
+  await finished;
+  const ms = performance.now() - t0;
+  const commands = (await commandCalls(conn)) - before;
+  await worker.close();
+  await queue.obliterate({ force: true });
+  await queue.close();
+  return { jobs_per_s: round((RAW_JOBS * 1000) / ms, 0), commands_per_job: round(commands / RAW_JOBS, 1) };
+}
+
+/** N agents in this process: each heartbeats and consumes its own queue with zero-cost work. */
+function simulatedAgents(services: JobServices, url: string, prefix: string, n: number, onDone: (jobId: string) => void) {
+  const now = () => new Date().toISOString();
+  const ids = Array.from({ length: n }, (_, i) => `sim-${String(i).padStart(3, '0')}`);
+  const busy = new Map<string, string | null>();
+  const heartbeat = (id: string): AgentHeartbeat => ({
+    agent_id: id,
+    host: 'bench',
+    gpu_id: id,
+    gpu: { name: 'simulated', vram_total_mb: 24_576, vram_free_mb: 16_000 },
+    state: busy.get(id) ? 'busy' : 'ready',
+    maintenance: false,
+    resident: [{ name: MODEL, location: 'vram', vram_mb: 7_000, last_used_at: null, pinned: false }],
+    current_job: busy.get(id) ?? null,
+    capabilities: {
+      backend: 'synthetic',
+      models: [{ name: MODEL, kind: 'base', vram_mb: 7_000, load_ms: 3_000 }],
+      schedulers: ['EulerDiscreteScheduler'],
+      output_formats: ['png'],
+      max_side: 2048,
+      max_images: 8,
+      features: [],
+      controlnet_types: [],
+      controlnet_preprocessors: [],
+      upscalers: [],
+      dtypes: ['fp16'],
+      performance: [],
+    },
+    worker: { pid: null, restarts: 0 },
+    jobs_done: 0,
+    avg_job_ms: 1,
+    step_ms: {},
+    started_at: now(),
+    heartbeat_at: now(),
+  });
+  const beat = () => Promise.all(ids.map((id) => services.registry.publish(heartbeat(id), 5_000)));
+  const timer = setInterval(() => void beat(), 1_000);
+  const workers = ids.map(
+    (id) =>
+      new Worker<AgentJobData>(
+        QUEUES.agent(id),
+        async (entry) => {
+          const { job_id, attempt } = entry.data;
+          const guard = { status: ['running' as const], attempt };
+          busy.set(id, job_id);
+          const started = await services.jobs.update(job_id, guard, { stage: 'running', started_at: now() }, { webhook: 'started' });
+          if (started) {
+            await services.jobs.update(job_id, guard, { status: 'succeeded', stage: 'done', progress: null, finished_at: now() });
+            onDone(job_id);
+          }
+          busy.set(id, null);
+          await services.jobs.wake(); // a slot is free: placement should look now
+        },
+        { connection: connect(url), prefix, concurrency: 1 },
+      ),
+  );
+  return {
+    ready: beat(),
+    close: async () => {
+      clearInterval(timer);
+      await Promise.all(workers.map((w) => w.close()));
+      await Promise.all(ids.map((id) => services.registry.remove(id)));
+    },
+  };
+}
+
+interface FarmRow {
+  agents: number;
+  jobs: number;
+  jobs_per_s: number;
+  placed_p50_ms: number;
+  placed_p95_ms: number;
+  commands_per_job: number;
+  dispatcher_cpu_ms_per_placement: number;
+  api_cpu_ms_per_job: number;
+  this_process_cpu_ms_per_job: number;
+}
+
+async function farm(url: string, agents: number): Promise<FarmRow> {
+  const prefix = `bench-farm-${randomUUID().slice(0, 8)}`;
+  const s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/bench-s3', prefix));
+  const port = 20_000 + Math.floor(Math.random() * 20_000);
+  const env = {
+    REDIS_URL: url,
+    KILN_PREFIX: prefix,
+    S3_ENDPOINT: s3.endpoint,
+    S3_ACCESS_KEY: s3.accessKey,
+    S3_SECRET_KEY: s3.secretKey,
+    S3_BUCKET: 'kiln-bench',
+    PORT: String(port),
+    PUBLIC_URL: `http://127.0.0.1:${port}`,
+    LOG_LEVEL: 'warn',
+    LOG_FORMAT: 'json',
+    AGENT_TTL_MS: '5000',
+  };
+  const dispatcher = startProcess(ENTRY.dispatcher, env, 'pipe');
+  const api = startProcess(ENTRY.api, env, 'pipe');
+  const services = createJobServices(parseEnvOrThrow(CommonEnv.extend(StorageEnv.shape).extend(WebhookEnv.shape).extend(JobEnv.shape), env), 'kiln-bench');
+  const base = `http://127.0.0.1:${port}`;
+  let done = 0;
+  let finish!: () => void;
+  const finished = new Promise<void>((r) => (finish = r));
+  const sim = simulatedAgents(services, url, prefix, agents, () => {
+    if (++done === FARM_JOBS) finish();
+  });
+  try {
+    await sim.ready;
+    for (let t = Date.now(); !(await fetch(`${base}/healthz`).catch(() => null))?.ok; ) {
+      if (Date.now() - t > 60_000) throw new Error('the API did not come up');
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const body = (i: number) => JSON.stringify({ model: { base: MODEL }, conditioning: { prompt: 'bench' }, hyperparameters: { seed: i, width: 64, height: 64 } });
+    const submit = async (i: number) => {
+      const res = await fetch(`${base}/v1/generations`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: body(i) });
+      if (res.status !== 202) throw new Error(`submit answered ${res.status}: ${await res.text()}`);
+      return ((await res.json()) as { id: string }).id;
+    };
+    await submit(FARM_JOBS); // warm every path once
+    await new Promise((r) => setTimeout(r, 500));
+    done = 0;
+    const redis = services.redis;
+    const [calls0, d0, a0, p0] = [await commandCalls(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage()];
+    const t0 = performance.now();
+    const ids: string[] = [];
+    let next = 0;
+    await Promise.all(
+      Array.from({ length: CLIENTS }, async () => {
+        while (next < FARM_JOBS) ids.push(await submit(next++));
+      }),
+    );
+    await finished;
+    const ms = performance.now() - t0;
+    const [calls1, d1, a1, p1] = [await commandCalls(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0)];
+    // submit → placed from each job's own events (read after the counts were taken)
+    const placed: number[] = [];
+    for (let i = 0; i < ids.length; i += 200) {
+      const pipe = redis.pipeline();
+      for (const id of ids.slice(i, i + 200)) pipe.lrange(services.keys.jobEvents(id), 0, 2);
+      for (const [, evs] of (await pipe.exec()) ?? []) {
+        const events = (evs as string[]).map((e) => JSON.parse(e) as JobEvent);
+        const at = events.find((e) => e.status === 'running')?.at;
+        if (at) placed.push(Date.parse(at) - Date.parse(events[0]!.at));
+      }
+    }
+    return {
+      agents,
+      jobs: FARM_JOBS,
+      jobs_per_s: round((FARM_JOBS * 1000) / ms, 0),
+      placed_p50_ms: pct(placed, 50),
+      placed_p95_ms: pct(placed, 95),
+      commands_per_job: round((calls1 - calls0) / FARM_JOBS, 1),
+      dispatcher_cpu_ms_per_placement: round((d1 - d0) / FARM_JOBS, 3),
+      api_cpu_ms_per_job: round((a1 - a0) / FARM_JOBS, 3),
+      this_process_cpu_ms_per_job: round((p1.user + p1.system) / 1000 / FARM_JOBS, 3),
+    };
+  } finally {
+    await sim.close();
+    dispatcher.kill('SIGTERM');
+    api.kill('SIGTERM');
+    await Promise.allSettled([dispatcher, api]);
+    await services.close();
+    await s3.stop();
+  }
+}
+
+const server = await new RedisServer({ aof: false }).start();
+try {
+  const raw = await rawBullmq(server.url);
+  const rows: FarmRow[] = [];
+  for (const n of AGENT_COUNTS) rows.push(await farm(server.url, n));
+  console.log(`raw BullMQ (no-op worker, concurrency 50): ${raw.jobs_per_s} jobs/s, ${raw.commands_per_job} Redis commands per job`);
+  console.log('farm with simulated agents (real API and dispatcher), zero-cost work:');
+  console.log('agents   jobs/s   of raw   placed p50/p95 ms   cmds/job   dispatcher ms/placement   api ms/job   bench ms/job');
+  for (const r of rows) {
+    console.log(
+      `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}`,
+    );
+  }
+  console.log(JSON.stringify({ bench: 'farm', raw_bullmq: raw, farm: rows.map((r) => ({ ...r, of_raw: round(r.jobs_per_s / raw.jobs_per_s, 3) })) }));
+} finally {
+  for (const c of connections) c.disconnect();
+  await server.stop();
+}
