@@ -3,8 +3,8 @@ import { basicRequest, Farm } from './support/farm.js';
 import { OpenApiChecker } from './support/openapi.js';
 
 /**
- * Queue position and ETA on queued and running jobs, GET /v1/queue, and POST /v1/validate's
- * estimate, on a farm with one busy agent and jobs waiting behind it.
+ * Queue position and ETA on queued and running jobs, GET /v1/queue, POST /v1/validate's
+ * estimate, and Cancel-After deadlines, on a farm with one busy agent and jobs waiting behind it.
  */
 
 const KEY_A = 'acme-queue-key-0123456789';
@@ -83,6 +83,38 @@ describe('queue position and ETA', () => {
     const all = await get('/v1/queue', KEY_ADMIN);
     expect(Object.keys(all.by_tenant).sort()).toEqual(['acme', 'bravo']);
     expect(all.by_tenant.acme + all.by_tenant.bravo).toBe(all.counted);
+  });
+
+  it('Cancel-After: a job not started by its deadline is canceled without running', async () => {
+    const res = await farm.request('POST', '/v1/generations', long(50), { ...bearer(KEY_A), 'cancel-after': '1s' });
+    checker.check('POST', '/v1/generations', res.status, res.body);
+    expect(res.status).toBe(202);
+    expect(Date.parse(res.body.deadline_at) - Date.parse(res.body.created_at)).toBe(1000);
+    const done = await farm.waitForJob(res.body.id, (j) => j.status !== 'queued', 10_000);
+    expect(done.status).toBe('canceled');
+    expect(done.error?.message).toMatch(/^Cancel-After: not started by /);
+    expect(done.started_at).toBeNull();
+    expect(done.attempt).toBe(0);
+    expect(Date.parse(done.finished_at!) - Date.parse(res.body.deadline_at)).toBeLessThan(3_000);
+  });
+
+  it('Cancel-After: a running job is stopped at its deadline; one that ends in time is untouched; a bad duration is a 400', async () => {
+    // clear the backlog: the next job runs at once
+    for (const id of ids.splice(0)) await farm.request('DELETE', `/v1/jobs/${id}`, undefined, bearer(KEY_ADMIN));
+    await farm.waitFor(async () => (await get('/v1/queue', KEY_ADMIN)).agents.busy === 0, 30_000, 'the agent idle');
+    const slow = await farm.request('POST', '/v1/generations', basicRequest({ scheduler: { steps: 150 }, hyperparameters: { seed: 60, width: 1024, height: 1024 } }), { ...bearer(KEY_A), 'cancel-after': '2s' });
+    await farm.waitForJob(slow.body.id, (j) => j.status === 'running', 10_000);
+    const stopped = await farm.waitForDone(slow.body.id, 15_000);
+    expect(stopped.status).toBe('canceled');
+    expect(stopped.started_at).not.toBeNull();
+    expect(stopped.events.some((e) => e.message?.startsWith('cancellation requested: Cancel-After: not done by'))).toBe(true);
+    const quick = await farm.request('POST', '/v1/generations', basicRequest({ scheduler: { steps: 2 }, hyperparameters: { seed: 61, width: 128, height: 128 } }), { ...bearer(KEY_A), 'cancel-after': '30s', prefer: 'wait=20' });
+    expect(quick.body.status).toBe('succeeded');
+    for (const bad of ['soon', '0s', '48h', '-5s']) {
+      const r = await farm.request('POST', '/v1/generations', long(62), { ...bearer(KEY_A), 'cancel-after': bad });
+      expect(r.status, bad).toBe(400);
+      expect(r.body.error.details[0]).toMatchObject({ field: 'Cancel-After', rule: 'invalid_duration' });
+    }
   });
 
   it('POST /v1/validate estimates the run and the VRAM', async () => {

@@ -103,6 +103,7 @@ const common = {
   cancel_requested: z.boolean(),
   group_id: z.string().nullable().describe('the batch or cache request this job belongs to'),
   retry_of: z.string().nullable().optional().describe('the job this one retries (POST /v1/jobs/:id/retry), with the same request'),
+  deadline_at: z.string().nullable().optional().describe('Cancel-After: when it is canceled if it has not ended — before it starts, it never runs'),
   created_at: z.string(),
   started_at: z.string().nullable(),
   finished_at: z.string().nullable(),

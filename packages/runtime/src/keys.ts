@@ -42,6 +42,9 @@ export class Keys {
   ];
   /** hash: record id → "<tenant> <kind>", so the retention sweep can drop an expired id from each index */
   recordOwners = (family: 'jobs' | 'groups') => `${this.prefix}:index:${family}:owners`;
+  /** sorted set of job ids with a deadline (Cancel-After), scored by it (ms) */
+  deadlines = () => `${this.prefix}:deadlines`;
+  deadlineLease = () => `${this.prefix}:deadlines:lease`;
   /** sorted set of uploaded object keys, scored by when the retention sweep deletes them */
   uploads = () => `${this.prefix}:uploads`;
   /** the retention sweep's lease (one API at a time) and where its walk through the indexes stands */

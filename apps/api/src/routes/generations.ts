@@ -9,6 +9,7 @@ import { ingestImages } from '../images.js';
 import type { Principal } from '../keys.js';
 import { admitJobs, releaseJobs } from '../quotas.js';
 import { assertImageKeysReachable } from '../tenancy.js';
+import { cancelAfterMs } from '../deadlines.js';
 import { generationRunMs, recordOf } from '../queue.js';
 import { checkWebhookOf } from '../webhook-check.js';
 import { MAX_WAIT_S, preferredWait, waitForEnd } from '../wait.js';
@@ -66,6 +67,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           body: GenerationRequest,
           headers: z.looseObject({
             'idempotency-key': IdempotencyKey.optional().describe('a repeat with the same key (and body) returns the same job'),
+            'cancel-after': z.string().max(40).optional().describe('a deadline from submission ("30s", "5m", "1h"; at most 24h): a job not started by then is canceled without running, a running one is stopped'),
             prefer: z.string().max(200).optional().describe(`"wait" or "wait=<seconds>" (at most ${MAX_WAIT_S}): answer when the job has ended (200 with the finished record), or after that long with the current one (202)`),
           }),
           response: { 200: JobRecord, 202: JobRecord, 409: ApiError, 422: ApiError },
@@ -74,6 +76,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       async (req, reply) => {
         const who = req.principal;
         const wait = preferredWait(req.headers.prefer); // a bad value is a 400 before anything is queued
+        const cancelAfter = cancelAfterMs(req.headers['cancel-after']);
         /** The answer: the record as it is now, or (Prefer: wait) once it has ended or the wait is over. */
         const answer = async (job: StoredJob, status: 200 | 202) => {
           if (wait > 0) {
@@ -117,12 +120,15 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           const hp = { ...request.hyperparameters, seed: request.hyperparameters.seed ?? randomInt(0, MAX_SEED) };
           const stored = ResolvedGenerationRequest.parse({ ...request, hyperparameters: hp });
           const now = new Date().toISOString();
+          const deadline = cancelAfter === null ? null : Date.parse(now) + cancelAfter;
           job = {
             ...newJobFields(id, who.tenant, stored.priority, null, now),
             kind: 'generation',
             request: stored,
+            ...(deadline === null ? {} : { deadline_at: new Date(deadline).toISOString() }),
           };
           await ctx.store.create(job);
+          if (deadline !== null) await ctx.redis.zadd(ctx.keys.deadlines(), deadline, id);
           await ctx.jobs.enqueue(job);
         } catch (err) {
           if (idemRedisKey) await ctx.redis.del(idemRedisKey);

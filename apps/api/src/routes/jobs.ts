@@ -55,7 +55,7 @@ export function jobRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
  * stops its worker between steps and marks it canceled. Canceling again is harmless; a job
  * that already succeeded or failed is a 409.
  */
-export async function cancelJob(ctx: ApiContext, id: string): Promise<{ status: 200 | 202; job: StoredJob }> {
+export async function cancelJob(ctx: ApiContext, id: string, reason = 'canceled by request'): Promise<{ status: 200 | 202; job: StoredJob }> {
   for (let i = 0; i < 3; i++) {
     const job = await ctx.store.get(id);
     if (!job) throw new KilnError('not_found', `no job ${id}`);
@@ -66,7 +66,7 @@ export async function cancelJob(ctx: ApiContext, id: string): Promise<{ status: 
         status: 'canceled',
         stage: 'done',
         cancel_requested: true,
-        error: { code: 'canceled', message: 'canceled by request', retryable: false },
+        error: { code: 'canceled', message: reason, retryable: false },
         finished_at: new Date().toISOString(),
       });
       if (canceled) {
@@ -75,7 +75,7 @@ export async function cancelJob(ctx: ApiContext, id: string): Promise<{ status: 
       }
       continue; // it was placed meanwhile: cancel it as running
     }
-    const asked = await ctx.jobs.update(job.id, { status: ['running'] }, { cancel_requested: true }, { message: 'cancellation requested' });
+    const asked = await ctx.jobs.update(job.id, { status: ['running'] }, { cancel_requested: true }, { message: `cancellation requested${reason === 'canceled by request' ? '' : `: ${reason}`}` });
     if (asked) {
       await ctx.redis.publish(ctx.keys.cancelChannel(), job.id);
       return { status: 202, job: asked };
