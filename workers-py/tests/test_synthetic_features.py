@@ -131,6 +131,7 @@ def test_two_controlnets_load_cost_more_per_step_and_follow_their_images(spawn, 
     worker = spawn({"KILN_SYNTHETIC_STEP_MS": "640"})  # 40 ms a step at 256²
     files = dict([put(tmp_path, "in/control.png", scene()), put(tmp_path, "in/depth.png", scene().transpose(Image.Transpose.FLIP_LEFT_RIGHT))])
     common = dict(steps=5, width=256, height=256, files=files)
+    ok(worker, generate_message("plain", str(tmp_path / "p"), **common))  # loads the base model
     cns = [controlnet("canny", model=CANNY), controlnet("depth", "in/depth.png", model=DEPTH, conditioning_scale=0.6)]
     _, two = ok(worker, generate_message("two", str(tmp_path / "t"), controlnets=cns, **common))
     assert two["loaded_models"] == [CANNY, DEPTH]
