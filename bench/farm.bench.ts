@@ -37,11 +37,20 @@ const connect = (url: string) => {
 const pct = (xs: number[], p: number) => (xs.length ? [...xs].sort((a, b) => a - b)[Math.min(xs.length - 1, Math.floor((p / 100) * xs.length))]! : NaN);
 const round = (x: number, d = 2) => Number(x.toFixed(d));
 
-async function commandCalls(redis: Redis): Promise<number> {
+/** Calls so far of every command (INFO commandstats), and their total. */
+async function commandStats(redis: Redis): Promise<Map<string, number>> {
   const info = await redis.info('commandstats');
-  let n = 0;
-  for (const m of info.matchAll(/calls=(\d+)/g)) n += Number(m[1]);
-  return n;
+  const out = new Map<string, number>();
+  for (const m of info.matchAll(/cmdstat_([^:]+):calls=(\d+)/g)) out.set(m[1]!, Number(m[2]));
+  return out;
+}
+async function commandCalls(redis: Redis): Promise<number> {
+  return [...(await commandStats(redis)).values()].reduce((a, b) => a + b, 0);
+}
+/** The commands that grew most between two commandStats, per job. */
+function topCommands(before: Map<string, number>, after: Map<string, number>, jobs: number, n = 8): Record<string, number> {
+  const delta = [...after].map(([k, v]) => [k, (v - (before.get(k) ?? 0)) / jobs] as const).sort((a, b) => b[1] - a[1]);
+  return Object.fromEntries(delta.slice(0, n).map(([k, v]) => [k, round(v, 1)]));
 }
 
 /** CPU ms a process has used (user + system). */
@@ -130,7 +139,7 @@ function simulatedAgents(services: JobServices, url: string, prefix: string, n: 
             onDone(job_id);
           }
           busy.set(id, null);
-          await services.jobs.wake(); // a slot is free: placement should look now
+          await services.jobs.wake(id); // a slot is free: placement reads this agent's queue again
         },
         { connection: connect(url), prefix, concurrency: 1 },
       ),
@@ -152,6 +161,7 @@ interface FarmRow {
   placed_p50_ms: number;
   placed_p95_ms: number;
   commands_per_job: number;
+  top_commands_per_job: Record<string, number>;
   dispatcher_cpu_ms_per_placement: number;
   api_cpu_ms_per_job: number;
   this_process_cpu_ms_per_job: number;
@@ -200,7 +210,7 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     await new Promise((r) => setTimeout(r, 500));
     done = 0;
     const redis = services.redis;
-    const [calls0, d0, a0, p0] = [await commandCalls(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage()];
+    const [stats0, d0, a0, p0] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage()];
     const t0 = performance.now();
     const ids: string[] = [];
     let next = 0;
@@ -211,7 +221,8 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     );
     await finished;
     const ms = performance.now() - t0;
-    const [calls1, d1, a1, p1] = [await commandCalls(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0)];
+    const [stats1, d1, a1, p1] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0)];
+    const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
     // submit → placed from each job's own events (read after the counts were taken)
     const placed: number[] = [];
     for (let i = 0; i < ids.length; i += 200) {
@@ -229,7 +240,8 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
       jobs_per_s: round((FARM_JOBS * 1000) / ms, 0),
       placed_p50_ms: pct(placed, 50),
       placed_p95_ms: pct(placed, 95),
-      commands_per_job: round((calls1 - calls0) / FARM_JOBS, 1),
+      commands_per_job: round((sum(stats1) - sum(stats0)) / FARM_JOBS, 1),
+      top_commands_per_job: topCommands(stats0, stats1, FARM_JOBS),
       dispatcher_cpu_ms_per_placement: round((d1 - d0) / FARM_JOBS, 3),
       api_cpu_ms_per_job: round((a1 - a0) / FARM_JOBS, 3),
       this_process_cpu_ms_per_job: round((p1.user + p1.system) / 1000 / FARM_JOBS, 3),

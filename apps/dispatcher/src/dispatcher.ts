@@ -61,6 +61,10 @@ export class Dispatcher {
   private readonly held: HeldView;
   /** the longest stretch one tick held the event loop while planning (ms), for the bench */
   longestPlanSliceMs = 0;
+  /** when every agent's queue was last read (HeldView) */
+  private lastFullRead = 0;
+  /** when the lease was last renewed (asked at) */
+  private renewedAt = 0;
 
   constructor(
     private readonly env: DispatcherEnv,
@@ -79,10 +83,15 @@ export class Dispatcher {
 
   async tick(): Promise<void> {
     const wasLeader = this.lease.held;
-    if (!(await this.lease.acquireOrRenew())) {
-      if (wasLeader) this.log.warn('lost the dispatcher lease; standing by');
-      leader.set(0);
-      return;
+    // a held lease is renewed at most every LEASE_TTL_MS / 5: ticks come with every wake
+    const asked = Date.now();
+    if (!wasLeader || asked - this.renewedAt >= this.env.LEASE_TTL_MS / 5) {
+      if (!(await this.lease.acquireOrRenew())) {
+        if (wasLeader) this.log.warn('lost the dispatcher lease; standing by');
+        leader.set(0);
+        return;
+      }
+      this.renewedAt = asked;
     }
     if (!wasLeader) this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
     leader.set(1);
@@ -107,6 +116,11 @@ export class Dispatcher {
     }
     await this.place(live);
     timer();
+  }
+
+  /** An agent's queue changed (its wake named it): placement reads it again. */
+  agentChanged(agentId: string): void {
+    this.held.changed(agentId);
   }
 
   /** This process lost Redis: no failover until it is back (see `redisRestored`). */
@@ -171,10 +185,15 @@ export class Dispatcher {
     const ids = await this.jobs.store.activeIds();
     const records = await this.jobs.store.getMany(ids);
     const liveIds = new Set(live.map((a) => a.agent_id));
+    // whether each queued job has its intake entry: one EXISTS each, sent together
+    const queued = records.filter((j) => j?.status === 'queued');
+    const pipe = (this.connection as Redis).pipeline();
+    for (const job of queued) pipe.exists(this.intake.toKey(intakeJobId(job!.id, job!.attempt)));
+    const inIntake = new Map(((await pipe.exec()) ?? []).map(([, n], i) => [queued[i]!.id, n === 1]));
     for (const job of records) {
       if (!job) continue;
       if (job.status === 'queued') {
-        if (!(await this.intake.getJob(intakeJobId(job.id, job.attempt)))) {
+        if (!inIntake.get(job.id)) {
           this.log.warn({ job: job.id }, 'queued job was missing from intake: adding it again');
           await this.jobs.enqueue(job);
         }
@@ -256,18 +275,17 @@ export class Dispatcher {
       { message: `placed on ${agentId} (${reason.replace('_', ' ')})` },
     );
     if (claimed) {
-      await this.agentQueue(agentId).add(
-        entryName(claimed),
-        {
-          job_id: job.id,
-          attempt: claimed.attempt,
-          client: job.client,
-          models: [demand.model, ...(demand.adapters ?? [])],
-          activation_mb: demand.activationMb,
-          ...(w.work ? { work: w.work } : {}),
-        },
-        { jobId: agentJobId(job.id, claimed.attempt) },
-      );
+      const data = {
+        job_id: job.id,
+        attempt: claimed.attempt,
+        client: job.client,
+        models: [demand.model, ...(demand.adapters ?? [])],
+        activation_mb: demand.activationMb,
+        ...(w.work ? { work: w.work } : {}),
+      };
+      const entryId = agentJobId(job.id, claimed.attempt);
+      await this.agentQueue(agentId).add(entryName(claimed), data, { jobId: entryId });
+      this.held.added(agentId, entryId, data);
       countPlacement(reason);
       lifecycle.placed(claimed, agentId, reason, now - w.timestamp);
     }
@@ -290,7 +308,9 @@ export class Dispatcher {
     const fleetJobMs = known.length ? known.reduce((s, v) => s + v, 0) / known.length : 0;
     // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
     const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
-    const heldBy = await this.held.read(new Map(usable.map((a) => [a.agent_id, this.agentQueue(a.agent_id)])));
+    const full = Date.now() - this.lastFullRead >= this.env.DISPATCH_INTERVAL_MS;
+    if (full) this.lastFullRead = Date.now();
+    const heldBy = await this.held.read(new Map(usable.map((a) => [a.agent_id, this.agentQueue(a.agent_id)])), full);
     const now = Date.now();
     const agents = usable.map((a): AgentView => {
       // held jobs, oldest first: the running one, then the next

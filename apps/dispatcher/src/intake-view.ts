@@ -135,55 +135,56 @@ export interface Held {
 }
 
 /**
- * What each agent's queue holds (the running job and the next), kept like IntakeView: each
- * tick reads the ids on every agent's queue (one script call each, sent together), and an
- * entry's data once; the time the agent took it is read until it has.
+ * What each agent's queue holds (the running job and the next), kept like IntakeView: an
+ * agent's queue is read again (its ids in one script call, a new entry's data once) only when
+ * the agent said it changed (its wake names it), when the dispatcher has not seen it yet, or at
+ * a full refresh (every DISPATCH_INTERVAL_MS, which also catches a running job's start time);
+ * what the dispatcher itself adds is recorded as it adds it.
  */
 export class HeldView {
-  private readonly known = new Map<string, Held>();
+  private readonly byAgent = new Map<string, Held[]>();
+  private readonly dirty = new Set<string>();
 
   constructor(private readonly redis: Redis) {}
 
-  async read(queues: Map<string, Queue<AgentJobData>>): Promise<Map<string, Held[]>> {
-    const agents = [...queues.keys()];
-    const ids = await Promise.all(agents.map((a) => queues.get(a)!.getRanges(['active', 'waiting', 'prioritized', 'delayed'], 0, -1, true)));
-    const out = new Map<string, Held[]>();
-    const reads: Promise<void>[] = [];
-    const present = new Set<string>();
-    agents.forEach((agent, i) => {
-      const queue = queues.get(agent)!;
-      const held: Held[] = [];
-      for (const id of new Set(ids[i])) {
-        const key = queue.toKey(id);
-        present.add(key);
-        let h = this.known.get(key);
-        if (!h) {
-          const entry: Held = { id, data: { job_id: '', attempt: 0, client: '' }, timestamp: 0, processedOn: null };
-          reads.push(
-            this.redis.hmget(key, 'data', 'timestamp', 'processedOn').then(([data, ts, on]) => {
-              if (!data) return;
-              entry.data = JSON.parse(data) as AgentJobData;
-              entry.timestamp = Number(ts ?? 0);
-              entry.processedOn = on ? Number(on) : null;
-              this.known.set(key, entry);
-            }),
-          );
-          h = entry;
-        } else if (h.processedOn === null) {
-          const entry = h;
-          reads.push(
-            this.redis.hget(key, 'processedOn').then((on) => {
-              entry.processedOn = on ? Number(on) : null;
-            }),
-          );
-        }
-        held.push(h);
-      }
-      out.set(agent, held);
-    });
-    await Promise.all(reads);
-    for (const key of this.known.keys()) if (!present.has(key)) this.known.delete(key);
-    for (const [agent, held] of out) out.set(agent, held.filter((h) => h.data.job_id !== '').sort((x, y) => x.timestamp - y.timestamp));
-    return out;
+  /** The agent's queue changed (it finished or handed back a job). */
+  changed(agentId: string): void {
+    this.dirty.add(agentId);
+  }
+
+  /** The dispatcher added an entry to the agent's queue. */
+  added(agentId: string, id: string, data: AgentJobData): void {
+    this.byAgent.get(agentId)?.push({ id, data, timestamp: Date.now(), processedOn: null });
+  }
+
+  async read(queues: Map<string, Queue<AgentJobData>>, full: boolean): Promise<Map<string, Held[]>> {
+    const stale = [...queues.keys()].filter((a) => full || this.dirty.has(a) || !this.byAgent.has(a));
+    for (const a of stale) this.dirty.delete(a);
+    const ids = await Promise.all(stale.map((a) => queues.get(a)!.getRanges(['active', 'waiting', 'prioritized', 'delayed'], 0, -1, true)));
+    await Promise.all(
+      stale.map(async (agent, i) => {
+        const queue = queues.get(agent)!;
+        const before = new Map((this.byAgent.get(agent) ?? []).map((h) => [h.id, h]));
+        const held = await Promise.all(
+          [...new Set(ids[i])].map(async (id): Promise<Held | null> => {
+            const key = queue.toKey(id);
+            const known = before.get(id);
+            if (known) {
+              if (known.processedOn === null) {
+                const on = await this.redis.hget(key, 'processedOn');
+                known.processedOn = on ? Number(on) : null;
+              }
+              return known;
+            }
+            const [data, ts, on] = await this.redis.hmget(key, 'data', 'timestamp', 'processedOn');
+            if (!data) return null;
+            return { id, data: JSON.parse(data) as AgentJobData, timestamp: Number(ts ?? 0), processedOn: on ? Number(on) : null };
+          }),
+        );
+        this.byAgent.set(agent, held.filter((h): h is Held => h !== null).sort((x, y) => x.timestamp - y.timestamp));
+      }),
+    );
+    for (const a of this.byAgent.keys()) if (!queues.has(a)) this.byAgent.delete(a);
+    return new Map([...queues.keys()].map((a) => [a, this.byAgent.get(a) ?? []]));
   }
 }

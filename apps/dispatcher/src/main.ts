@@ -100,7 +100,10 @@ redisHealth.on('lost', () => dispatcher.redisLost());
 redisHealth.on('restored', (downMs) => dispatcher.redisRestored(downMs));
 const interval = setInterval(() => void tick(), env.DISPATCH_INTERVAL_MS);
 await sub.subscribe(keys.wakeChannel());
-sub.on('message', () => void tick());
+sub.on('message', (_channel: string, message: string) => {
+  if (message !== '1') dispatcher.agentChanged(message); // an agent's queue changed: read it again
+  void tick();
+});
 registerQueueGauges(intake, store, services.registry);
 const metrics = await serveMetrics(env, log);
 log.info({ prefix: env.KILN_PREFIX, owner: lease.owner, metrics_port: metrics.port ?? undefined }, 'dispatcher started');

@@ -184,7 +184,7 @@ export class Agent {
       }
     }
     if (held.length) this.log.warn({ jobs: held.map((j) => j.id) }, 'restarted: handed back what the previous run of this agent held');
-    await this.jobs.wake();
+    await this.jobs.wake(this.id);
   }
 
   /**
@@ -316,7 +316,7 @@ export class Agent {
       this.state = this.worker?.state === 'ready' || this.worker?.state === 'busy' ? 'ready' : this.state === 'busy' ? 'starting' : this.state;
       await rm(jobDir, { recursive: true, force: true }).catch(() => {});
       await this.heartbeat().catch(() => {});
-      await this.jobs.wake();
+      await this.jobs.wake(this.id); // names this agent: the dispatcher re-reads its queue
     }
   }
 

@@ -122,8 +122,9 @@ export class Jobs {
     await this.wake();
   }
 
-  async wake(): Promise<void> {
-    await this.redis.publish(this.keys.wakeChannel(), '1');
+  /** Tells the dispatcher to look now; an agent names itself, so only its queue is read again. */
+  async wake(agentId?: string): Promise<void> {
+    await this.redis.publish(this.keys.wakeChannel(), agentId ?? '1');
   }
 
   /** An agent going away cleanly gives a job back to placement; this spends no attempt budget. */

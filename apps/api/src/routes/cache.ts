@@ -45,6 +45,7 @@ export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
       const q = quietErrors(new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX }), `queue agent.${c.agent}`);
       await q.add(entryName(c), { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, ...keepHistory(ctx.env), priority: 1 });
       await q.close();
+      await ctx.jobs.wake(c.agent!); // placement counts the task on that agent's queue at once
     }
     return group;
   }
