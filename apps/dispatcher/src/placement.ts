@@ -276,7 +276,13 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
     });
     repush(a);
     // nobody waits for these any more: evicting one now costs less on every agent that holds it
-    for (const name of ranOut) for (const holder of state) if (holder !== a && holder.resident.has(name)) repush(holder);
+    for (const name of ranOut) {
+      for (const holder of state) {
+        if (holder === a || !holder.resident.has(name)) continue;
+        repush(holder);
+        yield; // each re-push touches every group: a model running out on a large fleet is many
+      }
+    }
   }
   const waiting = [...groups.values()].flatMap((g) => g.jobs.filter((j) => !j.done)).sort((x, y) => x.index - y.index);
   return [...infeasible, ...placed, ...waiting.map((j): Decision => ({ jobId: j.c.jobId, kind: 'wait' }))];
