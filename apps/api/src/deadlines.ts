@@ -1,5 +1,5 @@
 import { isTerminal } from '@kiln/contracts';
-import { KilnError, type Logger } from '@kiln/runtime';
+import { KilnError, type Logger, SingletonSweep } from '@kiln/runtime';
 import type { ApiContext } from './context.js';
 import { cancelJob } from './routes/jobs.js';
 
@@ -28,38 +28,37 @@ export function cancelAfterMs(header: string | undefined): number | null {
  * `intervalMs`, so a deadline is kept to within about that.
  */
 export class DeadlineSweeper {
-  private timer: NodeJS.Timeout | null = null;
-  private running: Promise<unknown> | null = null;
-  private readonly holder = `${process.pid}-${Math.random().toString(36).slice(2)}`;
+  private readonly loop: SingletonSweep;
 
   constructor(
     private readonly ctx: ApiContext,
     private readonly log: Logger,
-    private readonly intervalMs = 500,
-  ) {}
+    intervalMs = 500,
+  ) {
+    this.loop = new SingletonSweep(ctx.redis, log, {
+      name: 'deadline sweep',
+      leaseKey: ctx.keys.deadlineLease(),
+      intervalMs,
+      leaseTtlMs: Math.max(2_000, intervalMs * 4),
+      step: () => this.cancelDue(),
+    });
+  }
 
   start(): void {
-    this.timer ??= setInterval(() => {
-      this.running ??= this.tick()
-        .catch((err) => this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'deadline sweep failed'))
-        .finally(() => (this.running = null));
-    }, this.intervalMs);
-    this.timer.unref();
+    this.loop.start();
   }
 
-  async close(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.running;
+  close(): Promise<void> {
+    return this.loop.close();
   }
 
-  async tick(): Promise<number> {
+  tick(): Promise<number> {
+    return this.loop.tick();
+  }
+
+  /** Cancels the jobs whose deadline passed (a chunk a step); returns how many it looked at. */
+  private async cancelDue(): Promise<number> {
     const { redis, keys } = this.ctx;
-    const ttl = Math.max(2_000, this.intervalMs * 4);
-    if ((await redis.set(keys.deadlineLease(), this.holder, 'PX', ttl, 'NX')) !== 'OK') {
-      if ((await redis.get(keys.deadlineLease())) !== this.holder) return 0;
-      await redis.pexpire(keys.deadlineLease(), ttl);
-    }
     const due = await redis.zrangebyscore(keys.deadlines(), '-inf', Date.now(), 'LIMIT', 0, 200);
     for (const id of due) {
       const job = await this.ctx.store.get(id);

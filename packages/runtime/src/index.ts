@@ -19,3 +19,4 @@ export * from './metrics.js';
 export * from './lifecycle.js';
 export * from './tracing.js';
 export * from './retention.js';
+export * from './singleton-sweep.js';

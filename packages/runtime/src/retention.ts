@@ -1,6 +1,7 @@
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { Logger } from './logger.js';
+import { SingletonSweep } from './singleton-sweep.js';
 import type { Storage } from './storage.js';
 
 /**
@@ -14,9 +15,7 @@ import type { Storage } from './storage.js';
  * deleted the same way.
  */
 export class RetentionSweeper {
-  private timer: NodeJS.Timeout | null = null;
-  private running: Promise<void> | null = null;
-  private readonly holder = `${process.pid}-${Math.random().toString(36).slice(2)}`;
+  private readonly loop: SingletonSweep;
 
   constructor(
     private readonly redis: Redis,
@@ -24,30 +23,27 @@ export class RetentionSweeper {
     private readonly storage: Storage,
     private readonly log: Logger,
     private readonly opts: { intervalMs: number; chunk?: number },
-  ) {}
-
-  start(): void {
-    if (this.timer) return;
-    this.timer = setInterval(() => {
-      if (this.running) return;
-      this.running = this.tick()
-        .then(() => undefined)
-        .catch((err) => this.log.warn({ err: err instanceof Error ? err.message : String(err) }, 'retention sweep failed'))
-        .finally(() => (this.running = null));
-    }, this.opts.intervalMs);
-    this.timer.unref();
+  ) {
+    this.loop = new SingletonSweep(redis, log, {
+      name: 'retention sweep',
+      leaseKey: keys.retentionLease(),
+      intervalMs: opts.intervalMs,
+      leaseTtlMs: Math.max(5_000, opts.intervalMs * 3),
+      step: async () => (await this.sweep('jobs')) + (await this.sweep('groups')) + (await this.sweepUploads()),
+    });
   }
 
-  async close(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.running;
+  start(): void {
+    this.loop.start();
+  }
+
+  close(): Promise<void> {
+    return this.loop.close();
   }
 
   /** One step of the sweep, if this instance holds the lease: returns how many expired things it cleared. */
-  async tick(): Promise<number> {
-    if (!(await this.lease())) return 0;
-    return (await this.sweep('jobs')) + (await this.sweep('groups')) + (await this.sweepUploads());
+  tick(): Promise<number> {
+    return this.loop.tick();
   }
 
   /** Uploads past their retention (POST /v1/uploads says when): the objects go, then their entries. */
@@ -59,15 +55,6 @@ export class RetentionSweeper {
     for (const key of due) await this.redis.eval("if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or '0') <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end return 0", 1, this.keys.uploads(), key, String(Date.now()));
     this.log.info({ cleared: due.length }, 'expired uploads removed');
     return due.length;
-  }
-
-  private async lease(): Promise<boolean> {
-    const ttl = Math.max(5_000, this.opts.intervalMs * 3);
-    const got = await this.redis.set(this.keys.retentionLease(), this.holder, 'PX', ttl, 'NX');
-    if (got === 'OK') return true;
-    if ((await this.redis.get(this.keys.retentionLease())) !== this.holder) return false;
-    await this.redis.pexpire(this.keys.retentionLease(), ttl);
-    return true;
   }
 
   private async sweep(family: 'jobs' | 'groups'): Promise<number> {
