@@ -81,7 +81,11 @@ describe('logs that tell the story', () => {
     expect(story('job started')).toBe(2);
     expect(story('job succeeded')).toBe(1);
     expect(story('job canceled')).toBe(1);
-    expect(story('job stage base')).toBe(2);
+    // the finished job always logs its base stage; the canceled one only if the cancel landed after
+    // its first step (the walk-through cancels once the record says running, which it says as the
+    // attempt starts, before the worker's first progress)
+    expect(story('job stage base')).toBeGreaterThanOrEqual(1);
+    expect(story('job stage base')).toBeLessThanOrEqual(2);
     expect(lines.filter((l) => /job (submitted|placed|started|stage|succeeded|canceled)/.test(l)).every((l) => l.includes('"job":') || l.includes('job: '))).toBe(true);
     expect(lines.filter((l) => / GET \/v1\/jobs/.test(l))).toEqual([]);
     expect(polls).toBeGreaterThan(0);
