@@ -11,7 +11,7 @@ import { buildApp, type RegisteredRoute } from '../apps/api/src/app.js';
 import { ApiEnv } from '../apps/api/src/env.js';
 import { KeyRing } from '../apps/api/src/keys.js';
 import { ENTRY } from '../scripts/farm-lib.js';
-import { basicRequest, Farm, REDIS_URL, sleep } from './support/farm.js';
+import { basicRequest, Farm, freePort, REDIS_URL, sleep } from './support/farm.js';
 import { gradientPng, shapesPng } from './support/images.js';
 
 /**
@@ -465,7 +465,7 @@ describe('tenants, roles and quotas on a running farm', () => {
 
   it('requests per minute: 429 with Retry-After, counted in Redis across API instances, per tenant', async () => {
     // a second API process on the same Redis: the tenant's count is shared
-    const port2 = 20000 + Math.floor(Math.random() * 20000);
+    const port2 = await freePort();
     farm.spawn('api-2', ENTRY.api, { PORT: String(port2) });
     const api2 = `http://127.0.0.1:${port2}`;
     await farm.waitFor(async () => (await fetch(`${api2}/healthz`).catch(() => null))?.ok === true, 30_000, 'second API up');

@@ -3,7 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { anyAddress, guardedRequest } from '@kiln/runtime';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { ENTRY } from '../scripts/farm-lib.js';
-import { basicRequest, Farm, sleep } from './support/farm.js';
+import { basicRequest, Farm, freePort, sleep } from './support/farm.js';
 import { gradientPng } from './support/images.js';
 
 /**
@@ -97,7 +97,7 @@ describe('SSRF: outbound requests never reach the internal network', () => {
   beforeAll(async () => {
     await internal.start();
     await farm.start();
-    const port = 20000 + Math.floor(Math.random() * 20000);
+    const port = await freePort();
     lenient = `http://127.0.0.1:${port}`;
     farm.spawn('api-lenient', ENTRY.api, { PORT: String(port), WEBHOOK_ALLOW_PRIVATE: 'true', INPUT_ALLOW_PRIVATE: 'true', INPUT_FETCH_TIMEOUT_MS: '1000' });
     await farm.waitFor(async () => (await fetch(`${lenient}/healthz`)).ok, 30_000, 'the lenient API up');

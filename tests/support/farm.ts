@@ -1,3 +1,4 @@
+import { createServer, type AddressInfo } from 'node:net';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { createWriteStream, mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
@@ -75,7 +76,7 @@ export class Farm {
     this.redis = new Redis(redisUrl);
     this.redis.on('error', () => {}); // a test that restarts its Redis expects the reconnects
     this.s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/test-s3', this.prefix));
-    this.port = 20000 + Math.floor(Math.random() * 20000);
+    this.port = await freePort();
     this.api = `http://127.0.0.1:${this.port}`;
     this.env = {
       ...FAST_ENV,
@@ -210,6 +211,22 @@ export function leakedProcesses(prefix: string): number[] {
     } catch {}
   }
   return pids;
+}
+
+/**
+ * A port nothing listens on now, as the OS hands out (not a random pick, which two farms
+ * starting together could share).
+ */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
