@@ -15,7 +15,7 @@ import { REDIS_URL, sleep } from './support/farm.js';
  */
 describe('logs that tell the story', () => {
   const prefix = `kiln-logs-${randomUUID().slice(0, 8)}`;
-  const port = 20000 + Math.floor(Math.random() * 20000);
+  const port = 20000 + Math.floor(Math.random() * 12000); // below the ephemeral range (32768+) other farms' ports come from
   const api = `http://127.0.0.1:${port}`;
   const cwd = mkdtempSync(join(tmpdir(), 'kiln-logs-'));
   const redis = new Redis(REDIS_URL);

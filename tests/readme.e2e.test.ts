@@ -14,7 +14,7 @@ import { leakedProcesses, pngSize, REDIS_URL, sleep } from './support/farm.js';
  */
 describe('README walk-through against npm start', () => {
   const prefix = `kiln-readme-${randomUUID().slice(0, 8)}`;
-  const port = 20000 + Math.floor(Math.random() * 20000);
+  const port = 20000 + Math.floor(Math.random() * 12000); // below the ephemeral range (32768+) other farms' ports come from
   const api = `http://127.0.0.1:${port}`;
   const redis = new Redis(REDIS_URL);
   const cwd = mkdtempSync(join(tmpdir(), 'kiln-readme-'));
