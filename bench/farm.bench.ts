@@ -15,7 +15,7 @@ import { type AgentJobData, CommonEnv, createJobServices, createLogger, JobEnv, 
 import { Queue, Worker } from 'bullmq';
 import { Redis } from 'ioredis';
 import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess } from '../scripts/farm-lib.js';
-import { RedisServer } from '../tests/support/redis-server.js';
+import { freePort, RedisServer } from '../tests/support/redis-server.js';
 
 const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100').split(',').map(Number);
 const FARM_JOBS = Number(process.env.BENCH_FARM_JOBS ?? 1_000);
@@ -51,6 +51,44 @@ async function commandCalls(redis: Redis): Promise<number> {
 function topCommands(before: Map<string, number>, after: Map<string, number>, jobs: number, n = 8): Record<string, number> {
   const delta = [...after].map(([k, v]) => [k, (v - (before.get(k) ?? 0)) / jobs] as const).sort((a, b) => b[1] - a[1]);
   return Object.fromEntries(delta.slice(0, n).map(([k, v]) => [k, round(v, 1)]));
+}
+
+/**
+ * BENCH_PROFILE=1: every command of the run (MONITOR), grouped by command and key shape (ids
+ * replaced by *), and whether a script ran it, per job, printed before the table. MONITOR slows
+ * Redis down, so a profiled run's timings are not the bench's figures.
+ */
+async function profileCommands(url: string, prefix: string) {
+  const counts = new Map<string, number>();
+  const monitor = await connect(url).monitor();
+  const shape = (key: string) =>
+    key
+      .replace(prefix, 'P')
+      .replace(/[0-9a-f]{8}-[0-9a-f-]{27}/g, '*')
+      .replace(/sim-\d+/g, 'sim-*')
+      .replace(/:\d+$/, ':N')
+      .replace(/-[aq]\d+$/, '-*');
+  monitor.on('monitor', (_time: string, args: string[], source: string) => {
+    const cmd = (args[0] ?? '').toLowerCase();
+    const key = cmd === 'evalsha' || cmd === 'eval' ? `${args[1]?.slice(0, 8)} ${shape(args[3] ?? '')}` : shape(args[1] ?? '');
+    const k = `${source.startsWith('lua') ? 'lua ' : '    '}${cmd} ${key}`;
+    counts.set(k, (counts.get(k) ?? 0) + 1);
+  });
+  return {
+    async report(jobs: number) {
+      await monitor.disconnect();
+      const areas = new Map<string, number>();
+      for (const [k, v] of counts) {
+        const key = k.slice(4).split(' ').slice(-1)[0]!;
+        const area = /:agent\.sim/.test(key) ? 'BullMQ agent queues' : /:intake:/.test(key) ? 'BullMQ intake' : /:job:/.test(key) ? 'job records' : /:index:/.test(key) ? 'lists' : /:agents?\b|:agent:/.test(key) ? 'registry' : /:changed:|:wake/.test(key) ? 'pub/sub' : 'other';
+        areas.set(area, (areas.get(area) ?? 0) + v);
+      }
+      console.log(`commands per job by area: ${[...areas].sort((a, b) => b[1] - a[1]).map(([a, v]) => `${a} ${(v / jobs).toFixed(1)}`).join(', ')}`);
+      const rows = [...counts].sort((a, b) => b[1] - a[1]).slice(0, 60);
+      console.log(`commands per job by call site (MONITOR; lua = inside a script), top ${rows.length}:`);
+      for (const [k, v] of rows) console.log(`${(v / jobs).toFixed(2).padStart(8)}  ${k}`);
+    },
+  };
 }
 
 /** CPU ms a process has used (user + system). */
@@ -170,7 +208,7 @@ interface FarmRow {
 async function farm(url: string, agents: number): Promise<FarmRow> {
   const prefix = `bench-farm-${randomUUID().slice(0, 8)}`;
   const s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/bench-s3', prefix));
-  const port = 20_000 + Math.floor(Math.random() * 20_000);
+  const port = await freePort();
   const env = {
     REDIS_URL: url,
     KILN_PREFIX: prefix,
@@ -210,6 +248,7 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     await new Promise((r) => setTimeout(r, 500));
     done = 0;
     const redis = services.redis;
+    const profile = process.env.BENCH_PROFILE ? await profileCommands(url, prefix) : null;
     const [stats0, d0, a0, p0] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage()];
     const t0 = performance.now();
     const ids: string[] = [];
@@ -222,6 +261,7 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     await finished;
     const ms = performance.now() - t0;
     const [stats1, d1, a1, p1] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0)];
+    if (profile) await profile.report(FARM_JOBS);
     const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
     // submit → placed from each job's own events (read after the counts were taken)
     const placed: number[] = [];

@@ -8,6 +8,7 @@ import {
   keepHistory,
   intakeJobId,
   type Jobs,
+  Keys,
   isConnectionError,
   KilnError,
   type Logger,
@@ -28,6 +29,9 @@ import { demandOf, HeldView, IntakeView, runMsOf, type Waiting } from './intake-
 import { type AgentView, type Candidate, planInSlices, projectResidency } from './placement.js';
 import { placementReason } from './placement-reason.js';
 
+
+/** How old a registry snapshot a tick accepts (ms). */
+const REGISTRY_SNAPSHOT_MS = 100;
 
 /**
  * The active dispatcher's loop. Each tick, while holding the lease:
@@ -77,8 +81,9 @@ export class Dispatcher {
     private readonly loras: LoraRegistry,
   ) {
     // main.ts passes the process's ioredis client as the connection
-    this.waiting = new IntakeView(intake, jobs.store, connection as Redis, env.INTAKE_WINDOW);
-    this.held = new HeldView(connection as Redis);
+    const keys = new Keys(env.KILN_PREFIX);
+    this.waiting = new IntakeView(intake, connection as Redis, keys, env.INTAKE_WINDOW);
+    this.held = new HeldView(connection as Redis, keys);
   }
 
   async tick(): Promise<void> {
@@ -97,7 +102,10 @@ export class Dispatcher {
     leader.set(1);
     const timer = placementTickSeconds.startTimer();
 
-    const { live, lapsed } = await this.registry.snapshot();
+    // heartbeats change every second: a snapshot up to REGISTRY_SNAPSHOT_MS old serves the
+    // ticks in between (a drain or resume invalidates it); an agent is failed over only on a fresh read
+    let { live, lapsed } = await this.registry.snapshot({ maxAgeMs: REGISTRY_SNAPSHOT_MS });
+    if (lapsed.length > 0) ({ live, lapsed } = await this.registry.snapshot());
     if (lapsed.length > 0 && live.length === 0 && this.liveBefore > 0) {
       this.hold(Date.now() + this.env.AGENT_TTL_MS, `every agent (${lapsed.length}) lapsed at once`);
     }
@@ -121,6 +129,18 @@ export class Dispatcher {
   /** An agent's queue changed (its wake named it): placement reads it again. */
   agentChanged(agentId: string): void {
     this.held.changed(agentId);
+  }
+
+  /** A job was queued: the next tick reads intake's ids again. */
+  intakeChanged(): void {
+    this.waiting.changed();
+  }
+
+  /** A wake that names nothing (a drain or resume, a cancel): intake, every queue and the registry are read again. */
+  everythingChanged(): void {
+    this.waiting.changed();
+    this.registry.invalidate();
+    this.lastFullRead = 0;
   }
 
   /** This process lost Redis: no failover until it is back (see `redisRestored`). */
@@ -268,12 +288,8 @@ export class Dispatcher {
     const span = tracingOn()
       ? tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': job.id, 'kiln.agent': agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(job.id)))
       : null;
-    const claimed = await this.jobs.update(
-      job.id,
-      { status: ['queued'], attempt: job.attempt },
-      { status: 'running', stage: 'dispatched', agent: agentId, attempt: job.attempt + 1 },
-      { message: `placed on ${agentId} (${reason.replace('_', ' ')})` },
-    );
+    // the claim takes the entry out of intake in the same step
+    const claimed = await this.jobs.claim(job, agentId, `placed on ${agentId} (${reason.replace('_', ' ')})`);
     if (claimed) {
       const data = {
         job_id: job.id,
@@ -288,9 +304,10 @@ export class Dispatcher {
       this.held.added(agentId, entryId, data);
       countPlacement(reason);
       lifecycle.placed(claimed, agentId, reason, now - w.timestamp);
+      this.waiting.forget(w.entryId);
     }
     span?.end();
-    await this.dropEntry(w.entryId);
+    if (!claimed) await this.dropEntry(w.entryId);
   }
 
   private async dropEntry(entryId: string): Promise<void> {
@@ -308,7 +325,9 @@ export class Dispatcher {
     const fleetJobMs = known.length ? known.reduce((s, v) => s + v, 0) / known.length : 0;
     // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
     const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
-    const full = Date.now() - this.lastFullRead >= this.env.DISPATCH_INTERVAL_MS;
+    // every queue is read again every SWEEP_INTERVAL_MS (running jobs' start times, anything
+    // added without a wake); in between only the queues whose agent named itself
+    const full = Date.now() - this.lastFullRead >= this.env.SWEEP_INTERVAL_MS;
     if (full) this.lastFullRead = Date.now();
     const heldBy = await this.held.read(new Map(usable.map((a) => [a.agent_id, this.agentQueue(a.agent_id)])), full);
     const now = Date.now();

@@ -61,34 +61,39 @@ async function commandsDuring(fn: () => Promise<unknown>): Promise<string[]> {
 }
 
 it('reads a waiting job once, then only the ids of the window; drops what left intake and reports stale entries', async () => {
-  const view = new IntakeView(intake, store, redis, 100);
+  const view = new IntakeView(intake, redis, keys, 100);
   const low = await queued(10);
   const high = await queued(1, 4);
   const first = await view.refresh();
   expect(first.waiting.map((w) => w.job.id)).toEqual([high.id, low.id]); // priority order
   expect(first.waiting[0]).toMatchObject({ rank: 1, demand: { model: 'stabilityai/sdxl-turbo', adapters: [] }, work: { key: 'generation stabilityai/sdxl-turbo', steps: 4, pixels: 512 * 512 * 2 } });
 
-  // nothing new: one id read, no entry or record read
+  // nothing changed: no command at all; told intake changed with nothing new: one id read
+  expect(await commandsDuring(() => view.refresh())).toEqual([]);
+  view.changed();
   const sent = await commandsDuring(() => view.refresh());
   expect(sent.filter((c) => c !== 'evalsha' && c !== 'eval')).toEqual([]);
   expect(sent).toHaveLength(1);
 
-  // an entry that left intake leaves the view; a new one is read
+  // an entry that left intake leaves the view; a new one is read (entry and record, one round trip)
   await intake.remove(intakeJobId(low.id, 0));
   const next = await queued(5);
-  expect((await view.refresh()).waiting.map((w) => w.job.id)).toEqual([high.id, next.id]);
+  view.changed();
+  const arrivals = await commandsDuring(async () => expect((await view.refresh()).waiting.map((w) => w.job.id)).toEqual([high.id, next.id]));
+  expect(arrivals.filter((c) => c === 'hmget')).toHaveLength(2);
+  expect(arrivals).not.toContain('hgetall');
   expect(view.size).toBe(2);
 
   // an entry whose job moved on (re-queued under another attempt) is stale
   await store.update(next.id, { status: ['queued'] }, { attempt: 3 });
-  const again = new IntakeView(intake, store, redis, 100);
+  const again = new IntakeView(intake, redis, keys, 100);
   expect(await again.refresh()).toMatchObject({ waiting: [{ job: { id: high.id } }], stale: [intakeJobId(next.id, 0)] });
 });
 
 it('reads an agent queue again only when the agent named itself, the dispatcher has not seen it, or at a full refresh', async () => {
   const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
   try {
-    const view = new HeldView(redis);
+    const view = new HeldView(redis, keys);
     const queues = new Map([['a1', q]]);
     await q.add('job', { job_id: 'j1', attempt: 1, client: 'c', work: { key: 'generation m', steps: 4, pixels: 4 } }, { jobId: 'j1-a1' });
     expect((await view.read(queues, false)).get('a1')!.map((h) => [h.id, h.data.work?.steps])).toEqual([['j1-a1', 4]]);
@@ -105,6 +110,34 @@ it('reads an agent queue again only when the agent named itself, the dispatcher 
     await q.add('job', { job_id: 'j3', attempt: 1, client: 'c' }, { jobId: 'j3-a1' });
     expect((await view.read(queues, false)).get('a1')!).toHaveLength(1);
     expect((await view.read(queues, true)).get('a1')!.map((h) => h.id)).toEqual(['j2-a1', 'j3-a1']);
+  } finally {
+    await q.close();
+  }
+});
+
+it('takes entries beyond a full window into view as placed ones leave it, without being told', async () => {
+  const view = new IntakeView(intake, redis, keys, 2);
+  const jobs = [await queued(5), await queued(5), await queued(5)];
+  expect((await view.refresh()).waiting.map((w) => w.job.id)).toEqual([jobs[0]!.id, jobs[1]!.id]);
+  await intake.remove(intakeJobId(jobs[0]!.id, 0));
+  view.forget(intakeJobId(jobs[0]!.id, 0));
+  expect((await view.refresh()).waiting.map((w) => w.job.id)).toEqual([jobs[1]!.id, jobs[2]!.id]);
+});
+
+it("frees an agent's slot as soon as the job of its entry ended, before BullMQ moved the entry out of active", async () => {
+  const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
+  try {
+    const job = await queued(5);
+    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
+    await q.add('job', { job_id: job.id, attempt: 1, client: 'c' }, { jobId: `${job.id}-a1` });
+    const view = new HeldView(redis, keys);
+    const queues = new Map([['a1', q]]);
+    expect((await view.read(queues, false)).get('a1')).toHaveLength(1);
+    // the agent ended the job and woke the dispatcher; its entry is still in the queue
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    view.changed('a1');
+    expect((await view.read(queues, false)).get('a1')).toEqual([]);
+    expect(await q.getJob(`${job.id}-a1`)).toBeTruthy();
   } finally {
     await q.close();
   }

@@ -1,5 +1,5 @@
 import { activationVramMb, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
-import type { AgentJobData, IntakeData, JobStore, JobWork } from '@kiln/runtime';
+import type { AgentJobData, IntakeData, JobWork, Keys } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Candidate } from './placement.js';
@@ -60,64 +60,92 @@ export interface Waiting {
   timestamp: number;
 }
 
+/** The fields of a job record placement reads (HMGET), in this order. */
+const PLACEMENT_FIELDS = ['id', 'status', 'attempt', 'client', 'created_at', 'kind', 'request'] as const;
+
 /**
- * The dispatcher's incremental view of waiting work. Each tick it reads only the ids of the
- * intake window (one script call); an entry it has not seen is read once — its entry and its
- * job's record — and kept until it leaves intake. So a tick costs one id read plus the new
- * arrivals, not a full read, decode and validation of every waiting job's record.
+ * The dispatcher's incremental view of waiting work. It reads the ids of the intake window (one
+ * script call) only when intake may have changed behind it — a wake that says work was queued,
+ * a generic wake, the periodic tick, or a window it filled and has since taken entries from;
+ * an entry it has not seen is read once, with the fields of its job's record placement needs,
+ * in one round trip (the record's id is in the entry's id), and kept until it leaves intake. So
+ * a tick costs the new arrivals, not a full read, decode and validation of every waiting job.
+ * The record was validated by the API that wrote it; placement decodes only what it needs.
  *
  * A job canceled or re-queued after it was read is caught by the guarded claim (its status or
  * attempt no longer match) and its entry dropped then; a canceled job's entry leaves intake.
  */
 export class IntakeView {
   private readonly known = new Map<string, Waiting>();
+  private ids: string[] = [];
+  private dirty = true;
+  /** the last read filled the window: entries beyond it come into view as placed ones leave */
+  private full = false;
+  /** entries forgotten since the last read */
+  private taken = 0;
 
   constructor(
     private readonly intake: Queue<IntakeData>,
-    private readonly store: JobStore,
     private readonly redis: Redis,
+    private readonly keys: Keys,
     private readonly window: number,
   ) {}
 
+  /** Intake may have changed (a job was queued, or anything else): the next refresh reads its ids. */
+  changed(): void {
+    this.dirty = true;
+  }
+
   /** Waiting jobs in intake order (priority, then arrival), and entries to drop (their job moved on). */
   async refresh(): Promise<{ waiting: Waiting[]; stale: string[] }> {
-    const ids = [...new Set(await this.intake.getRanges(['prioritized', 'waiting'], 0, this.window - 1, true))].slice(0, this.window);
-    const present = new Set(ids);
-    for (const id of this.known.keys()) if (!present.has(id)) this.known.delete(id);
-    const fresh = ids.filter((id) => !this.known.has(id));
     const stale: string[] = [];
-    if (fresh.length) {
-      const pipe = this.redis.pipeline();
-      for (const id of fresh) pipe.hmget(this.intake.toKey(id), 'data', 'timestamp', 'priority');
-      const entries = ((await pipe.exec()) ?? []).map(([, v]) => v as (string | null)[]);
-      const data = entries.map((e) => (e?.[0] ? (JSON.parse(e[0]) as IntakeData) : null));
-      const records = await this.store.getMany(data.map((d) => d?.job_id ?? ''));
-      fresh.forEach((id, i) => {
-        const d = data[i];
-        const job = records[i];
-        if (!d) return; // removed between the two reads
-        if (!job || job.status !== 'queued' || job.attempt !== d.attempt) return void stale.push(id);
-        this.known.set(id, {
-          entryId: id,
-          job: { id: job.id, client: job.client, attempt: job.attempt, created_at: job.created_at, kind: job.kind },
-          demand: demandOf(job),
-          work: workOf(job),
-          rank: Number(entries[i]![2] ?? 5) || 5,
-          timestamp: Number(entries[i]![1] ?? Date.now()),
-        });
-      });
+    if (this.dirty || (this.full && this.taken > 0)) {
+      this.dirty = false;
+      this.taken = 0;
+      this.ids = [...new Set(await this.intake.getRanges(['prioritized', 'waiting'], 0, this.window - 1, true))].slice(0, this.window);
+      this.full = this.ids.length >= this.window;
+      const present = new Set(this.ids);
+      for (const id of this.known.keys()) if (!present.has(id)) this.known.delete(id);
+      const fresh = this.ids.filter((id) => !this.known.has(id));
+      if (fresh.length) await this.read(fresh, stale);
     }
     const waiting: Waiting[] = [];
-    for (const id of ids) {
+    for (const id of this.ids) {
       const w = this.known.get(id);
       if (w) waiting.push(w);
     }
     return { waiting, stale };
   }
 
+  /** Reads new entries and their jobs' placement fields in one round trip. */
+  private async read(fresh: string[], stale: string[]): Promise<void> {
+    const pipe = this.redis.pipeline();
+    for (const id of fresh) {
+      pipe.hmget(this.intake.toKey(id), 'data', 'timestamp', 'priority');
+      pipe.hmget(this.keys.job(id.replace(/-q\d+$/, '')), ...PLACEMENT_FIELDS);
+    }
+    const res = ((await pipe.exec()) ?? []).map(([, v]) => v as (string | null)[]);
+    fresh.forEach((id, i) => {
+      const entry = res[2 * i];
+      if (!entry?.[0]) return; // removed between the two reads
+      const d = JSON.parse(entry[0]) as IntakeData;
+      const raw = res[2 * i + 1];
+      const job = raw?.[1] && raw[0] ? (Object.fromEntries(PLACEMENT_FIELDS.map((f, k) => [f, JSON.parse(raw[k] ?? 'null') as unknown])) as unknown as StoredJob) : null;
+      if (!job || job.id !== d.job_id || job.status !== 'queued' || job.attempt !== d.attempt) return void stale.push(id);
+      this.known.set(id, {
+        entryId: id,
+        job: { id: job.id, client: job.client, attempt: job.attempt, created_at: job.created_at, kind: job.kind },
+        demand: demandOf(job),
+        work: workOf(job),
+        rank: Number(entry[2] ?? 5) || 5,
+        timestamp: Number(entry[1] ?? Date.now()),
+      });
+    });
+  }
+
   /** The entry left intake (placed, failed, or stale). */
   forget(entryId: string): void {
-    this.known.delete(entryId);
+    if (this.known.delete(entryId)) this.taken++;
   }
 
   get size(): number {
@@ -145,7 +173,10 @@ export class HeldView {
   private readonly byAgent = new Map<string, Held[]>();
   private readonly dirty = new Set<string>();
 
-  constructor(private readonly redis: Redis) {}
+  constructor(
+    private readonly redis: Redis,
+    private readonly keys: Keys,
+  ) {}
 
   /** The agent's queue changed (it finished or handed back a job). */
   changed(agentId: string): void {
@@ -184,6 +215,19 @@ export class HeldView {
         this.byAgent.set(agent, held.filter((h): h is Held => h !== null).sort((x, y) => x.timestamp - y.timestamp));
       }),
     );
+    // an agent wakes the dispatcher as its job ends, before BullMQ has moved the entry out of
+    // `active`: an entry whose job is no longer running on its attempt holds no slot
+    const reread = stale.flatMap((a) => this.byAgent.get(a) ?? []);
+    if (reread.length) {
+      const pipe = this.redis.pipeline();
+      for (const h of reread) pipe.hmget(this.keys.job(h.data.job_id), 'status', 'attempt');
+      const ended = new Set<Held>();
+      ((await pipe.exec()) ?? []).forEach(([, v], i) => {
+        const [status, attempt] = (v ?? []) as (string | null)[];
+        if (status && (status !== '"running"' || Number(attempt) !== reread[i]!.data.attempt)) ended.add(reread[i]!);
+      });
+      if (ended.size) for (const a of stale) this.byAgent.set(a, this.byAgent.get(a)!.filter((h) => !ended.has(h)));
+    }
     for (const a of this.byAgent.keys()) if (!queues.has(a)) this.byAgent.delete(a);
     return new Map([...queues.keys()].map((a) => [a, this.byAgent.get(a) ?? []]));
   }

@@ -22,6 +22,7 @@ import {
   parseEnv,
   QUEUES,
   quietErrors,
+  WAKE,
   redisHealth,
   runAll,
   serveMetrics,
@@ -98,10 +99,15 @@ async function tick(): Promise<void> {
 }
 redisHealth.on('lost', () => dispatcher.redisLost());
 redisHealth.on('restored', (downMs) => dispatcher.redisRestored(downMs));
-const interval = setInterval(() => void tick(), env.DISPATCH_INTERVAL_MS);
+const interval = setInterval(() => {
+  dispatcher.intakeChanged(); // catches what no wake announced (a lost message, a cancel)
+  void tick();
+}, env.DISPATCH_INTERVAL_MS);
 await sub.subscribe(keys.wakeChannel());
 sub.on('message', (_channel: string, message: string) => {
-  if (message !== '1') dispatcher.agentChanged(message); // an agent's queue changed: read it again
+  if (message === WAKE.queued) dispatcher.intakeChanged();
+  else if (message === WAKE.all) dispatcher.everythingChanged();
+  else dispatcher.agentChanged(message); // an agent's queue changed: read it again
   void tick();
 });
 registerQueueGauges(intake, store, services.registry);

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { ResolvedGenerationRequest, type GenerationJob, StoredJob } from '@kiln/contracts';
+import { Queue } from 'bullmq';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { JobStore } from './job-store.js';
 import { Keys } from './keys.js';
@@ -180,6 +181,32 @@ describe('JobStore', () => {
     expect(ended.filter((c) => c !== 'publish')).toEqual(['evalsha']);
     expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'running', 'succeeded']);
     expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual([`job:${job.id}`]); // its webhook listens for completed
+  });
+
+  it("claims a queued job for an agent and takes its intake entry out of intake in the same step; a refused claim leaves the entry", async () => {
+    const intake = new Queue('intake', { connection: redis, prefix: keys.prefix });
+    try {
+      const job = newJob();
+      await store.create(job);
+      await intake.add('job', { job_id: job.id, attempt: 0, client: job.client }, { jobId: `${job.id}-q0`, priority: 5 });
+      const other = newJob();
+      await store.create(other);
+      await intake.add('job', { job_id: other.id, attempt: 0, client: other.client }, { jobId: `${other.id}-q0`, priority: 5 });
+      const key = (name: string) => intake.toKey(name);
+      const sent = await commandsDuring(() => store.claim(job.id, 0, 'agent-1', 'placed on agent-1', { entryId: `${job.id}-q0`, key }));
+      expect(sent.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+      expect(await store.get(job.id)).toMatchObject({ status: 'running', stage: 'dispatched', attempt: 1, agent: 'agent-1' });
+      expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'running', attempt: 1, agent: 'agent-1', message: 'placed on agent-1' });
+      expect(await intake.getJob(`${job.id}-q0`)).toBeUndefined();
+      expect(await intake.getJobCounts('prioritized', 'waiting')).toEqual({ prioritized: 1, waiting: 0 });
+      // a second claim of the same attempt is refused, and the other job's entry is untouched
+      expect(await store.claim(job.id, 0, 'agent-2', 'x', { entryId: `${job.id}-q0`, key })).toBeNull();
+      await store.update(other.id, { status: ['queued'] }, { status: 'canceled', stage: 'done' });
+      expect(await store.claim(other.id, 0, 'agent-1', 'x', { entryId: `${other.id}-q0`, key })).toBeNull();
+      expect(await intake.getJob(`${other.id}-q0`)).toBeTruthy();
+    } finally {
+      await intake.close();
+    }
   });
 
   it('loads its scripts again when Redis lost them (SCRIPT FLUSH, a restart)', async () => {

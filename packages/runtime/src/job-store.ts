@@ -39,15 +39,20 @@ local i = n + 2
 if ARGV[i] ~= '' and cur[2] ~= ARGV[i] then return 0 end
 `;
 
-// Sets the fields (ARGV from `first` on, field/value pairs) and, when `at` is given, appends a
-// lifecycle event if status, stage, attempt or agent changed or there is a message — built here
-// from the record as written, so the caller needs no read before the write. Values in the hash
-// are JSON, so the event is their concatenation.
+// Sets the fields (ARGV from `first` on, field/value pairs) in one HSET and, when `at` is given,
+// appends a lifecycle event if status, stage, attempt or agent changed or there is a message —
+// built from the guard's read and the fields written, so neither the caller nor the script reads
+// the record again. Values in the hash are JSON, so the event is their concatenation.
 const WRITE = `
+local TRACKED = { status = 1, attempt = 2, stage = 3, agent = 4 }
 local function write(first, at, message)
-  for j = first, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[j], ARGV[j + 1]) end
+  if #ARGV >= first then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
   if at == '' then return end
-  local now = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'stage', 'agent')
+  local now = { cur[1], cur[2], cur[3], cur[4] }
+  for j = first, #ARGV, 2 do
+    local k = TRACKED[ARGV[j]]
+    if k then now[k] = ARGV[j + 1] end
+  end
   local changed = false
   for k = 1, 4 do if now[k] ~= cur[k] then changed = true end end
   if not changed and message == '' then return end
@@ -74,6 +79,22 @@ write(i + 4, ARGV[i + 1], ARGV[i + 2])
 if ARGV[i + 3] == 'record' then return redis.call('HGETALL', KEYS[1]) end
 if ARGV[i + 3] == 'cancel' then return {1, redis.call('HGET', KEYS[1], 'cancel_requested') or ''} end
 return 1
+`);
+
+/**
+ * claim-job (KEYS: job, events, intake prioritized, intake wait, intake entry, its logs) — the
+ * dispatcher's claim of a queued job for an agent and the removal of its intake entry, as one
+ * step: sets the fields, appends the event, takes the entry out of intake (Kiln's intake has no
+ * worker, so an entry is only ever waiting or prioritized: BullMQ's general removal checks every
+ * state, lock and parent, about 17 commands, for nothing). Replies with the record as written.
+ * ARGV: guard…, at (JSON), message (JSON or ''), entry id, field, value, …
+ */
+const CLAIM_JOB = new LuaScript('kilnClaimJob', `${GUARD}${WRITE}
+write(i + 4, ARGV[i + 1], ARGV[i + 2])
+redis.call('ZREM', KEYS[3], ARGV[i + 3])
+redis.call('LREM', KEYS[4], 0, ARGV[i + 3])
+redis.call('DEL', KEYS[5], KEYS[6])
+return redis.call('HGETALL', KEYS[1])
 `);
 
 /**
@@ -255,6 +276,21 @@ export class JobStore {
     const res = patch.status && isTerminal(patch.status)
       ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, String(this.retentionS), id, this.keys.group(''), ...fields])
       : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...fields]);
+    if (!Array.isArray(res)) return null;
+    const job = StoredJob.parse(decode(pairs(res as string[])));
+    await this.notify(id, job.group_id);
+    return job;
+  }
+
+  /**
+   * The dispatcher's claim: a queued job on `attempt` becomes running on `agent` (attempt + 1)
+   * and leaves intake (`intakeKey` makes a key of the intake queue) in the same step. Returns
+   * the record as written, or null when the guard refused (the job moved on; its entry stays).
+   */
+  async claim(id: string, attempt: number, agent: string, message: string, intake: { entryId: string; key: (name: string) => string }): Promise<StoredJob | null> {
+    const fields = Object.entries(encode({ status: 'running', stage: 'dispatched', agent, attempt: attempt + 1 })).flat();
+    const keys = [this.keys.job(id), this.keys.jobEvents(id), intake.key('prioritized'), intake.key('wait'), intake.key(intake.entryId), intake.key(`${intake.entryId}:logs`)];
+    const res = await CLAIM_JOB.run(this.redis, keys, [...this.guardArgs({ status: ['queued'], attempt }), JSON.stringify(new Date().toISOString()), JSON.stringify(message), intake.entryId, ...fields]);
     if (!Array.isArray(res)) return null;
     const job = StoredJob.parse(decode(pairs(res as string[])));
     await this.notify(id, job.group_id);

@@ -10,6 +10,9 @@ import type { Keys } from './keys.js';
 import { lifecycle } from './lifecycle.js';
 import type { WebhookOutbox } from './webhooks.js';
 
+/** Wake messages that name no agent: something changed (read everything again), or a job was queued (read intake). */
+export const WAKE = { all: '1', queued: '+' } as const;
+
 /** BullMQ priorities on the intake queue (lower runs first). */
 export const PRIORITY_RANK: Record<Priority, number> = { high: 1, normal: 5, low: 10 };
 
@@ -91,6 +94,18 @@ export class Jobs {
     return job;
   }
 
+  /**
+   * The dispatcher's claim of a queued job for `agentId`: the record moves to running (attempt
+   * + 1) and its intake entry leaves intake, in one step (JobStore.claim). Null when the job
+   * moved on meanwhile (canceled, re-queued); its entry is then the caller's to drop.
+   */
+  async claim(job: Pick<StoredJob, 'id' | 'attempt'>, agentId: string, message: string): Promise<StoredJob | null> {
+    const entryId = intakeJobId(job.id, job.attempt);
+    const claimed = await this.store.claim(job.id, job.attempt, agentId, message, { entryId, key: (name) => this.intake.toKey(name) });
+    if (claimed?.group_id) await this.groups.markRunning(claimed.group_id);
+    return claimed;
+  }
+
   /** Makes the just-ended job's announcements; failures stay in the outbox for the sweep. */
   private async announceEnd(job: StoredJob): Promise<void> {
     if (!this.outbox) return;
@@ -119,12 +134,16 @@ export class Jobs {
         removeOnFail: true,
       },
     );
-    await this.wake();
+    await this.redis.publish(this.keys.wakeChannel(), WAKE.queued);
   }
 
-  /** Tells the dispatcher to look now; an agent names itself, so only its queue is read again. */
+  /**
+   * Tells the dispatcher to look now. An agent names itself, so only its queue is read again;
+   * with no name the dispatcher reads everything again (intake, every agent's queue, the
+   * registry: a drain or resume).
+   */
   async wake(agentId?: string): Promise<void> {
-    await this.redis.publish(this.keys.wakeChannel(), agentId ?? '1');
+    await this.redis.publish(this.keys.wakeChannel(), agentId ?? WAKE.all);
   }
 
   /** An agent going away cleanly gives a job back to placement; this spends no attempt budget. */

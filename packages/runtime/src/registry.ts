@@ -16,8 +16,10 @@ export class AgentRegistry {
   ) {}
 
   async publish(hb: AgentHeartbeat, ttlMs: number): Promise<void> {
+    // a pipeline, not a MULTI: the two need no atomicity (a beat lost between them is repeated
+    // by the next), and every agent sends one a second
     await this.redis
-      .multi()
+      .pipeline()
       .set(this.keys.agent(hb.agent_id), JSON.stringify(hb), 'PX', ttlMs)
       .sadd(this.keys.agents(), hb.agent_id)
       .exec();
@@ -86,6 +88,11 @@ export class AgentRegistry {
   private changed(): void {
     this.last = null;
     this.changedAt = Date.now();
+  }
+
+  /** Another process changed the registry (a drain or resume): the next snapshot reads Redis. */
+  invalidate(): void {
+    this.changed();
   }
 
   private async read(): Promise<RegistrySnapshot> {
