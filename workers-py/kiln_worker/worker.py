@@ -2,7 +2,7 @@
 a time, in arrival order. Cancel is handled on the reader thread so it takes effect mid-request.
 
 Every request gets exactly one final frame (ready, result, loaded, trained, error or bye), after its
-progress, checkpoints and logs. A request that was still queued when canceled gets its `canceled` error at once.
+progress, previews, checkpoints and logs. A request that was still queued when canceled gets its `canceled` error at once.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from .backends.base import Backend
 from .errors import WorkerError, coerce_error
+from .previews import Previews
 from .protocol import FrameWriter, InvalidMessage, parse_line
 
 log = logging.getLogger("kiln_worker")
@@ -118,7 +119,13 @@ class Worker:
         msg = req.message
         log.info("generate %s (job %s attempt %s) on %s", req.id, msg["job_id"], msg["attempt"], msg["request"]["model"]["base"])
 
-        result = self._backend.generate(msg["request"], msg["job_dir"], self._progress(req), req.cancel, self._log_cb(req), files=msg["files"])
+        previews = Previews.of(msg["request"], lambda frame: self._writer.send({"type": "preview", "id": req.id, **frame}), self._log_cb(req))
+        try:
+            result = self._backend.generate(msg["request"], msg["job_dir"], self._progress(req), req.cancel, self._log_cb(req),
+                                            files=msg["files"], previews=previews)
+        finally:
+            if previews is not None:
+                log.info("generate %s: %d previews sent, %d skipped, %.1f ms spent on them", req.id, previews.sent, previews.skipped, previews.spent_ms)
         self._writer.send(
             {
                 "type": "result",

@@ -23,6 +23,8 @@ Cases added with the fixes of issue 9 (each failed on the diffusers backend befo
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import shutil
@@ -37,6 +39,7 @@ from PIL import Image
 from conftest import WorkerProcess, generate_message, import_diffusers_or_skip
 from kiln_worker import loras
 from kiln_worker.output import read_metadata
+from kiln_worker.previews import max_bytes as preview_max_bytes
 from kiln_worker.protocol import validation_problems
 from kiln_worker.tables import stage_timing_keys
 
@@ -339,6 +342,89 @@ def test_controlnet_canny_with_preprocessing(backend, inputs):
     before, final = ok(backend, gen(backend, "cn", steps=2, files=inputs, controlnets=[cn]))
     assert stage_totals(before) == {"base": 2} and CANNY in final["loaded_models"] + [r["name"] for r in final["state"]["resident"]]
     assert [c["model"] for c in final["outputs"][0]["metadata"]["controlnets"]] == [CANNY]
+
+
+# -- previews ----------------------------------------------------------------------------------
+
+
+def previews(before: list[dict]) -> list[dict]:
+    return [m for m in before if m["type"] == "preview"]
+
+
+def preview_image(frame: dict) -> Image.Image:
+    """The frame's image, decoded, after checking it is what the frame says."""
+    data = base64.b64decode(frame["data"], validate=True)
+    assert len(data) <= preview_max_bytes()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    assert Image.MIME[img.format] == frame["content_type"] == "image/webp"
+    assert img.size == (frame["width"], frame["height"])
+    return img
+
+
+def with_previews(every: int, max_size: int) -> dict:
+    return {"format": "png", "quality": 90, "embed_metadata": True, "previews": {"every_n_steps": every, "max_size": max_size}}
+
+
+def test_previews_on_the_same_steps_after_their_progress(backend):
+    """output.previews: a small decodable image after every n-th step of each denoising stage, right
+    after that step's progress; nothing else about the run changes (same steps, same bytes)."""
+    model = {"base": BASE, "refiner": REFINER}
+    refine = {"denoising_switch": 0.5, "steps": 4}
+    _, plain = ok(backend, gen(backend, "pv-plain", steps=10, model=model, refiner=refine))
+    before, final = ok(backend, gen(backend, "pv", steps=10, model=model, refiner=refine, output=with_previews(2, 48)))
+    assert stage_totals(before) == {"base": 5, "refiner": 4}
+    frames = previews(before)
+    assert [(f["stage"], f["step"], f["total"]) for f in frames] == [("base", 2, 5), ("base", 4, 5), ("refiner", 2, 4), ("refiner", 4, 4)]
+    for f in frames:  # each one right after its step's progress, never after the result
+        i = before.index(f)
+        assert (before[i - 1]["type"], before[i - 1]["stage"], before[i - 1]["step"]) == ("progress", f["stage"], f["step"])
+        img = preview_image(f)
+        assert 8 <= max(img.size) <= 48 and img.width == img.height  # small, and the output's aspect (64 × 64)
+    assert final["outputs"][0]["sha256"] == plain["outputs"][0]["sha256"]  # previews never change the image
+    assert final["outputs"][0]["metadata"] == {**plain["outputs"][0]["metadata"], "timings": final["outputs"][0]["metadata"]["timings"]}
+
+    before, _ = ok(backend, gen(backend, "pv-none", steps=3))
+    assert previews(before) == []  # none unless asked for
+    before, _ = ok(backend, gen(backend, "pv-every", steps=3, num_images=2, width=SIDE, height=96, output=with_previews(1, 32)))
+    frames = previews(before)
+    assert [f["step"] for f in frames] == [1, 2, 3] and all(f["stage"] == "base" for f in frames)
+    for f in frames:
+        img = preview_image(f)
+        assert max(img.size) <= 32 and img.height > img.width  # the first image's 64 × 96, shrunk
+
+
+def test_diffusers_previews_use_the_tiny_autoencoder_when_there_is_one(backend, tmp_path):
+    """MODELS_DIR/taesdxl (an AutoencoderTiny) decodes the previews at the image's size; a broken
+    one is reported, and the linear approximation (one pixel per latent) used instead."""
+    if backend.name != "diffusers":
+        pytest.skip("the tiny autoencoder is the diffusers backend's; the synthetic one renders its previews")
+    from diffusers_support.tiny_sdxl import build_tiny_taesd
+
+    def models_dir(name: str) -> Path:
+        models = tmp_path / name
+        models.mkdir()
+        for sub in Path(backend.env["MODELS_DIR"]).iterdir():
+            (models / sub.name).symlink_to(sub)
+        return models
+
+    good = models_dir("with-taesd")
+    shutil.move(build_tiny_taesd(tmp_path / "stage"), good / "taesdxl")
+    broken = models_dir("broken-taesd")
+    (broken / "taesdxl").mkdir()
+    (broken / "taesdxl" / "config.json").write_text("{not json")
+    for models, side in ((good, 48), (broken, 32)):
+        w = backend.spawn(MODELS_DIR=str(models))
+        backend.hello(w)
+        before, _ = ok(backend, gen(backend, f"pv-taesd-{side}", steps=4, output=with_previews(2, 48)), w)
+        frames = previews(before)
+        assert [f["step"] for f in frames] == [2, 4]
+        # the tiny autoencoder decodes to the image's 64 × 64 (then shrunk to 48); the linear one gives a pixel per latent
+        assert {preview_image(f).size for f in frames} == {(side, side)}
+        time.sleep(0.3)  # stderr is read by its own thread
+        assert ("decoding latents with the tiny autoencoder" in w.stderr) is (models == good)
+        assert ("cannot load" in w.stderr) is (models == broken)
+        w.stop()
 
 
 # -- errors ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ def test_scheduler_list_comes_from_the_generated_schema():
 
 def test_knows_every_message_type_of_the_contract():
     assert sorted(message_types("agent-to-worker")) == ["cancel", "generate", "hello", "load", "shutdown", "train", "unload"]
-    assert sorted(message_types("worker-to-agent")) == ["bye", "checkpoint", "error", "loaded", "log", "progress", "ready", "result", "trained"]
+    assert sorted(message_types("worker-to-agent")) == ["bye", "checkpoint", "error", "loaded", "log", "preview", "progress", "ready", "result", "trained"]
 
 
 def test_parses_a_valid_generate():

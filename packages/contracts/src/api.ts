@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { AgentHeartbeat, AgentState, ModelKind, ResidentModel, WorkerCapabilities } from './agent.js';
 import { GenerationRequest, IMAGE_LIMITS } from './generation.js';
 import { GroupRecord, JobRecord } from './job.js';
+import { PreviewMessage } from './protocol.js';
 
 export const AgentsResponse = z.object({ agents: z.array(AgentHeartbeat) });
 
@@ -161,3 +162,13 @@ export const UploadResponse = z.object({
   expires_at: z.string().describe('when the object is deleted (UPLOAD_RETENTION_S after this request; ask again to keep it longer)'),
 });
 export type UploadResponse = z.infer<typeof UploadResponse>;
+
+/**
+ * A live preview as the SSE streams send it (`event: preview`, no id: never replayed) and as
+ * agents publish it: the worker's preview of one attempt of one job. Never stored on the record.
+ */
+export const PreviewEvent = PreviewMessage.pick({ stage: true, step: true, total: true, width: true, height: true, content_type: true, data: true }).extend({
+  job_id: z.string(),
+  attempt: z.number().int().min(1),
+});
+export type PreviewEvent = z.infer<typeof PreviewEvent>;

@@ -1,7 +1,8 @@
 import { execFileSync } from 'node:child_process';
-import { readdirSync, readFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 import type { z } from 'zod';
 import {
   AgentToWorker,
@@ -14,6 +15,7 @@ import {
   isRetryable,
   issuesToDetails,
   JSON_SCHEMA_DIR,
+  PREVIEW_LIMITS,
   protocolJsonSchemas,
   renderJsonSchema,
   ResolvedGenerationRequest,
@@ -149,6 +151,35 @@ describe('protocol message samples', () => {
         ]),
       );
     }
+  });
+});
+
+describe('preview messages', () => {
+  const sample = samples.find((s) => s.file === 'worker-to-agent.preview.json')!;
+  const dir = mkdtempSync(join(tmpdir(), 'kiln-preview-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  const variant = (name: string, patch: Record<string, unknown>): Sample => {
+    const path = join(dir, `worker-to-agent.preview-${name}.json`);
+    const json = { ...(sample.json as object), ...patch };
+    writeFileSync(path, JSON.stringify(json));
+    return { file: `worker-to-agent.preview-${name}.json`, path, direction: 'worker-to-agent', type: 'preview', json };
+  };
+
+  it('both sides refuse a preview over the size bound, one that is not base64, and one outside a denoising stage', () => {
+    const bad = [
+      variant('too-big', { data: 'A'.repeat(Math.ceil(PREVIEW_LIMITS.maxBytes / 3) * 4 + 4) }),
+      variant('not-base64', { data: 'not base64!' }),
+      variant('wide', { width: PREVIEW_LIMITS.maxSide + 1 }),
+      variant('stage', { stage: 'upscale' }),
+    ];
+    const python = pythonVerdicts(bad);
+    for (const s of bad) {
+      expect(WorkerToAgent.safeParse(s.json).success, `zod accepted ${s.file}`).toBe(false);
+      expect(python[s.path]!.valid, `Python accepted ${s.file}`).toBe(false);
+    }
+    const fits = variant('fits', { data: 'A'.repeat(Math.ceil(PREVIEW_LIMITS.maxBytes / 3) * 4) });
+    expect(WorkerToAgent.safeParse(fits.json).success).toBe(true);
+    expect(pythonVerdicts([fits])[fits.path]).toEqual({ valid: true, problems: [] });
   });
 });
 
@@ -288,12 +319,27 @@ describe('GenerationRequest validation', () => {
     ['an upscale factor of 3', { postprocess: { upscale: { factor: 3 } } }, 'postprocess.upscale.factor', 'invalid_value'],
     ['an output format Kiln cannot write', { output: { format: 'gif' } }, 'output.format', 'invalid_value'],
     ['an unknown dtype', { performance: { dtype: 'int8' } }, 'performance.dtype', 'invalid_value'],
+    ['previews every 0 steps', { output: { previews: { every_n_steps: 0 } } }, 'output.previews.every_n_steps', 'too_small'],
+    ['previews every 1.5 steps', { output: { previews: { every_n_steps: 1.5 } } }, 'output.previews.every_n_steps', 'invalid_type'],
+    ['previews larger than 512 px', { output: { previews: { every_n_steps: 5, max_size: 1024 } } }, 'output.previews.max_size', 'too_big'],
+    ['previews without every_n_steps', { output: { previews: { max_size: 128 } } }, 'output.previews.every_n_steps', 'invalid_type'],
+    ['an unknown previews option', { output: { previews: { every_n_steps: 5, format: 'gif' } } }, 'output.previews.format', 'unrecognized_keys'],
   ])('refuses %s, naming the field and rule', (_what, patch, field, rule) => {
     const result = GenerationRequest.safeParse({ ...valid, ...patch });
     expect(result.success).toBe(false);
     const details = issuesToDetails(result.error!.issues);
     expect(details).toEqual([expect.objectContaining({ field, rule })]);
     expect(details[0]!.message.length).toBeGreaterThan(0);
+  });
+
+  it('previews are off unless asked for; asked for, their size defaults to 256 px', () => {
+    expect(GenerationRequest.parse(valid).output.previews).toBeUndefined();
+    expect(GenerationRequest.parse({ ...valid, output: { previews: { every_n_steps: 5 } } }).output).toEqual({
+      format: 'png',
+      quality: 90,
+      embed_metadata: true,
+      previews: { every_n_steps: 5, max_size: 256 },
+    });
   });
 
   it('img2img runs when floor(steps × strength) is at least one step', () => {

@@ -135,6 +135,23 @@ export type Priority = z.infer<typeof Priority>;
 
 const Fraction = z.number().min(0).max(1);
 
+/**
+ * Live previews: small images of the current estimate, sent to live followers (SSE) and never
+ * stored. `maxBytes` bounds one encoded preview (the worker lowers its quality to fit, or skips it).
+ */
+export const PREVIEW_LIMITS = { minSide: 32, maxSide: 512, defaultSide: 256, maxBytes: 128 * 1024 } as const;
+export const PreviewSpec = z.strictObject({
+  every_n_steps: z.number().int().min(1).max(LIMITS.maxSteps).describe('a preview after every n-th denoising step of each stage (base, refiner)'),
+  max_size: z
+    .number()
+    .int()
+    .min(PREVIEW_LIMITS.minSide)
+    .max(PREVIEW_LIMITS.maxSide)
+    .default(PREVIEW_LIMITS.defaultSide)
+    .describe('long side of a preview in pixels (never larger than the image)'),
+});
+export type PreviewSpec = z.output<typeof PreviewSpec>;
+
 function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.ZodType>(image: I, schedulerType: T, seed: Seed) {
   const Scheduler = z.strictObject({
     type: schedulerType.default('EulerDiscreteScheduler' as never),
@@ -211,6 +228,7 @@ function requestSchema<I extends z.ZodType, T extends z.ZodType, Seed extends z.
           format: z.enum(['png', 'jpeg', 'webp']).default('png'),
           quality: z.number().int().min(1).max(100).default(90).describe('jpeg and webp'),
           embed_metadata: z.boolean().default(true),
+          previews: PreviewSpec.optional().describe('live previews of the first image as it forms, sent as `preview` events on the SSE streams, never stored'),
         })
         .prefault({}),
       performance: z

@@ -2,7 +2,7 @@ import { z } from 'zod';
 import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
 import { SafetyVerdict, Upscaled } from './job.js';
-import { MAX_SEED, ResolvedGenerationRequest } from './generation.js';
+import { MAX_SEED, PREVIEW_LIMITS, ResolvedGenerationRequest } from './generation.js';
 import { ResolvedTrainingRequest } from './kinds.js';
 
 /**
@@ -13,8 +13,10 @@ import { ResolvedTrainingRequest } from './kinds.js';
  *   the request to stop.
  * - Each request gets exactly one final message (hello → ready, generate → result | error,
  *   load/unload → loaded | error, train → trained | error, shutdown → bye), after any log,
- *   progress and checkpoint messages for it.
- * - Images never cross the pipe: the worker writes them into `job_dir` and returns paths.
+ *   progress, preview and checkpoint messages for it.
+ * - Images never cross the pipe: the worker writes them into `job_dir` and returns paths. The one
+ *   exception is a `preview` (when the request asks for them): a small, bounded image inline,
+ *   because it is sent on and dropped, never stored.
  */
 export const PROTOCOL_VERSION = 1 as const;
 const v = z.literal(PROTOCOL_VERSION);
@@ -87,6 +89,30 @@ export const ProgressMessage = z.strictObject({
   step: z.number().int().min(0),
   total: z.number().int().min(0),
   loss: z.number().optional().describe('training only'),
+});
+/** Base64 of at most `bytes` bytes. */
+export const base64Of = (bytes: number) =>
+  z
+    .string()
+    .min(4)
+    .max(Math.ceil(bytes / 3) * 4)
+    .regex(/^[A-Za-z0-9+/]+={0,2}$/, 'must be base64');
+export const PREVIEW_CONTENT_TYPES = ['image/webp', 'image/jpeg', 'image/png'] as const;
+/**
+ * Not final, generate only, when the request asks for `output.previews`: a small image of the
+ * first image's current estimate after a denoising step, right after that step's progress.
+ */
+export const PreviewMessage = z.strictObject({
+  v,
+  type: z.literal('preview'),
+  id,
+  stage: z.enum(['base', 'refiner']),
+  step: z.number().int().min(1),
+  total: z.number().int().min(1),
+  width: z.number().int().min(1).max(PREVIEW_LIMITS.maxSide),
+  height: z.number().int().min(1).max(PREVIEW_LIMITS.maxSide),
+  content_type: z.enum(PREVIEW_CONTENT_TYPES),
+  data: base64Of(PREVIEW_LIMITS.maxBytes).describe('the encoded image, base64'),
 });
 /**
  * Per-stage wall time of one generation, in ms, under `outputs[].metadata.timings` (never embedded
@@ -175,6 +201,7 @@ export const WorkerToAgent = z.discriminatedUnion('type', [
   ReadyMessage,
   LogMessage,
   ProgressMessage,
+  PreviewMessage,
   ResultMessage,
   ErrorMessage,
   LoadedMessage,
@@ -187,6 +214,7 @@ export type ReadyMessage = z.infer<typeof ReadyMessage>;
 export type ResultMessage = z.infer<typeof ResultMessage>;
 export type ErrorMessage = z.infer<typeof ErrorMessage>;
 export type ProgressMessage = z.infer<typeof ProgressMessage>;
+export type PreviewMessage = z.infer<typeof PreviewMessage>;
 export type GenerateMessage = z.infer<typeof GenerateMessage>;
 export type TrainMessage = z.infer<typeof TrainMessage>;
 export type LoadedMessage = z.infer<typeof LoadedMessage>;

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..errors import WorkerError
+from ..previews import Previews
 
 # progress_cb(stage, step, total[, loss]); stage is one of STAGES, in that order within a request:
 # loading_model (0/1 then 1/1 per model loaded), base 1..N and refiner 1..M (denoising steps,
@@ -73,10 +74,13 @@ class Backend(ABC):
         cancel_event: threading.Event,
         log_cb: LogCallback | None = None,
         files: Mapping[str, str] | None = None,
+        previews: Previews | None = None,
     ) -> GenerateResult:
         """Run one validated generation request, writing `<job_dir>/<index>.<png|jpg|webp>`.
 
         `files` maps each input image's s3_key to the local path the agent downloaded it to.
+        `previews` (when the request asks for them): offer it the first image's current estimate
+        after each base and refiner step, right after that step's progress (previews.py).
         Raises WorkerError (canceled when `cancel_event` is set, checked between steps).
         """
 

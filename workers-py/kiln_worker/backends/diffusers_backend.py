@@ -45,6 +45,7 @@ from ..config import Config
 from ..errors import WorkerError, invalid_request, model_not_found
 from ..images import composite_unmasked, control_image, load_image, load_mask, resolve_file
 from ..output import build_metadata, file_digest, image_seed, save_image
+from ..previews import Previews
 from ..protocol import scheduler_names
 from ..safety import verdict
 from ..schedulers import build_scheduler
@@ -65,6 +66,15 @@ MAX_SIDE = 2048
 MAX_IMAGES = 8
 FEATURE_ORDER = ("refiner", "vae", "lora", "controlnet", "img2img", "inpaint", "upscale", "safety_check", "metadata", "training")
 ACTIVATION_MB_PER_MEGAPIXEL = 1200  # fp16, as the contracts' activationVramMb; doubled at fp32
+TAESD_DIR = "taesdxl"  # MODELS_DIR/taesdxl: the tiny autoencoder previews decode latents with, when present
+# SDXL latents → RGB in -1..1, a linear fit (ComfyUI's latent_formats.SDXL): rgb = latent · F + b
+SDXL_LATENT_RGB_FACTORS = [
+    [0.3651, 0.4232, 0.4341],
+    [-0.2533, -0.0042, 0.1068],
+    [0.1076, 0.1111, -0.0362],
+    [-0.3165, -0.2492, -0.2188],
+]
+SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
 
 
 class DiffusersConfigError(BackendUnavailable):
@@ -134,6 +144,7 @@ class DiffusersBackend(Backend):
         self._residency = Residency(self._device, self._vram_total, ram_budget)
         self._catalog: dict[str, ModelEntry] = discover(self._settings.models_dir, self._settings.scan_hf_cache, self._settings.hf_cache_dir)
         self._capabilities = self._build_capabilities()
+        self._taesd: Any = False  # the previews' tiny autoencoder: False until looked for, then it or None
         log.info(
             "diffusers backend on %s (%d MB); %d models from %s%s",
             self._device_name, self._vram_total, len(self._catalog), self._settings.models_dir,
@@ -216,6 +227,7 @@ class DiffusersBackend(Backend):
         cancel_event: threading.Event,
         log_cb: LogCallback | None = None,
         files: Mapping[str, str] | None = None,
+        previews: Previews | None = None,
     ) -> GenerateResult:
         log_cb = log_cb or (lambda level, message: None)
         check_request(request, job_dir)
@@ -223,7 +235,7 @@ class DiffusersBackend(Backend):
         plan = self._plan(request, files)
         _check_cancel(cancel_event)
         try:
-            return self._run(request, plan, job_dir, progress_cb, cancel_event, log_cb)
+            return self._run(request, plan, job_dir, progress_cb, cancel_event, log_cb, previews)
         except Exception as exc:
             if not is_oom(exc):
                 raise
@@ -442,7 +454,7 @@ class DiffusersBackend(Backend):
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=self._device)
 
-    def _run(self, request: dict, plan: dict, job_dir: str, progress_cb, cancel_event, log_cb) -> GenerateResult:
+    def _run(self, request: dict, plan: dict, job_dir: str, progress_cb, cancel_event, log_cb, previews: Previews | None = None) -> GenerateResult:
         torch = self._torch
         timer = StageTimer()  # the contracts' per-stage keys, as the synthetic backend reports them
         with timer.stage("model_load"):
@@ -485,7 +497,7 @@ class DiffusersBackend(Backend):
                 switch = float((request.get("refiner") or {}).get("denoising_switch", 0.8))
                 kwargs.update(denoising_end=switch, output_type="latent")
             with timer.stage("base"), torch.inference_mode():
-                out = pipe(**kwargs, callback_on_step_end=_stepper("base", progress_cb, cancel_event))
+                out = pipe(**kwargs, callback_on_step_end=_stepper("base", progress_cb, cancel_event, previews, self._preview_image))
             _check_cancel(cancel_event)
             images = out.images
             if mode == "inpaint":  # the VAE round trip changed every pixel: put the unmasked ones back
@@ -494,7 +506,7 @@ class DiffusersBackend(Backend):
                 images = [Image.fromarray(composite_unmasked(np.asarray(img.convert("RGB"), dtype=np.uint8), init, mask)) for img in images]
             if refiner is not None:
                 with timer.stage("refiner"):
-                    images = self._refine(request, plan, pipe, images, switch, progress_cb, cancel_event)
+                    images = self._refine(request, plan, pipe, images, switch, progress_cb, cancel_event, previews)
                 _check_cancel(cancel_event)
         finally:
             if offload:
@@ -513,12 +525,55 @@ class DiffusersBackend(Backend):
             loaded_models=loaded,
         )
 
+    # -- previews ----------------------------------------------------------------------------
+
+    def _preview_image(self, pipe, latents) -> np.ndarray:
+        """The first image's current estimate as H×W×3 floats in 0..1, from the step's latents:
+        decoded by the tiny autoencoder in MODELS_DIR/taesdxl when there is one, else by SDXL's
+        linear latent-to-RGB approximation (one pixel per latent: an eighth of the image side)."""
+        torch = self._torch
+        x = latents[:1].detach()
+        sched = pipe.scheduler
+        if float(getattr(sched, "init_noise_sigma", 1.0) or 1.0) > 1.0:
+            # a sigma scheduler (Euler, Heun, LMS, KDPM2) holds x0 + σ·ε: scaled back to about unit
+            # variance, as the UNet sees it; late in the run, when σ is small, that is about x0
+            sigmas, index = getattr(sched, "sigmas", None), getattr(sched, "step_index", None)
+            if sigmas is not None and index is not None and index < len(sigmas):
+                x = x / (float(sigmas[index]) ** 2 + 1.0) ** 0.5
+        with torch.inference_mode():
+            taesd = self._tiny_autoencoder()
+            if taesd is not None:
+                if taesd.device != x.device or taesd.dtype != x.dtype:
+                    taesd.to(x.device, x.dtype)
+                rgb = taesd.decode(x).sample[0].float().permute(1, 2, 0)  # -1..1
+            else:
+                factors = torch.tensor(SDXL_LATENT_RGB_FACTORS, dtype=torch.float32, device=x.device)
+                bias = torch.tensor(SDXL_LATENT_RGB_BIAS, dtype=torch.float32, device=x.device)
+                rgb = x[0].float().permute(1, 2, 0) @ factors + bias
+            return ((rgb + 1.0) / 2.0).clamp(0.0, 1.0).cpu().numpy()
+
+    def _tiny_autoencoder(self):
+        """MODELS_DIR/taesdxl (diffusers' AutoencoderTiny, e.g. madebyollin/taesdxl), loaded on
+        first use and kept (about 10 MB); None when there is none or it does not load."""
+        if self._taesd is False:
+            path = os.path.join(self._settings.models_dir, TAESD_DIR)
+            self._taesd = None
+            if os.path.isfile(os.path.join(path, "config.json")):
+                try:
+                    from diffusers import AutoencoderTiny
+
+                    self._taesd = AutoencoderTiny.from_pretrained(path).eval()
+                    log.info("previews: decoding latents with the tiny autoencoder in %s", path)
+                except Exception as exc:
+                    log.warning("previews: cannot load %s (%s); using the linear latent-to-RGB approximation", path, exc)
+        return self._taesd
+
     @staticmethod
     def _suite_names(plan: dict) -> list[ModelEntry]:
         out = [plan["base"]] + [e for e in (plan["refiner"], plan["vae"], plan["safety"]) if e is not None]
         return out + [e for e, _, _ in plan["controlnets"]] + [e for e, _ in plan["loras"]]
 
-    def _refine(self, request, plan, base_pipe, latents, switch, progress_cb, cancel_event):
+    def _refine(self, request, plan, base_pipe, latents, switch, progress_cb, cancel_event, previews: Previews | None = None):
         import diffusers
 
         torch = self._torch
@@ -553,7 +608,7 @@ class DiffusersBackend(Backend):
                     num_images_per_prompt=n,
                     generator=[torch.Generator("cpu").manual_seed(image_seed(seed, i)) for i in range(n)],
                     output_type="pil",
-                    callback_on_step_end=_stepper("refiner", progress_cb, cancel_event),
+                    callback_on_step_end=_stepper("refiner", progress_cb, cancel_event, previews, self._preview_image),
                 )
         finally:
             if plan["perf"].get("cpu_offload", "none") != "none":
@@ -888,8 +943,10 @@ class DiffusersBackend(Backend):
         return TrainResult(path, sha256, size, total, loss, {"model_load_ms": round(model_load_ms, 3), "train_ms": round(train_ms, 3)})
 
 
-def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.Event):
-    """callback_on_step_end: progress per denoising step, then the cancel check.
+def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.Event, previews: Previews | None = None,
+             preview_image=None):
+    """callback_on_step_end: progress per denoising step, a preview when one is due, then the
+    cancel check.
 
     A cancel raises WorkerError("canceled") out of the pipeline call itself: the remaining steps,
     the VAE decode and the post-processing never run (setting `pipe._interrupt` only skips the
@@ -906,6 +963,8 @@ def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.
         if step > reported:
             reported = step
             progress_cb(stage, step, max(total, step))
+            if previews is not None and "latents" in kwargs:
+                previews.offer(stage, step, max(total, step), lambda: preview_image(pipe, kwargs["latents"]))
         _check_cancel(cancel_event)
         return kwargs
 

@@ -32,6 +32,7 @@ from .. import images, loras, safetensors_io, training
 from ..config import Config, ModelSpec
 from ..errors import WorkerError, invalid_request, model_not_found
 from ..output import build_metadata, file_digest, image_seed, save_image
+from ..previews import Previews, shrink
 from ..safety import SyntheticSafetyChecker
 from ..schedulers import scheduler_kwargs
 from ..tables import controlnet_types, preprocessable
@@ -191,6 +192,28 @@ def render_image(request: dict, seed: int, inputs: dict | None = None, controlne
     return pixels
 
 
+class _Partial:
+    """The synthetic current estimate: the first image, shrunk to the preview size, showing
+    through seeded noise as the run goes (after `done` of `total` denoising steps, that fraction)."""
+
+    def __init__(self, render, seed: int, total: int, max_size: int):
+        self._render = render  # render(0): the first image, H×W×3 uint8 (rendered once, kept for the output)
+        self._seed = seed
+        self._total = max(1, total)
+        self._max_size = max_size
+        self._small: np.ndarray | None = None
+        self._noise: np.ndarray | None = None
+
+    def at(self, done: int) -> np.ndarray:
+        if self._small is None:
+            small = shrink(Image.fromarray(self._render(0)), self._max_size)
+            self._small = np.asarray(small, dtype=np.float32) / 255.0
+            rng = np.random.Generator(np.random.PCG64(self._seed))
+            self._noise = rng.random(self._small.shape, dtype=np.float32)
+        f = min(1.0, done / self._total)
+        return self._noise * (1.0 - f) + self._small * f
+
+
 class SyntheticBackend(Backend):
     name = "synthetic"
 
@@ -257,6 +280,7 @@ class SyntheticBackend(Backend):
         cancel_event: threading.Event,
         log_cb: LogCallback | None = None,
         files: Mapping[str, str] | None = None,
+        previews: Previews | None = None,
     ) -> GenerateResult:
         log_cb = log_cb or (lambda level, message: None)
         hp = request["hyperparameters"]
@@ -300,17 +324,27 @@ class SyntheticBackend(Backend):
 
         counts = stage_steps(request)
         n_cn = len(request.get("controlnets") or [])
+        lora_digests = self._lora_digests(request)
+        first: list[np.ndarray] = []  # image 0, rendered once: for the previews, then as the output
+
+        def render(i: int) -> np.ndarray:
+            if i == 0 and first:
+                return first[0]
+            pixels = render_image(request, image_seed(hp["seed"], i), inputs, plan.controlnet_models, lora_digests)
+            if i == 0:
+                first.append(pixels)
+            return pixels
+
+        partial = _Partial(render, hp["seed"], counts["base"] + counts["refiner"], previews.max_size) if previews else None
         t = time.perf_counter()
-        self._denoise("base", counts["base"], step_s * (1.0 + CONTROLNET_STEP_COST * n_cn), progress_cb, cancel_event)
+        self._denoise("base", counts["base"], step_s * (1.0 + CONTROLNET_STEP_COST * n_cn), progress_cb, cancel_event, previews, partial, 0)
         timer.record("base", (time.perf_counter() - t) * 1000.0)
         if counts["refiner"]:
             t = time.perf_counter()
-            self._denoise("refiner", counts["refiner"], step_s, progress_cb, cancel_event)
+            self._denoise("refiner", counts["refiner"], step_s, progress_cb, cancel_event, previews, partial, counts["base"])
             timer.record("refiner", (time.perf_counter() - t) * 1000.0)
 
-        lora_digests = self._lora_digests(request)
-        rendered = [Image.fromarray(render_image(request, image_seed(hp["seed"], i), inputs, plan.controlnet_models, lora_digests))
-                    for i in range(num_images)]
+        rendered = [Image.fromarray(render(i)) for i in range(num_images)]
 
         if plan.upscale:
             t = time.perf_counter()
@@ -767,10 +801,14 @@ class SyntheticBackend(Backend):
             factor *= FP32_FACTOR
         return factor
 
-    def _denoise(self, stage: str, steps: int, step_s: float, progress_cb: ProgressCallback, cancel_event: threading.Event) -> None:
+    def _denoise(self, stage: str, steps: int, step_s: float, progress_cb: ProgressCallback, cancel_event: threading.Event,
+                 previews: Previews | None = None, partial: "_Partial | None" = None, before: int = 0) -> None:
+        """`before`: denoising steps of earlier stages (the base's, for the refiner)."""
         for step in range(1, steps + 1):
             self._sleep(step_s, cancel_event)
             progress_cb(stage, step, steps)
+            if previews is not None and partial is not None:
+                previews.offer(stage, step, steps, lambda: partial.at(before + step))
         self._check_cancel(cancel_event)
 
     def _sleep(self, seconds: float, cancel_event: threading.Event) -> None:

@@ -13,6 +13,7 @@ Every builder is deterministic (seeds fixed with torch.manual_seed) and returns 
     build_tiny_lora(tmpdir, pipeline_path)     -> "<tmpdir>/tiny-lora[-N]/pytorch_lora_weights.safetensors"
     build_tiny_safety_checker(tmpdir)          -> "<tmpdir>/tiny-safety-checker[-N]" (StableDiffusionSafetyChecker + processor)
     build_tiny_esrgan(tmpdir)                  -> "<tmpdir>/tiny-esrgan-x4.safetensors" (Real-ESRGAN RRDBNet keys)
+    build_tiny_taesd(tmpdir)                   -> "<tmpdir>/tiny-taesd[-N]"      (AutoencoderTiny, the tiny VAE's 2× scale)
 """
 
 from __future__ import annotations
@@ -312,3 +313,21 @@ def build_tiny_esrgan(tmpdir, scale: int = 4, num_feat: int = 8, num_block: int 
     out = os.path.join(str(tmpdir), f"tiny-esrgan-x{scale}.safetensors")
     save_file({k: v.contiguous() for k, v in tensors.items()}, out)
     return out
+
+
+def build_tiny_taesd(tmpdir, seed: int = 0) -> str:
+    """A random AutoencoderTiny (what madebyollin/taesdxl is) for the tiny VAE's latents: 4
+    channels, one 2× upsampling (the tiny VAE's scale), as previews decode with it."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    model = AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    )
+    path = _unique_dir(tmpdir, "tiny-taesd")
+    model.save_pretrained(path)
+    return path
