@@ -30,7 +30,7 @@ import threading
 import time
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import tables
 from .torch_compat import ensure_torchvision_importable
@@ -185,13 +185,33 @@ def _request(base: str, size: int, steps: int, scheduler: str = "EulerDiscreteSc
     return req
 
 
-class Bench:
-    def __init__(self, backend: Any, job_root: str, cuda: bool):
-        import torch
+def _stopped(exc: BaseException) -> bool:
+    """A cancel of the whole check (the self-test's request), not a failure of one case."""
+    from .errors import WorkerError
 
-        self.backend, self.job_root, self.cuda, self.torch = backend, job_root, cuda, torch
+    return isinstance(exc, WorkerError) and exc.code == "canceled"
+
+
+class Bench:
+    """Runs cases through one backend and keeps a row per case (a failed case is a row; a cancel
+    of the whole check, through `cancel`, is raised). `on_case(row)` is told after each one."""
+
+    def __init__(self, backend: Any, job_root: str, cuda: bool, cancel: threading.Event | None = None,
+                 on_case: Callable[[dict], None] | None = None):
+        self.backend, self.job_root, self.cuda = backend, job_root, cuda
+        self.torch = None
+        if cuda:
+            import torch
+
+            self.torch = torch
+        self.cancel = cancel or threading.Event()
+        self.on_case = on_case or (lambda row: None)
         self.rows: list[dict] = []
         self._n = 0
+
+    def _row(self, row: dict) -> None:
+        self.rows.append(row)
+        self.on_case(row)
 
     def _peak_reset(self) -> None:
         if self.cuda:
@@ -215,33 +235,123 @@ class Bench:
         self._peak_reset()
         started = time.perf_counter()
         try:
-            result = self.backend.generate(request, job_dir, progress, threading.Event(), None, files={})
+            result = self.backend.generate(request, job_dir, progress, self.cancel, None, files={})
         except Exception as exc:  # noqa: BLE001 — a failed case is a row, not the end of the check
-            self.rows.append({"case": case, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            if _stopped(exc):
+                raise
+            self._row({"case": case, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
         wall = (time.perf_counter() - started) * 1000
         timings = result.outputs[0]["metadata"]["timings"]
         denoise_steps = sum(steps.values())
         denoise_ms = timings.get("base_ms", 0) + timings.get("refiner_ms", 0)
-        self.rows.append({"case": case, "ok": True, "wall_ms": round(wall, 1), "steps": steps,
-                          "ms_per_step": round(denoise_ms / denoise_steps, 2) if denoise_steps else None,
-                          "timings": timings, "peak_vram_mb": self._peak_mb(), "loaded": result.loaded_models})
+        self._row({"case": case, "ok": True, "wall_ms": round(wall, 1), "steps": steps,
+                   "ms_per_step": round(denoise_ms / denoise_steps, 2) if denoise_steps else None,
+                   "timings": timings, "peak_vram_mb": self._peak_mb(), "loaded": result.loaded_models})
 
     def load(self, case: str, models: list[str], location: str) -> None:
         self._peak_reset()
         try:
-            res = self.backend.load(models, location, False, lambda *a: None, threading.Event())
+            res = self.backend.load(models, location, False, lambda *a: None, self.cancel)
         except Exception as exc:  # noqa: BLE001
-            self.rows.append({"case": case, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
+            if _stopped(exc):
+                raise
+            self._row({"case": case, "ok": False, "error": f"{type(exc).__name__}: {exc}"})
             return
-        self.rows.append({"case": case, "ok": True, "wall_ms": round(res.load_ms, 1), "moved": res.models, "peak_vram_mb": self._peak_mb()})
+        self._row({"case": case, "ok": True, "wall_ms": round(res.load_ms, 1), "moved": res.models, "peak_vram_mb": self._peak_mb()})
 
     def skip(self, case: str, why: str) -> None:
-        self.rows.append({"case": case, "ok": None, "skipped": why})
+        self._row({"case": case, "ok": None, "skipped": why})
+
+
+def _names(caps: dict, kind: str) -> list[str]:
+    return sorted(m["name"] for m in caps["models"] if m["kind"] == kind)
+
+
+def plan_cases(backend: Any, mode: str, size: int, steps: int, schedulers: list[str] | None) -> tuple[str | None, list[tuple[str, Callable[["Bench"], None]]]]:
+    """The base model benchmarked and the cases on `backend`, from the models it has: (name, run); no
+    base model, no cases. Loads first, so
+    the generation rows are warm: cold from disk, out to host RAM and back; then the base per
+    scheduler, base + refiner, with a LoRA, fp16 and bf16, a one-step turbo-class model. A case
+    the models or the device cannot run is a skipped row."""
+    caps = backend.capabilities()
+    bases = _names(caps, "base")
+    if not bases:
+        return None, []
+    turbo = [b for b in bases if any(w in b.lower() for w in ("turbo", "lightning", "hyper"))]
+    base = next((b for b in bases if b not in turbo), bases[0])
+    refiners, loras = _names(caps, "refiner"), _names(caps, "lora")
+    cases: list[tuple[str, Callable[[Bench], None]]] = []
+
+    def add(name: str, run: Callable[[Bench], None]) -> None:
+        cases.append((name, run))
+
+    def cold(b: Bench) -> None:
+        b.backend.unload([base])  # a pin is lifted here; the self-test restores it afterwards
+        b.load(f"load {base} from disk", [base], "vram")
+
+    def warm_up(b: Bench) -> None:
+        b.generate(f"warm-up ({base}, 1 step)", _request(base, size, 1))
+        b.rows.pop()  # not a figure: the first run pays one-time costs
+
+    add(f"load {base} from disk", cold)
+    add(f"move {base} to host RAM", lambda b: b.load(f"move {base} to host RAM", [base], "ram"))
+    add(f"load {base} from host RAM", lambda b: b.load(f"load {base} from host RAM", [base], "vram"))
+    for i, sched in enumerate(schedulers or tables.schedulers()):
+        name = f"base {size}² {steps} steps, {sched}"
+
+        def per_scheduler(b: Bench, name: str = name, sched: str = sched, first: bool = i == 0) -> None:
+            if first:
+                warm_up(b)
+            b.generate(name, _request(base, size, steps, sched))
+
+        add(name, per_scheduler)
+    if refiners:
+        name = f"base + refiner ({refiners[0]}), switch 0.8"
+        add(name, lambda b: b.generate(name, _request(base, size, steps, model={"base": base, "refiner": refiners[0]},
+                                                      refiner={"denoising_switch": 0.8, "steps": steps})))
+    else:
+        add("base + refiner", lambda b: b.skip("base + refiner", "no refiner in MODELS_DIR"))
+    if loras:
+        add(f"with LoRA {loras[0]}", lambda b: b.generate(f"with LoRA {loras[0]}", _request(base, size, steps, loras=[{"name": loras[0], "weight": 0.8}])))
+    else:
+        add("with a LoRA", lambda b: b.skip("with a LoRA", "no LoRA in MODELS_DIR"))
+    perf = {"attention_slicing": False, "vae_slicing": False, "vae_tiling": False, "cpu_offload": "none", "channels_last": False, "compile": False}
+    for dtype in ("fp16", "bf16"):
+        if dtype in caps["dtypes"]:
+            add(f"base at {dtype}", lambda b, dtype=dtype: b.generate(f"base at {dtype}", _request(base, size, steps, performance={"dtype": dtype, **perf})))
+        else:
+            add(f"base at {dtype}", lambda b, dtype=dtype: b.skip(f"base at {dtype}", f"this device runs {', '.join(caps['dtypes'])} only"))
+    if turbo:
+        req = _request(turbo[0], 512 if mode == "real" else size, 1, scheduler="EulerAncestralDiscreteScheduler")
+        req["hyperparameters"]["guidance_scale"] = 0.0
+        add(f"turbo-class {turbo[0]}, 1 step", lambda b: b.generate(f"turbo-class {turbo[0]}, 1 step", req))
+    else:
+        add("one-step turbo-class model", lambda b: b.skip("one-step turbo-class model", "none in MODELS_DIR (a base named *turbo*, *lightning* or *hyper*)"))
+    return base, cases
+
+
+def tiny_backend(root: str, device: str = "auto") -> Any:
+    """A diffusers backend over the tests' tiny random SDXL suite, built offline under `root`."""
+    from .backends.diffusers_backend import DiffusersBackend
+    from .backends.diffusers_parts.settings import DiffusersSettings
+    from .config import Config
+
+    return DiffusersBackend(Config(backend="diffusers"), DiffusersSettings(models_dir=_tiny_models_dir(root), scan_hf_cache=False, device=device))
+
+
+def run_cases(backend: Any, mode: str, note: str | None, size: int, steps: int, schedulers: list[str] | None, job_root: str,
+              cuda: bool, cancel: threading.Event | None = None, on_case: Callable[[dict], None] | None = None) -> dict:
+    """The benchmark section of a report: {mode, note, base, size, steps, device, rows}."""
+    base, cases = plan_cases(backend, mode, size, steps, schedulers)
+    bench = Bench(backend, job_root, cuda, cancel, on_case)
+    for _, run in cases:
+        run(bench)
+    return {"mode": mode, "note": note, "base": base, "size": size, "steps": steps, "device": backend.device(), "rows": bench.rows}
 
 
 def benchmark(models_dir: str, size: int | None, steps: int | None, schedulers: list[str] | None) -> dict:
-    """Run the cases on the diffusers backend; returns {mode, note, size, steps, rows}."""
+    """Run the cases on a diffusers backend of its own; returns {mode, note, base, size, steps, device, rows}."""
     import torch
 
     from .backends.diffusers_backend import DiffusersBackend
@@ -251,60 +361,23 @@ def benchmark(models_dir: str, size: int | None, steps: int | None, schedulers: 
 
     cuda = torch.cuda.is_available()
     found = discover(models_dir, hf_cache=False) if os.path.isdir(models_dir) else {}
-    bases = sorted(n for n, e in found.items() if e.kind == "base")
     tmp = tempfile.mkdtemp(prefix="kiln-gpu-check-")
-    note = None
-    if cuda and bases:
-        mode, defaults = "real", REAL
-    else:
-        mode, defaults = "tiny", TINY
-        note = ("no GPU here" if not cuda else "no base model in MODELS_DIR") + \
-            ": benchmarked the tiny random SDXL pipeline the tests build; the numbers only show the check runs"
-        models_dir = _tiny_models_dir(tmp)
-        found = discover(models_dir, hf_cache=False)
-        bases = sorted(n for n, e in found.items() if e.kind == "base")
-    size, steps = size or defaults["size"], steps or defaults["steps"]
-    backend = DiffusersBackend(Config(backend="diffusers"), DiffusersSettings(models_dir=models_dir, scan_hf_cache=False, device="auto"))
-    caps = backend.capabilities()
-    turbo = [b for b in bases if any(w in b.lower() for w in ("turbo", "lightning", "hyper"))]
-    base = next((b for b in bases if b not in turbo), bases[0])
-    refiners = sorted(n for n, e in found.items() if e.kind == "refiner")
-    loras = sorted(n for n, e in found.items() if e.kind == "lora")
-    bench = Bench(backend, os.path.join(tmp, "jobs"), cuda)
-
-    # loads first, so the generation rows are warm: cold from disk, then out to host RAM and back
-    backend.unload([base])
-    bench.load(f"load {base} from disk", [base], "vram")
-    bench.load(f"move {base} to host RAM", [base], "ram")
-    bench.load(f"load {base} from host RAM", [base], "vram")
-
-    bench.generate(f"warm-up ({base}, 1 step)", _request(base, size, 1))
-    bench.rows.pop()
-    for sched in schedulers or tables.schedulers():
-        bench.generate(f"base {size}² {steps} steps, {sched}", _request(base, size, steps, sched))
-    if refiners:
-        bench.generate(f"base + refiner ({refiners[0]}), switch 0.8", _request(base, size, steps, model={"base": base, "refiner": refiners[0]},
-                                                                               refiner={"denoising_switch": 0.8, "steps": steps}))
-    else:
-        bench.skip("base + refiner", "no refiner in MODELS_DIR")
-    if loras:
-        bench.generate(f"with LoRA {loras[0]}", _request(base, size, steps, loras=[{"name": loras[0], "weight": 0.8}]))
-    else:
-        bench.skip("with a LoRA", "no LoRA in MODELS_DIR")
-    perf = {"attention_slicing": False, "vae_slicing": False, "vae_tiling": False, "cpu_offload": "none", "channels_last": False, "compile": False}
-    for dtype in ("fp16", "bf16"):
-        if dtype in caps["dtypes"]:
-            bench.generate(f"base at {dtype}", _request(base, size, steps, performance={"dtype": dtype, **perf}))
+    try:
+        if cuda and any(e.kind == "base" for e in found.values()):
+            mode, defaults, note = "real", REAL, None
+            backend = DiffusersBackend(Config(backend="diffusers"), DiffusersSettings(models_dir=models_dir, scan_hf_cache=False, device="auto"))
         else:
-            bench.skip(f"base at {dtype}", f"this device runs {', '.join(caps['dtypes'])} only")
-    if turbo:
-        req = _request(turbo[0], 512 if mode == "real" else size, 1, scheduler="EulerAncestralDiscreteScheduler")
-        req["hyperparameters"]["guidance_scale"] = 0.0
-        bench.generate(f"turbo-class {turbo[0]}, 1 step", req)
-    else:
-        bench.skip("one-step turbo-class model", "none in MODELS_DIR (a base named *turbo*, *lightning* or *hyper*)")
-    shutil.rmtree(tmp, ignore_errors=True)
-    return {"mode": mode, "note": note, "base": base, "size": size, "steps": steps, "device": backend.device(), "rows": bench.rows}
+            mode, defaults = "tiny", TINY
+            note = tiny_note(cuda)
+            backend = tiny_backend(tmp)
+        return run_cases(backend, mode, note, size or defaults["size"], steps or defaults["steps"], schedulers, os.path.join(tmp, "jobs"), cuda)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def tiny_note(cuda: bool) -> str:
+    return ("no GPU here" if not cuda else "no base model in MODELS_DIR") + \
+        ": benchmarked the tiny random SDXL pipeline the tests build; the numbers only show the check runs"
 
 
 # -- report --------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from .protocol import FrameWriter, InvalidMessage, parse_line
 log = logging.getLogger("kiln_worker")
 
 MAX_LINE_BYTES = 16 * 1024 * 1024  # far above any valid request; guards memory against a runaway writer
-WORK_TYPES = ("generate", "load", "unload", "train")  # queued by id, cancelable, refused while closing
+WORK_TYPES = ("generate", "load", "unload", "train", "self_test")  # queued by id, cancelable, refused while closing
 _EOF = object()
 
 
@@ -93,6 +93,8 @@ class Worker:
                 self._unload(req)
             elif req.type == "train":
                 self._train(req)
+            elif req.type == "self_test":
+                self._self_test(req)
             else:  # the schema admits nothing else on the queue
                 raise WorkerError("internal", f"unexpected request type {req.type!r}")
         except Exception as exc:
@@ -188,6 +190,15 @@ class Worker:
                 "state": self._backend.state(),
             }
         )
+
+    def _self_test(self, req: _Request) -> None:
+        from .self_test import run_self_test
+
+        msg = req.message
+        log.info("self_test %s (job %s attempt %s): %s", req.id, msg["job_id"], msg["attempt"], ", ".join(msg["checks"]))
+        report = run_self_test(self._backend, msg, self._progress(req), req.cancel, self._log_cb(req))
+        log.info("self_test %s: %s%s", req.id, report["verdict"], f" ({'; '.join(report['reasons'])})" if report["reasons"] else "")
+        self._writer.send({"type": "self_test_result", "id": req.id, "report": report, "state": self._backend.state()})
 
     def _safe_state(self) -> dict | None:
         try:

@@ -45,7 +45,7 @@ def import_diffusers_or_skip():
     return pytest.importorskip("diffusers", reason=DIFFUSERS_SKIP_REASON)
 
 
-FINAL_TYPES = {"ready", "result", "loaded", "trained", "error", "bye"}
+FINAL_TYPES = {"ready", "result", "loaded", "trained", "self_test_result", "error", "bye"}
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 

@@ -12,8 +12,8 @@ def test_scheduler_list_comes_from_the_generated_schema():
 
 
 def test_knows_every_message_type_of_the_contract():
-    assert sorted(message_types("agent-to-worker")) == ["cancel", "generate", "hello", "load", "shutdown", "train", "unload"]
-    assert sorted(message_types("worker-to-agent")) == ["bye", "checkpoint", "error", "loaded", "log", "preview", "progress", "ready", "result", "trained"]
+    assert sorted(message_types("agent-to-worker")) == ["cancel", "generate", "hello", "load", "self_test", "shutdown", "train", "unload"]
+    assert sorted(message_types("worker-to-agent")) == ["bye", "checkpoint", "error", "loaded", "log", "preview", "progress", "ready", "result", "self_test_result", "trained"]
 
 
 def test_parses_a_valid_generate():

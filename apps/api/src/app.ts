@@ -15,6 +15,7 @@ import { agentMaintenanceRoutes } from './routes/agent-maintenance.js';
 import { agentRoutes } from './routes/agents.js';
 import { batchRoutes } from './routes/batches.js';
 import { cacheRoutes } from './routes/cache.js';
+import { selfTestRoutes } from './routes/self-tests.js';
 import { trainingRoutes } from './routes/trainings.js';
 import { uploadRoutes } from './routes/uploads.js';
 import { generationRoutes } from './routes/generations.js';
@@ -72,6 +73,7 @@ export async function buildApp(ctx: ApiContext): Promise<{ app: FastifyInstance;
     await v1.register(healthRoutes(ctx));
     await v1.register(batchRoutes(ctx));
     await v1.register(cacheRoutes(ctx));
+    await v1.register(selfTestRoutes(ctx));
     await v1.register(trainingRoutes(ctx));
   });
   return {

@@ -101,4 +101,14 @@ export const REQUEST_EXAMPLES: Record<string, Record<string, { summary: string; 
   'POST /v1/loras/share': {
     share: { summary: "Share a tenant's LoRA with every tenant", value: { name: 'acme/team/kiln-style' } },
   },
+  'POST /v1/admin/self-tests': {
+    one_agent: {
+      summary: 'The GPU check on one agent: every check, a short benchmark',
+      value: { agents: ['gpu-0'], checks: ['environment', 'models', 'benchmark'], benchmark: { size: 1024, steps: 30, schedulers: ['EulerDiscreteScheduler', 'DPMSolverMultistepScheduler'] }, timeout_s: 900 },
+    },
+    validate_only: {
+      summary: 'Every live agent: environment and model files only, no benchmark',
+      value: { agents: 'all', checks: ['environment', 'models'] },
+    },
+  },
 };

@@ -12,12 +12,13 @@ const conflict = (message: string) => new KilnError('conflict', message, { detai
  * so a retry of a succeeded job makes the same images), in the same tenant, standalone (a batch
  * child's retry is not in the batch). The new job says `retry_of`; the old one lists it in
  * `retried_as`. Its inputs are copied under the new job, so they live as long as it does; a
- * training reserves its LoRA name again (a 409 once that LoRA exists). A cache task is not
- * retried on its own: it belongs to its cache request.
+ * training reserves its LoRA name again (a 409 once that LoRA exists). A cache or self-test task
+ * is not retried on its own: it belongs to its request.
  */
 export async function retryJob(ctx: ApiContext, who: Principal, old: StoredJob): Promise<StoredJob> {
   if (!isTerminal(old.status)) throw conflict(`job ${old.id} is still ${old.status}: it can be retried once it has ended`);
   if (old.kind === 'cache') throw conflict('a cache task belongs to its cache request: load the models again with POST /v1/cache');
+  if (old.kind === 'self_test') throw conflict('a self-test task belongs to its self-test request: start another with POST /v1/admin/self-tests');
   const id = randomUUID();
   const owner: Principal = { ...who, tenant: old.client }; // an admin's retry stays in the job's tenant
   const common = { ...newJobFields(id, old.client, old.priority), retry_of: old.id };

@@ -12,7 +12,8 @@ export function demandOf(job: StoredJob): Pick<Candidate, 'model' | 'adapters' |
     case 'training':
       return { model: job.request.base_model, adapters: [], activationMb: trainingVramMb(job.request) };
     case 'cache':
-      // cache tasks go straight to their agent's queue; one in intake has lost its agent
+    case 'self_test':
+      // agent tasks go straight to their agent's queue; one in intake has lost its agent
       return { model: `agent:${job.request.target_agent}`, adapters: [], activationMb: 0 };
   }
 }
@@ -34,6 +35,7 @@ export function workOf(job: StoredJob): JobWork | undefined {
       return { key: `training ${job.request.base_model}`, steps: h.steps, pixels: h.resolution * h.resolution * h.batch_size };
     }
     case 'cache':
+    case 'self_test':
       return undefined;
   }
 }

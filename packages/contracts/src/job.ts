@@ -1,9 +1,9 @@
 import { z } from 'zod';
 import { JobError } from './errors.js';
 import { MAX_SEED, Priority, ResolvedGenerationRequest, WebhookEvent } from './generation.js';
-import { CacheTask, ResolvedTrainingRequest } from './kinds.js';
+import { CacheTask, ResolvedTrainingRequest, SelfTestReport, SelfTestTask } from './kinds.js';
 
-export const JobKind = z.enum(['generation', 'training', 'cache']);
+export const JobKind = z.enum(['generation', 'training', 'cache', 'self_test']);
 export const JobStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'canceled']);
 export type JobStatus = z.infer<typeof JobStatus>;
 export const TERMINAL_STATUSES: readonly JobStatus[] = ['succeeded', 'failed', 'canceled'];
@@ -101,7 +101,7 @@ const common = {
   error: JobError.nullable(),
   timings: Timings,
   cancel_requested: z.boolean(),
-  group_id: z.string().nullable().describe('the batch or cache request this job belongs to'),
+  group_id: z.string().nullable().describe('the batch, cache or self-test request this job belongs to'),
   retry_of: z.string().nullable().optional().describe('the job this one retries (POST /v1/jobs/:id/retry), with the same request'),
   deadline_at: z.string().nullable().optional().describe('Cancel-After: when it is canceled if it has not ended — before it starts, it never runs'),
   created_at: z.string(),
@@ -130,11 +130,27 @@ export const CacheJob = z.object({
   request: CacheTask,
   cache: z.object({ loaded: z.array(z.string()), unloaded: z.array(z.string()) }).nullable(),
 });
-export const StoredJob = z.discriminatedUnion('kind', [GenerationJob, TrainingJob, CacheJob]);
+/** One agent's share of a self-test request; its report once the worker has run it. */
+export const SelfTestJob = z.object({
+  ...common,
+  kind: z.literal('self_test'),
+  request: SelfTestTask,
+  self_test: z.object({ report: SelfTestReport }).nullable(),
+});
+export const StoredJob = z.discriminatedUnion('kind', [GenerationJob, TrainingJob, CacheJob, SelfTestJob]);
 export type StoredJob = z.infer<typeof StoredJob>;
 export type GenerationJob = z.infer<typeof GenerationJob>;
 export type TrainingJob = z.infer<typeof TrainingJob>;
 export type CacheJob = z.infer<typeof CacheJob>;
+export type SelfTestJob = z.infer<typeof SelfTestJob>;
+
+/**
+ * Kinds whose jobs belong to one agent (`request.target_agent`): the API puts them straight on
+ * that agent's queue, they are never placed elsewhere, retried or handed back — an agent that is
+ * gone fails them (agent_lost).
+ */
+export const AGENT_TASK_KINDS = ['cache', 'self_test'] as const;
+export const isAgentTask = (job: Pick<StoredJob, 'kind'>): job is CacheJob | SelfTestJob => (AGENT_TASK_KINDS as readonly string[]).includes(job.kind);
 
 /** When a record and everything it stored (outputs, inputs, checkpoints) are deleted. */
 const ExpiresAt = z.string().nullable().describe('when the record and its outputs are deleted: JOB_RETENTION_S after it ended; null until it ends');
@@ -144,10 +160,10 @@ export const JobLinks = z.object({
   self: z.string().describe('GET: this record'),
   cancel: z.string().describe('DELETE: cancel it (409 once it has ended)'),
   events: z.string().describe('GET: its live progress (server-sent events)'),
-  retry: z.string().optional().describe('POST: a new job with the same request (not for a cache task)'),
+  retry: z.string().optional().describe('POST: a new job with the same request (not for a cache or self-test task)'),
   retry_of: z.string().optional().describe('GET: the job this one retries'),
   retried_as: z.string().optional().describe('GET: its latest retry'),
-  group: z.string().optional().describe('GET: the batch or cache request it belongs to'),
+  group: z.string().optional().describe('GET: the batch, cache or self-test request it belongs to'),
 });
 
 /** Where a job stands: an estimate from the agents' measured times (model loads not counted). */
@@ -166,11 +182,11 @@ const recordExtras = {
   webhook_deliveries: z.array(WebhookDelivery),
   links: JobLinks,
 };
-export const JobRecord = z.discriminatedUnion('kind', [GenerationJob.extend(recordExtras), TrainingJob.extend(recordExtras), CacheJob.extend(recordExtras)]);
+export const JobRecord = z.discriminatedUnion('kind', [GenerationJob.extend(recordExtras), TrainingJob.extend(recordExtras), CacheJob.extend(recordExtras), SelfTestJob.extend(recordExtras)]);
 export type JobRecord = z.infer<typeof JobRecord>;
 
-/** A batch or cache request: many jobs as one unit. */
-export const GroupKind = z.enum(['batch', 'cache']);
+/** A batch, cache or self-test request: many jobs as one unit. */
+export const GroupKind = z.enum(['batch', 'cache', 'self_test']);
 export const GroupStatus = z.enum(['queued', 'running', 'succeeded', 'failed', 'partially_succeeded', 'canceled']);
 export type GroupStatus = z.infer<typeof GroupStatus>;
 export const StoredGroup = z.object({

@@ -1,10 +1,11 @@
 import { z } from 'zod';
-import { LIMITS, MAX_SEED, Priority, WebhookSpec } from './generation.js';
+import { LIMITS, MAX_SEED, Priority, SCHEDULERS, WebhookSpec } from './generation.js';
 import { Text } from './text.js';
 
 /**
  * The other job kinds: batch (many generations as one unit), cache (model residency on chosen
- * agents) and training (a LoRA fine-tune whose result generations can use by name).
+ * agents), training (a LoRA fine-tune whose result generations can use by name) and self-test
+ * (the GPU check run by chosen agents' workers, its report on the record).
  */
 
 const ModelName = Text.min(1).max(200);
@@ -140,3 +141,154 @@ export function trainingVramMb(r: { hyperparameters: { resolution: number; batch
   const h = r.hyperparameters;
   return Math.ceil(4000 * ((h.resolution * h.resolution) / (1024 * 1024)) * h.batch_size + (h.train_text_encoder ? 2000 : 0));
 }
+
+// ---- self-test ---------------------------------------------------------------------------
+
+/** What a self-test runs: the worker's environment, the validity of its model files, a timed benchmark. */
+export const SELF_TEST_CHECKS = ['environment', 'models', 'benchmark'] as const;
+export type SelfTestCheck = (typeof SELF_TEST_CHECKS)[number];
+/** Bounds that keep one self-test from holding a GPU for long: at most 10 schedulers × 50 steps at 1024². */
+export const SELF_TEST_LIMITS = { maxSide: 1024, maxSteps: 50, maxSchedulers: SCHEDULERS.length, maxTimeoutS: 3600 } as const;
+
+export const SelfTestBenchmark = z.strictObject({
+  size: z
+    .number()
+    .int()
+    .min(64)
+    .max(SELF_TEST_LIMITS.maxSide)
+    .multipleOf(8, 'must be a multiple of 8')
+    .optional()
+    .describe('image side; default 1024 on a GPU with real weights, 128 on the tiny random pipeline, 256 on the synthetic backend'),
+  steps: z.number().int().min(1).max(SELF_TEST_LIMITS.maxSteps).optional().describe('denoising steps per case; default 30 on a GPU with real weights, 10 otherwise'),
+  schedulers: z
+    .array(z.enum(SCHEDULERS))
+    .min(1)
+    .max(SELF_TEST_LIMITS.maxSchedulers)
+    .refine((s) => new Set(s).size === s.length, { message: 'each scheduler once', params: { rule: 'unique' } })
+    .optional()
+    .describe('one base case per scheduler; default: every scheduler'),
+});
+export type SelfTestBenchmark = z.output<typeof SelfTestBenchmark>;
+
+const SelfTestChecks = z
+  .array(z.enum(SELF_TEST_CHECKS))
+  .min(1)
+  .refine((c) => new Set(c).size === c.length, { message: 'each check once', params: { rule: 'unique' } });
+
+/** POST /v1/admin/self-tests: the GPU check on chosen agents (or every live one), one task each. */
+export const SelfTestRequest = z.strictObject({
+  agents: z
+    .union([
+      z.literal('all'),
+      z
+        .array(AgentId)
+        .min(1)
+        .max(256)
+        .refine((a) => new Set(a).size === a.length, { message: 'each agent once', params: { rule: 'unique' } }),
+    ])
+    .default('all')
+    .describe('"all": every live agent not draining; or the ids of live agents'),
+  checks: SelfTestChecks.default([...SELF_TEST_CHECKS]).describe('environment: device, driver, library versions; models: every item of MODELS_DIR with a verdict; benchmark: timed generations'),
+  benchmark: SelfTestBenchmark.prefault({}),
+  timeout_s: z.number().int().min(10).max(SELF_TEST_LIMITS.maxTimeoutS).default(900).describe('each agent\'s task fails with `timeout` past it'),
+  webhook: WebhookSpec.optional().describe('fires once, when every agent has reported'),
+});
+export type SelfTestRequest = z.output<typeof SelfTestRequest>;
+
+/** One agent's share of a self-test request, run on that agent's queue. */
+export const SelfTestTask = z.strictObject({
+  checks: SelfTestChecks,
+  benchmark: SelfTestBenchmark,
+  timeout_s: z.number().int().min(1).max(SELF_TEST_LIMITS.maxTimeoutS),
+  target_agent: z.string(),
+});
+export type SelfTestTask = z.output<typeof SelfTestTask>;
+
+const Device = z.object({ name: z.string(), vram_total_mb: z.number().int() });
+
+/** A self-test's findings, as the worker wrote them (the agent stores them as they came). */
+export const SelfTestReport = z.object({
+  backend: z.enum(['synthetic', 'diffusers']),
+  checks: z.array(z.enum(SELF_TEST_CHECKS)),
+  generated_at: z.string(),
+  duration_ms: z.number(),
+  verdict: z.enum(['pass', 'fail']).describe('fail when a model has problems, a benchmark case failed, or a pinned model could not be restored'),
+  reasons: z.array(z.string()).describe('why it failed, one line each (empty on a pass); notes such as "synthetic figures" are in the sections'),
+  environment: z
+    .object({
+      backend: z.enum(['synthetic', 'diffusers']),
+      device: Device.describe('the device this worker drives'),
+      python: z.string(),
+      platform: z.string(),
+      torch: z.string().nullable(),
+      cuda: z.string().nullable().describe('the CUDA torch was built for'),
+      cuda_available: z.boolean(),
+      driver: z.string().nullable(),
+      diffusers: z.string().nullable(),
+      transformers: z.string().nullable(),
+      spandrel: z.string().nullable(),
+      peft: z.string().nullable(),
+      devices: z.array(z.object({ index: z.number().int(), name: z.string(), vram_mb: z.number().int(), compute_capability: z.string(), bf16: z.boolean() })),
+    })
+    .nullable()
+    .describe('null when not asked for'),
+  models: z
+    .object({
+      models_dir: z.string().nullable().describe('the folder validated; null when the worker has none'),
+      note: z.string().nullable(),
+      items: z.array(
+        z.object({
+          kind: z.string(),
+          name: z.string(),
+          path: z.string(),
+          ok: z.boolean(),
+          problems: z.array(z.string()),
+          params: z.number().int().optional(),
+          disk_bytes: z.number().int().optional(),
+          vram_mb_fp16: z.number().int().optional(),
+          single_file: z.boolean().optional(),
+          controlnet_type: z.string().optional(),
+          scale: z.number().int().optional(),
+        }),
+      ),
+    })
+    .nullable()
+    .describe('every item of MODELS_DIR with a verdict (safetensors headers readable, config present, sizes); null when not asked for'),
+  benchmark: z
+    .object({
+      mode: z
+        .enum(['real', 'tiny', 'synthetic'])
+        .describe("real: this GPU and its own weights; tiny: the tiny random SDXL pipeline (no GPU or no base model here; figures only show the check runs); synthetic: the synthetic backend's simulated costs, never GPU figures"),
+      note: z.string().nullable(),
+      base: z.string().nullable(),
+      size: z.number().int(),
+      steps: z.number().int(),
+      device: Device,
+      rows: z.array(
+        z.object({
+          case: z.string(),
+          ok: z.boolean().nullable().describe('null: skipped'),
+          skipped: z.string().optional(),
+          error: z.string().optional(),
+          wall_ms: z.number().optional(),
+          steps: z.record(z.string(), z.number().int()).optional().describe('denoising steps run, per stage'),
+          ms_per_step: z.number().nullable().optional(),
+          timings: z.record(z.string(), z.number()).optional().describe('per-stage ms (the contracts\' timing keys)'),
+          peak_vram_mb: z.number().int().nullable().optional(),
+          loaded: z.array(z.string()).optional(),
+          moved: z.array(z.string()).optional(),
+        }),
+      ),
+    })
+    .nullable()
+    .describe('null when not asked for'),
+  residency: z
+    .object({
+      before: z.array(z.object({ name: z.string(), location: z.enum(['vram', 'ram']), pinned: z.boolean() })),
+      after: z.array(z.object({ name: z.string(), location: z.enum(['vram', 'ram']), pinned: z.boolean() })),
+      restored: z.array(z.string()).describe('pinned models the benchmark moved, put back where they were and pinned again'),
+      problems: z.array(z.string()),
+    })
+    .describe('what was resident before and after: the benchmark loads and moves models; pinned ones are restored'),
+});
+export type SelfTestReport = z.infer<typeof SelfTestReport>;

@@ -3,7 +3,7 @@ import { WorkerCapabilities, WorkerState } from './agent.js';
 import { JobError } from './errors.js';
 import { SafetyVerdict, Upscaled } from './job.js';
 import { MAX_SEED, PREVIEW_LIMITS, ResolvedGenerationRequest } from './generation.js';
-import { ResolvedTrainingRequest } from './kinds.js';
+import { ResolvedTrainingRequest, SELF_TEST_CHECKS, SelfTestBenchmark, SelfTestReport } from './kinds.js';
 
 /**
  * Agent ↔ worker protocol, version 1: one JSON object per line on the worker's stdin/stdout.
@@ -59,10 +59,25 @@ export const TrainMessage = z.strictObject({
   resume: z.strictObject({ path: z.string(), step: z.number().int().min(1) }).nullable().describe('the last checkpoint of an earlier attempt'),
   request: ResolvedTrainingRequest,
 });
+/**
+ * The GPU check in the worker, with the backend and models it has: a self-test job's share on one
+ * agent. Progress comes as stage `self_test` (one step per check or benchmark case); the final
+ * message is `self_test_result` (or error; a cancel stops it between cases or steps).
+ */
+export const SelfTestMessage = z.strictObject({
+  v,
+  type: z.literal('self_test'),
+  id,
+  job_id: z.string(),
+  attempt: z.number().int().min(1),
+  job_dir: z.string().describe("absolute directory for the benchmark's scratch files"),
+  checks: z.array(z.enum(SELF_TEST_CHECKS)).min(1),
+  benchmark: SelfTestBenchmark,
+});
 export const CancelMessage = z.strictObject({ v, type: z.literal('cancel'), id });
 export const ShutdownMessage = z.strictObject({ v, type: z.literal('shutdown'), id });
 
-export const AgentToWorker = z.discriminatedUnion('type', [HelloMessage, GenerateMessage, LoadMessage, UnloadMessage, TrainMessage, CancelMessage, ShutdownMessage]);
+export const AgentToWorker = z.discriminatedUnion('type', [HelloMessage, GenerateMessage, LoadMessage, UnloadMessage, TrainMessage, SelfTestMessage, CancelMessage, ShutdownMessage]);
 export type AgentToWorker = z.infer<typeof AgentToWorker>;
 
 export const ReadyMessage = z.strictObject({
@@ -85,7 +100,7 @@ export const ProgressMessage = z.strictObject({
   v,
   type: z.literal('progress'),
   id,
-  stage: z.enum(['loading_model', 'base', 'refiner', 'upscale', 'safety', 'train']),
+  stage: z.enum(['loading_model', 'base', 'refiner', 'upscale', 'safety', 'train', 'self_test']).describe('self_test: step = checks and benchmark cases done, of total'),
   step: z.number().int().min(0),
   total: z.number().int().min(0),
   loss: z.number().optional().describe('training only'),
@@ -195,6 +210,14 @@ export const TrainedMessage = z.strictObject({
   timings: z.strictObject({ model_load_ms: z.number(), train_ms: z.number() }),
   state: WorkerState,
 });
+/** Final for self_test: the report; `state` is the residency after it (pinned models restored). */
+export const SelfTestResultMessage = z.strictObject({
+  v,
+  type: z.literal('self_test_result'),
+  id,
+  report: SelfTestReport,
+  state: WorkerState,
+});
 export const ByeMessage = z.strictObject({ v, type: z.literal('bye'), id });
 
 export const WorkerToAgent = z.discriminatedUnion('type', [
@@ -207,6 +230,7 @@ export const WorkerToAgent = z.discriminatedUnion('type', [
   LoadedMessage,
   CheckpointMessage,
   TrainedMessage,
+  SelfTestResultMessage,
   ByeMessage,
 ]);
 export type WorkerToAgent = z.infer<typeof WorkerToAgent>;
@@ -220,3 +244,5 @@ export type TrainMessage = z.infer<typeof TrainMessage>;
 export type LoadedMessage = z.infer<typeof LoadedMessage>;
 export type TrainedMessage = z.infer<typeof TrainedMessage>;
 export type CheckpointMessage = z.infer<typeof CheckpointMessage>;
+export type SelfTestMessage = z.infer<typeof SelfTestMessage>;
+export type SelfTestResultMessage = z.infer<typeof SelfTestResultMessage>;

@@ -3,7 +3,7 @@ import type { Job, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import type { JobStore } from './job-store.js';
-import { expiresAt } from './job-view.js';
+import { expiresAt, GROUP_PATHS } from './job-view.js';
 import { LuaScript } from './scripts.js';
 import type { Storage } from './storage.js';
 
@@ -30,7 +30,7 @@ return 1
 const ENDED: readonly GroupStatus[] = ['succeeded', 'failed', 'partially_succeeded', 'canceled'];
 
 /**
- * Groups: a batch, or a cache request, as one unit over many jobs. The group keeps its
+ * Groups: a batch, a cache request or a self-test request, as one unit over many jobs. The group keeps its
  * children's ids, their number (`total`) and a counter of children that ended. The counter
  * moves in the same step as the child's end (JobStore's end-job), and the child that brings
  * it to the total also puts the group's announcement in the outbox; the drainer then
@@ -149,7 +149,7 @@ export async function groupRecord(group: StoredGroup, groups: GroupStore, jobs: 
 /** A group's links: every one a route of the API (see GroupRecord's links for the method of each). */
 export function groupLinks(group: StoredGroup, publicUrl: string): GroupRecord['links'] {
   const url = (path: string) => new URL(path, publicUrl).toString();
-  if (group.kind === 'cache') return { self: url(`/v1/cache/${group.id}`), cancel: url(`/v1/cache/${group.id}`) };
+  if (group.kind !== 'batch') return { self: url(`${GROUP_PATHS[group.kind]}/${group.id}`), cancel: url(`${GROUP_PATHS[group.kind]}/${group.id}`) };
   const self = url(`/v1/batches/${group.id}`);
   return { self, cancel: self, events: url(`/v1/batches/${group.id}/events`), jobs: url(`/v1/jobs?batch=${group.id}`) };
 }

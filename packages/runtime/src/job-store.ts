@@ -2,6 +2,7 @@ import {
   type CacheJob,
   type GenerationJob,
   JobEvent,
+  type SelfTestJob,
   type TrainingJob,
   type JobStatus,
   StoredJob,
@@ -180,7 +181,8 @@ export interface Guard {
 
 export type JobPatch = Partial<Omit<GenerationJob, 'id' | 'kind' | 'created_at' | 'request' | 'client'>> &
   Partial<Pick<TrainingJob, 'training'>> &
-  Partial<Pick<CacheJob, 'cache'>>;
+  Partial<Pick<CacheJob, 'cache'>> &
+  Partial<Pick<SelfTestJob, 'self_test'>>;
 
 export class JobStore {
   constructor(

@@ -1,4 +1,4 @@
-import type { JobRecord, StoredJob } from '@kiln/contracts';
+import { isAgentTask, type JobRecord, type StoredGroup, type StoredJob } from '@kiln/contracts';
 import type { JobStore } from './job-store.js';
 import type { Storage } from './storage.js';
 
@@ -17,6 +17,9 @@ export async function jobRecord(job: StoredJob, store: JobStore, storage: Storag
   return record;
 }
 
+/** Where each kind of group is read (GET) and canceled (DELETE): `<path>/<id>`. */
+export const GROUP_PATHS: Record<StoredGroup['kind'], string> = { batch: '/v1/batches', cache: '/v1/cache', self_test: '/v1/admin/self-tests' };
+
 /** A record expires JOB_RETENTION_S after it ended (the end-job script starts that TTL). */
 export function expiresAt(finishedAt: string | null, retentionS: number): string | null {
   return finishedAt ? new Date(Date.parse(finishedAt) + retentionS * 1000).toISOString() : null;
@@ -30,9 +33,9 @@ export function jobLinks(job: StoredJob, retries: string[], publicUrl: string): 
     self,
     cancel: self,
     events: url(`/v1/jobs/${job.id}/events`),
-    ...(job.kind === 'cache' ? {} : { retry: url(`/v1/jobs/${job.id}/retry`) }),
+    ...(isAgentTask(job) ? {} : { retry: url(`/v1/jobs/${job.id}/retry`) }),
     ...(job.retry_of ? { retry_of: url(`/v1/jobs/${job.retry_of}`) } : {}),
     ...(retries.length ? { retried_as: url(`/v1/jobs/${retries.at(-1)}`) } : {}),
-    ...(job.group_id ? { group: url(`/v1/${job.kind === 'cache' ? 'cache' : 'batches'}/${job.group_id}`) } : {}),
+    ...(job.group_id ? { group: url(`${GROUP_PATHS[job.kind === 'cache' || job.kind === 'self_test' ? job.kind : 'batch']}/${job.group_id}`) } : {}),
   };
 }

@@ -1,5 +1,5 @@
 import type { ErrorCode, Priority, StoredJob, WebhookEvent } from '@kiln/contracts';
-import { faultClass, isTerminal } from '@kiln/contracts';
+import { faultClass, isAgentTask, isTerminal } from '@kiln/contracts';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { KilnError } from './errors.js';
@@ -49,7 +49,9 @@ export function entryName(job: StoredJob): string {
       ? job.request.model.base
       : job.kind === 'training'
         ? `${job.request.base_model} → ${job.request.output.name}`
-        : `${job.request.action} ${job.request.models.join(', ')}`;
+        : job.kind === 'self_test'
+          ? `${job.request.checks.join(', ')} on ${job.request.target_agent}`
+          : `${job.request.action} ${job.request.models.join(', ')}`;
   return `${job.kind} · ${what} · ${job.client}`;
 }
 
@@ -165,8 +167,8 @@ export class Jobs {
    * MAX_ATTEMPTS — counted as consecutive attempts without progress, so a training attempt that
    * advanced its checkpoint spends nothing. An infrastructure fault (storage, Redis, a lost
    * agent) spends nothing and is queued again until INFRA_RETRY_DEADLINE_S after the first of
-   * its run. Anything else fails the job. Cancellation requested meanwhile wins; a cache task
-   * belongs to its agent, so it is never retried elsewhere.
+   * its run. Anything else fails the job. Cancellation requested meanwhile wins; a cache or
+   * self-test task belongs to its agent, so it is never retried elsewhere.
    */
   async retryOrFail(job: StoredJob, err: KilnError, fromAttempt: number, opts: { progressed?: boolean } = {}): Promise<StoredJob | null> {
     const guard: Guard = { status: ['running', 'queued'], attempt: fromAttempt };
@@ -182,7 +184,7 @@ export class Jobs {
       });
     }
     const fault = faultClass(err.code);
-    if (fault === 'final' || job.kind === 'cache') return fail(err.code, err.message);
+    if (fault === 'final' || isAgentTask(job)) return fail(err.code, err.message);
 
     const progressed = opts.progressed === true;
     let charged = progressed ? 0 : (job.charged_attempts ?? 0);

@@ -204,7 +204,7 @@ export async function registerOpenApi(app: FastifyInstance, ctx: ApiContext): Pr
         { name: 'uploads', description: 'files (input images, datasets) into your area of the bucket' },
         { name: 'farm', description: 'agents, models and capabilities' },
         { name: 'health', description: 'liveness, readiness and this document (no key needed)' },
-        { name: 'admin', description: 'Bull Board and metrics (admin key)' },
+        { name: 'admin', description: 'Bull Board, metrics and the GPU self-test (admin key)' },
       ],
     },
     transform: (input) => {

@@ -1,8 +1,7 @@
-import { randomUUID } from 'node:crypto';
 import { type AgentHeartbeat, ApiError, isTerminal, type CacheJob, CacheRequest, type CacheTask, EvictRequest, GroupRecord, type ModelInfo, NothingToEvict, ResidencyResponse, type StoredGroup } from '@kiln/contracts';
-import { entryName, groupRecord, keepHistory, KilnError, newJobFields, QUEUES, quietErrors, trackGroup } from '@kiln/runtime';
-import { Queue } from 'bullmq';
+import { groupRecord, KilnError } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { startAgentTasks } from '../agent-tasks.js';
 import type { ApiContext } from '../context.js';
 import { IdParams, loadVisible } from '../tenancy.js';
 import { checkWebhookOf } from '../webhook-check.js';
@@ -23,32 +22,15 @@ const unschedulable = (field: string, rule: string, message: string) =>
 export function cacheRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
   const view = (g: StoredGroup) => groupRecord(g, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL);
 
-  async function dispatch(client: string, tasks: CacheTask[], webhook: StoredGroup['webhook']): Promise<StoredGroup> {
-    const groupId = randomUUID();
-    const now = new Date().toISOString();
-    // a cache task belongs to its target agent: it starts placed there, on attempt 1
-    const children: CacheJob[] = tasks.map((t) => ({
-      ...newJobFields(randomUUID(), client, 'high', groupId, now),
-      kind: 'cache',
-      status: 'running',
-      stage: 'dispatched',
-      attempt: 1,
-      agent: t.target_agent,
-      request: t,
-      cache: null,
-    }));
-    const group: StoredGroup = { id: groupId, kind: 'cache', client, status: 'running', priority: 'high', children: children.map((c) => c.id), webhook, cancel_requested: false, created_at: now, finished_at: null };
-    await ctx.jobs.groups.create(group);
-    await trackGroup(ctx.groupsQueue, group);
-    for (const c of children) {
-      await ctx.store.create(c);
-      const q = quietErrors(new Queue(QUEUES.agent(c.agent!), { connection: ctx.redis, prefix: ctx.env.KILN_PREFIX }), `queue agent.${c.agent}`);
-      await q.add(entryName(c), { job_id: c.id, attempt: 1, client, models: c.request.action === 'load' && c.request.location === 'vram' ? c.request.models : [] }, { jobId: `${c.id}-a1`, ...keepHistory(ctx.env), priority: 1 });
-      await q.close();
-      await ctx.jobs.wake(c.agent!); // placement counts the task on that agent's queue at once
-    }
-    return group;
-  }
+  // a cache task belongs to its target agent: it starts placed there, on attempt 1
+  const dispatch = (client: string, tasks: CacheTask[], webhook: StoredGroup['webhook']) =>
+    startAgentTasks<CacheJob>(
+      ctx,
+      'cache',
+      client,
+      tasks.map((t) => ({ body: { kind: 'cache', request: t, cache: null }, models: t.action === 'load' && t.location === 'vram' ? t.models : [] })),
+      webhook,
+    );
 
   return async (app) => {
     app.get('/v1/cache', { schema: { summary: 'What is resident where', description: 'Per live agent: VRAM, and each resident model\'s size, location (vram or ram), pinned flag and last use.', response: { 200: ResidencyResponse } } }, async () => ({
