@@ -175,7 +175,7 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
     .command('ls')
     .description('your jobs, newest first')
     .option('--status <s>', 'queued, running, succeeded, failed, canceled (comma-separated)')
-    .addOption(new Option('--kind <k>', 'generation, training or cache').choices(['generation', 'training', 'cache']))
+    .addOption(new Option('--kind <k>', 'generation, training, cache or self_test').choices(['generation', 'training', 'cache', 'self_test']))
     .option('--batch <id>', "a batch's jobs")
     .option('--limit <n>', 'how many', int('--limit'), 20)
     .action(async (o) => {
@@ -298,6 +298,50 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
       if (!o.wait) return print(job, () => summary(job));
       if (!json()) io.err(`training ${job.id}\n`);
       ended(await follow(c, job, undefined));
+    });
+
+  program
+    .command('self-test')
+    .description('run the GPU check (environment, model files, benchmark) in the workers of agents (admin key)')
+    .option('-a, --agent <id>', 'an agent (repeat for more; default: every live agent)', collect, [])
+    .option('--checks <list>', 'environment, models, benchmark (comma-separated; default: all)')
+    .option('--size <px>', 'benchmark image side', int('--size'))
+    .option('--steps <n>', 'benchmark steps per case', int('--steps'))
+    .option('--scheduler <class>', 'a benchmark scheduler (repeat for more; default: all)', collect, [])
+    .option('--timeout <s>', 'per agent', int('--timeout'))
+    .option('-w, --wait', 'wait for every agent and print the verdicts (exit 1 on a fail)')
+    .action(async (o) => {
+      const c = client();
+      const benchmark = Object.fromEntries(Object.entries({ size: o.size, steps: o.steps, schedulers: o.scheduler.length ? o.scheduler : undefined }).filter(([, v]) => v !== undefined));
+      const group = await c.selfTest({
+        agents: o.agent.length ? o.agent : 'all',
+        ...(o.checks ? { checks: o.checks.split(',').map((s: string) => s.trim()) } : {}),
+        benchmark,
+        ...(o.timeout ? { timeout_s: o.timeout } : {}),
+      });
+      if (!o.wait) return print(group, () => `${group.id}  self-test on ${group.children.map((t) => t.agent).join(', ')}`);
+      if (!json()) io.err(`self-test ${group.id} on ${group.children.map((t) => t.agent).join(', ')}\n`);
+      let now = group;
+      while (!['succeeded', 'failed', 'partially_succeeded', 'canceled'].includes(now.status)) {
+        await new Promise((r) => setTimeout(r, 1_000));
+        now = await c.getSelfTest(group.id);
+      }
+      const tasks = await Promise.all(now.children.map((t) => c.get(t.id)));
+      const reports = tasks.map((t) => ({ agent: t.agent, status: t.status, error: t.error, report: t.kind === 'self_test' ? (t.self_test?.report ?? null) : null }));
+      if (reports.some((r) => r.report?.verdict !== 'pass')) code = 1;
+      print(reports, () =>
+        reports
+          .map(({ agent, status, error, report }) => {
+            if (!report) return `${agent}: ${status}${error ? ` (${error.code}: ${error.message})` : ''}`;
+            const b = report.benchmark;
+            const lines = [`${agent}: ${report.verdict.toUpperCase()} (${report.backend}${b ? `, benchmark ${b.mode}` : ''})`];
+            for (const r of report.reasons) lines.push(`  - ${r}`);
+            if (b?.note) lines.push(`  note: ${b.note}`);
+            for (const r of b?.rows ?? []) lines.push(`  ${r.case.padEnd(56)} ${r.ok === null ? `skipped: ${r.skipped}` : r.ok ? `${r.wall_ms} ms` : `FAILED: ${r.error}`}`);
+            return lines.join('\n');
+          })
+          .join('\n'),
+      );
     });
 
   try {

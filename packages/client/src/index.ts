@@ -22,6 +22,7 @@ import type {
 } from '@kiln/contracts';
 import { createParser } from 'eventsource-parser';
 import type { z } from 'zod';
+import type { SelfTestRequest } from '@kiln/contracts';
 
 /**
  * A typed client for Kiln's API: fetch-based (Node 20+, browsers), its types from the contracts
@@ -35,6 +36,7 @@ export type GenerationInput = z.input<typeof GenerationRequest>;
 export type BatchInput = z.input<typeof BatchRequest>;
 export type TrainingInput = z.input<typeof TrainingRequest>;
 export type CacheInput = z.input<typeof CacheRequest>;
+export type SelfTestInput = z.input<typeof SelfTestRequest>;
 export type UploadInput = z.input<typeof UploadRequest>;
 export type Job = JobRecord;
 export type Batch = GroupRecord;
@@ -42,7 +44,7 @@ export type Page<T> = { data: T[]; next_cursor: string | null };
 
 export interface ListQuery {
   status?: JobStatus | JobStatus[];
-  kind?: 'generation' | 'training' | 'cache';
+  kind?: 'generation' | 'training' | 'cache' | 'self_test';
   batch?: string;
   created_after?: string;
   created_before?: string;
@@ -193,6 +195,15 @@ export class KilnClient {
 
   async cache(request: CacheInput): Promise<Batch> {
     return (await this.call<Batch>('POST', '/v1/cache', request)).body;
+  }
+
+  /** The GPU self-test on agents (admin key): the request's record; each task's report is on its job record. */
+  async selfTest(request: SelfTestInput = {}): Promise<Batch> {
+    return (await this.call<Batch>('POST', '/v1/admin/self-tests', request)).body;
+  }
+
+  async getSelfTest(id: string): Promise<Batch> {
+    return (await this.call<Batch>('GET', `/v1/admin/self-tests/${encodeURIComponent(id)}`)).body;
   }
 
   // ---- the farm -----------------------------------------------------------------------------

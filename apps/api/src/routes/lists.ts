@@ -68,7 +68,7 @@ export function listRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         schema: {
           summary: 'List jobs',
           description:
-            'Every kind (generations, trainings, cache tasks, batch children), newest first. Filters: `status` (comma-separated), `kind`, `batch` (its children, in their order), `created_after`, `created_before`. A page may hold fewer than `limit` records when a filter matches rarely; keep following `next_cursor` until it is null.',
+            'Every kind (generations, trainings, cache and self-test tasks, batch children), newest first. Filters: `status` (comma-separated), `kind`, `batch` (its children, in their order), `created_after`, `created_before`. A page may hold fewer than `limit` records when a filter matches rarely; keep following `next_cursor` until it is null.',
           querystring: JobsQuery,
           response: { 200: JobList, 403: ApiError, 404: ApiError },
         },
