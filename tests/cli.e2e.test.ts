@@ -65,8 +65,10 @@ describe('the kiln command', () => {
     expect(plain.stdout).toMatch(/generation {2}succeeded/);
   });
 
+  // the long job runs about 24 s here (150 steps of eight 1024² images at 20 ms per image-step), so
+  // the cancel, three CLI starts later, lands while it runs even on a loaded machine
   it('a request from a file, cancel, retry, queue and models', async () => {
-    writeFileSync(join(dir, 'long.json'), JSON.stringify({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0' }, scheduler: { steps: 150 }, hyperparameters: { width: 1024, height: 1024 }, conditioning: { prompt: 'a long render' } }));
+    writeFileSync(join(dir, 'long.json'), JSON.stringify({ model: { base: 'stabilityai/stable-diffusion-xl-base-1.0' }, scheduler: { steps: 150 }, hyperparameters: { width: 1024, height: 1024, num_images: 8 }, conditioning: { prompt: 'a long render' } }));
     const long = await json('submit', '--file', 'long.json', '--seed', '3');
     expect(long.request.hyperparameters.seed).toBe(3);
     expect((await json('queue')).agents.total).toBe(1);
