@@ -13,6 +13,7 @@ import { resolve } from 'node:path';
 import type { AgentHeartbeat, JobEvent } from '@kiln/contracts';
 import { type AgentJobData, CommonEnv, createJobServices, createLogger, JobEnv, type JobServices, parseEnvOrThrow, QUEUES, StorageEnv, WebhookEnv } from '@kiln/runtime';
 import { Queue, Worker } from 'bullmq';
+import { execa } from 'execa';
 import { Redis } from 'ioredis';
 import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess } from '../scripts/farm-lib.js';
 import { freePort, RedisServer } from '../tests/support/redis-server.js';
@@ -222,8 +223,13 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     LOG_FORMAT: 'json',
     AGENT_TTL_MS: '5000',
   };
-  const dispatcher = startProcess(ENTRY.dispatcher, env, 'pipe');
-  const api = startProcess(ENTRY.api, env, 'pipe');
+  // BENCH_CPU_PROF=<dir>: V8 CPU profiles of the dispatcher and the API (node --cpu-prof), written as they exit
+  const start = (entry: string, name: string) =>
+    process.env.BENCH_CPU_PROF
+      ? execa(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${resolve(process.env.BENCH_CPU_PROF, `${name}-${agents}`)}`, '--import', 'tsx', entry], { cwd: REPO_ROOT, env, stdio: 'ignore', reject: false })
+      : startProcess(entry, env, 'pipe');
+  const dispatcher = start(ENTRY.dispatcher, 'dispatcher');
+  const api = start(ENTRY.api, 'api');
   const services = createJobServices(parseEnvOrThrow(CommonEnv.extend(StorageEnv.shape).extend(WebhookEnv.shape).extend(JobEnv.shape), env), 'kiln-bench');
   const base = `http://127.0.0.1:${port}`;
   let done = 0;

@@ -32,6 +32,10 @@ import { placementReason } from './placement-reason.js';
 
 /** How old a registry snapshot a tick accepts (ms). */
 const REGISTRY_SNAPSHOT_MS = 100;
+/** How often the list of trained LoRAs is read (ms); a new one is usable on agents within this. */
+const TRAINED_LORAS_MS = 1_000;
+
+type AgentBase = Pick<AgentView, 'vramTotalMb' | 'resident' | 'pinned' | 'models'>;
 
 /**
  * The active dispatcher's loop. Each tick, while holding the lease:
@@ -69,6 +73,11 @@ export class Dispatcher {
   private lastFullRead = 0;
   /** when the lease was last renewed (asked at) */
   private renewedAt = 0;
+  /** each heartbeat's part of its agent's view (a registry snapshot keeps a heartbeat's object until it changes) */
+  private readonly bases = new WeakMap<AgentHeartbeat, { trained: ModelInfo[]; base: AgentBase }>();
+  private readonly trained: { at: number; list: ModelInfo[] } = { at: -Infinity, list: [] };
+  /** each usable agent's view, and what it was built from */
+  private readonly views = new Map<string, { key: { hb: AgentHeartbeat; trained: ModelInfo[]; held: unknown[]; n: number; avgJobMs: number }; view: AgentView }>();
 
   constructor(
     private readonly env: DispatcherEnv,
@@ -323,8 +332,7 @@ export class Dispatcher {
     // all, jobs are assumed short next to model loads, so affinity wins until measured
     const known = usable.map((a) => a.avg_job_ms).filter((v): v is number => v !== null);
     const fleetJobMs = known.length ? known.reduce((s, v) => s + v, 0) / known.length : 0;
-    // trained LoRAs run on any agent that takes LoRAs: it fetches them before the job
-    const trained: ModelInfo[] = (await this.loras.list()).map((l) => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
+    const trained = await this.trainedLoras();
     // every queue is read again every SWEEP_INTERVAL_MS (running jobs' start times, anything
     // added without a wake); in between only the queues whose agent named itself
     const full = Date.now() - this.lastFullRead >= this.env.SWEEP_INTERVAL_MS;
@@ -335,33 +343,65 @@ export class Dispatcher {
       // held jobs, oldest first: the running one, then the next
       const held = heldBy.get(a.agent_id) ?? [];
       for (const h of held) if (h.data.client) running.set(h.data.client, (running.get(h.data.client) ?? 0) + 1);
-      const queued = held.map((h) => ({ models: h.data.models ?? [], activationMb: h.data.activation_mb ?? 0 }));
       const avgJobMs = a.avg_job_ms ?? fleetJobMs;
       const stepMs = a.step_ms ?? {};
-      // what it holds runs for: each job's known work at this agent's step time, less what the
-      // running one has already run
-      const busyMs = held.reduce((s, h) => s + Math.max(0, runMsOf(h.data.work, stepMs, avgJobMs) - (h.processedOn ? now - h.processedOn : 0)), 0);
-      const base = {
-        vramTotalMb: a.gpu.vram_total_mb,
-        // least recently used first, as the worker evicts
-        resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
-        pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
-        models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
-      };
-      const projected = projectResidency(base, queued);
-      return {
-        ...base,
-        id: a.agent_id,
-        free: Math.max(0, this.env.AGENT_SLOTS - held.length),
-        inflight: held.length,
-        avgJobMs,
-        busyMs,
-        runMs: (c) => runMsOf(c.work, stepMs, avgJobMs),
-        resident: projected,
-        warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
-      };
+      // the view is built again only when the heartbeat, what the agent holds or the trained
+      // LoRAs changed (placement copies what it changes)
+      const key = { hb: a, trained, held, n: held.length, avgJobMs };
+      let cached = this.views.get(a.agent_id);
+      if (!cached || Object.entries(key).some(([k, v]) => cached!.key[k as keyof typeof key] !== v)) {
+        const base = this.baseView(a, trained);
+        const projected = projectResidency(base, held.map((h) => ({ models: h.data.models ?? [], activationMb: h.data.activation_mb ?? 0 })));
+        const view: AgentView = {
+          ...base,
+          id: a.agent_id,
+          free: Math.max(0, this.env.AGENT_SLOTS - held.length),
+          inflight: held.length,
+          avgJobMs,
+          busyMs: 0,
+          runMs: (c) => runMsOf(c.work, stepMs, avgJobMs),
+          resident: projected,
+          warm: new Set(a.resident.filter((r) => r.location === 'ram' && !projected.has(r.name)).map((r) => r.name)),
+        };
+        cached = { key, view };
+        this.views.set(a.agent_id, cached);
+      }
+      // what it holds runs for: each job's known work at this agent's step time, less what its GPU
+      // has run since the first of them was taken. The agent takes two entries at once and runs
+      // them one after another (the next prepares meanwhile), so a later entry's processedOn says
+      // when it was taken, not when it reached the GPU
+      const first = held.reduce((m, h) => (h.processedOn !== null && h.processedOn < m ? h.processedOn : m), now);
+      cached.view.busyMs = Math.max(0, held.reduce((s, h) => s + runMsOf(h.data.work, stepMs, avgJobMs), 0) - (now - first));
+      return cached.view;
     });
+    if (this.views.size > usable.length) for (const id of this.views.keys()) if (!usable.some((a) => a.agent_id === id)) this.views.delete(id);
     return { agents, running };
+  }
+
+  /** What placement needs of a heartbeat that does not change between heartbeats: built once per heartbeat. */
+  private baseView(a: AgentHeartbeat, trained: ModelInfo[]): AgentBase {
+    const cached = this.bases.get(a);
+    if (cached?.trained === trained) return cached.base;
+    const base: AgentBase = {
+      vramTotalMb: a.gpu.vram_total_mb,
+      // least recently used first, as the worker evicts
+      resident: new Set([...a.resident].filter((r) => r.location === 'vram').sort((x, y) => (x.last_used_at ?? '').localeCompare(y.last_used_at ?? '')).map((r) => r.name)),
+      pinned: new Set(a.resident.filter((r) => r.pinned).map((r) => r.name)),
+      models: new Map([...(a.capabilities!.features.includes('lora') ? trained : []), ...a.capabilities!.models].map((m) => [m.name, m])),
+    };
+    this.bases.set(a, { trained, base });
+    return base;
+  }
+
+  /** Trained LoRAs run on any agent that takes LoRAs (it fetches them before the job); read at most once a second. */
+  private async trainedLoras(): Promise<ModelInfo[]> {
+    if (Date.now() - this.trained.at >= TRAINED_LORAS_MS) {
+      const list = (await this.loras.list()).map((l): ModelInfo => ({ name: l.name, kind: 'lora', vram_mb: Math.ceil(l.bytes / (1024 * 1024)), load_ms: 500 }));
+      // the same list object while nothing changed, so agents' views built on it stay valid
+      if (JSON.stringify(list) !== JSON.stringify(this.trained.list)) this.trained.list = list;
+      this.trained.at = Date.now();
+    }
+    return this.trained.list;
   }
 
   async close(): Promise<void> {

@@ -175,10 +175,10 @@ describe('JobStore', () => {
       after = await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'running' });
     });
     expect(after).toEqual(await store.get(job.id));
-    expect(sent.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+    expect(sent).toEqual(['evalsha']); // its change hint (PUBLISH) is sent by the script
     // the end too, with its announcement and retention in the same step
     const ended = await commandsDuring(() => store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' }));
-    expect(ended.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+    expect(ended).toEqual(['evalsha']);
     expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'running', 'succeeded']);
     expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual([`job:${job.id}`]); // its webhook listens for completed
   });
@@ -194,7 +194,7 @@ describe('JobStore', () => {
       await intake.add('job', { job_id: other.id, attempt: 0, client: other.client }, { jobId: `${other.id}-q0`, priority: 5 });
       const key = (name: string) => intake.toKey(name);
       const sent = await commandsDuring(() => store.claim(job.id, 0, 'agent-1', 'placed on agent-1', { entryId: `${job.id}-q0`, key }));
-      expect(sent.filter((c) => c !== 'publish')).toEqual(['evalsha']);
+      expect(sent).toEqual(['evalsha']);
       expect(await store.get(job.id)).toMatchObject({ status: 'running', stage: 'dispatched', attempt: 1, agent: 'agent-1' });
       expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'running', attempt: 1, agent: 'agent-1', message: 'placed on agent-1' });
       expect(await intake.getJob(`${job.id}-q0`)).toBeUndefined();
@@ -206,6 +206,26 @@ describe('JobStore', () => {
       expect(await intake.getJob(`${other.id}-q0`)).toBeTruthy();
     } finally {
       await intake.close();
+    }
+  });
+
+  it("wakes the job's and its group's live followers on every accepted write, and nobody on a refused one", async () => {
+    const sub = createRedis(REDIS_URL, 'job-store-test-sub');
+    try {
+      const job = newJob({ group_id: 'g7' });
+      await store.create(job);
+      const heard: string[] = [];
+      sub.on('message', (channel: string) => heard.push(channel.slice(keys.prefix.length + 1)));
+      await sub.subscribe(keys.jobChanged(job.id), keys.groupChanged('g7'));
+      await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', attempt: 1, agent: 'a' });
+      await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 1, total: 2 } });
+      await store.update(job.id, { status: ['queued'] }, { stage: 'running' }); // refused
+      await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' });
+      await redis.ping();
+      for (let i = 0; i < 50 && heard.length < 5; i++) await new Promise((r) => setTimeout(r, 10));
+      expect(heard).toEqual([`changed:job:${job.id}`, 'changed:group:g7', `changed:job:${job.id}`, `changed:job:${job.id}`, 'changed:group:g7']);
+    } finally {
+      sub.disconnect();
     }
   });
 

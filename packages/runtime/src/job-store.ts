@@ -63,6 +63,22 @@ local function write(first, at, message)
 end
 `;
 
+// Wakes whoever follows the job (and its group) live (SSE) from inside the script, so a write is
+// one command: PUBLISH on the job's channel, and on its group's (the record's group_id, read from
+// the record the script replies with) unless the group channel prefix is ''.
+const NOTIFY = `
+local function notify(rec, job_channel, group_channel_prefix)
+  redis.call('PUBLISH', job_channel, '1')
+  if group_channel_prefix == '' then return end
+  for j = 1, #rec, 2 do
+    if rec[j] == 'group_id' then
+      if rec[j + 1] ~= 'null' then redis.call('PUBLISH', group_channel_prefix .. cjson.decode(rec[j + 1]), '1') end
+      return
+    end
+  end
+end
+`;
+
 const TERMINAL = `cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '"canceled"'`;
 
 /**
@@ -70,14 +86,20 @@ const TERMINAL = `cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '
  * appends the lifecycle event if any. A job that ended takes no write that leaves its status as
  * it is (a late write after the end). Replies with the record as written (`reply` 'record'),
  * with {1, cancel_requested} ('cancel': the progress path), or 1.
- * ARGV: guard…, at (JSON; '' = no event), message (JSON or ''), reply, field, value, …
+ * ARGV: guard…, at (JSON; '' = no event), message (JSON or ''), reply, job channel, group channel
+ * prefix, field, value, …
  */
-const UPDATE_JOB = new LuaScript('kilnUpdateJob', `${GUARD}${WRITE}
+const UPDATE_JOB = new LuaScript('kilnUpdateJob', `${GUARD}${WRITE}${NOTIFY}
 local sets_status = false
 for j = i + 4, #ARGV, 2 do if ARGV[j] == 'status' then sets_status = true end end
 if not sets_status and (${TERMINAL}) then return 0 end
-write(i + 4, ARGV[i + 1], ARGV[i + 2])
-if ARGV[i + 3] == 'record' then return redis.call('HGETALL', KEYS[1]) end
+write(i + 6, ARGV[i + 1], ARGV[i + 2])
+if ARGV[i + 3] == 'record' then
+  local rec = redis.call('HGETALL', KEYS[1])
+  notify(rec, ARGV[i + 4], ARGV[i + 5])
+  return rec
+end
+notify({}, ARGV[i + 4], '')
 if ARGV[i + 3] == 'cancel' then return {1, redis.call('HGET', KEYS[1], 'cancel_requested') or ''} end
 return 1
 `);
@@ -88,14 +110,16 @@ return 1
  * step: sets the fields, appends the event, takes the entry out of intake (Kiln's intake has no
  * worker, so an entry is only ever waiting or prioritized: BullMQ's general removal checks every
  * state, lock and parent, about 17 commands, for nothing). Replies with the record as written.
- * ARGV: guard…, at (JSON), message (JSON or ''), entry id, field, value, …
+ * ARGV: guard…, at (JSON), message (JSON or ''), entry id, job channel, group channel prefix, field, value, …
  */
-const CLAIM_JOB = new LuaScript('kilnClaimJob', `${GUARD}${WRITE}
-write(i + 4, ARGV[i + 1], ARGV[i + 2])
+const CLAIM_JOB = new LuaScript('kilnClaimJob', `${GUARD}${WRITE}${NOTIFY}
+write(i + 6, ARGV[i + 1], ARGV[i + 2])
 redis.call('ZREM', KEYS[3], ARGV[i + 3])
 redis.call('LREM', KEYS[4], 0, ARGV[i + 3])
 redis.call('DEL', KEYS[5], KEYS[6])
-return redis.call('HGETALL', KEYS[1])
+local rec = redis.call('HGETALL', KEYS[1])
+notify(rec, ARGV[i + 4], ARGV[i + 5])
+return rec
 `);
 
 /**
@@ -107,12 +131,13 @@ return redis.call('HGETALL', KEYS[1])
  * webhook and the group come from the record itself (both fixed at submission); the group's key
  * is the group key prefix and its id. A job ends once: a second end is refused like a failed
  * guard. Returns the record as written.
- * ARGV: guard…, at (JSON), message (JSON or ''), ttl, job id, group key prefix, field, value, …
+ * ARGV: guard…, at (JSON), message (JSON or ''), ttl, job id, group key prefix, job channel, group
+ * channel prefix, field, value, …
  */
-const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}
+const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}${NOTIFY}
 if ${TERMINAL} then return 0 end
 local ttl, id, group_prefix = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
-write(i + 6, ARGV[i + 1], ARGV[i + 2])
+write(i + 8, ARGV[i + 1], ARGV[i + 2])
 redis.call('ZREM', KEYS[4], id)
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
 local t = redis.call('TIME')
@@ -137,7 +162,9 @@ if gid and gid ~= 'null' then
     if done == total then redis.call('ZADD', KEYS[5], now, 'group:' .. gid) end
   end
 end
-return redis.call('HGETALL', KEYS[1])
+local rec = redis.call('HGETALL', KEYS[1])
+notify(rec, ARGV[i + 6], ARGV[i + 7])
+return rec
 `);
 
 /**
@@ -276,12 +303,10 @@ export class JobStore {
     const at = JSON.stringify(new Date().toISOString());
     const said = message ? JSON.stringify(message) : '';
     const res = patch.status && isTerminal(patch.status)
-      ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, String(this.retentionS), id, this.keys.group(''), ...fields])
-      : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...fields]);
+      ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, String(this.retentionS), id, this.keys.group(''), ...this.channels(id), ...fields])
+      : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...this.channels(id), ...fields]);
     if (!Array.isArray(res)) return null;
-    const job = StoredJob.parse(decode(pairs(res as string[])));
-    await this.notify(id, job.group_id);
-    return job;
+    return StoredJob.parse(decode(pairs(res as string[])));
   }
 
   /**
@@ -292,18 +317,17 @@ export class JobStore {
   async claim(id: string, attempt: number, agent: string, message: string, intake: { entryId: string; key: (name: string) => string }): Promise<StoredJob | null> {
     const fields = Object.entries(encode({ status: 'running', stage: 'dispatched', agent, attempt: attempt + 1 })).flat();
     const keys = [this.keys.job(id), this.keys.jobEvents(id), intake.key('prioritized'), intake.key('wait'), intake.key(intake.entryId), intake.key(`${intake.entryId}:logs`)];
-    const res = await CLAIM_JOB.run(this.redis, keys, [...this.guardArgs({ status: ['queued'], attempt }), JSON.stringify(new Date().toISOString()), JSON.stringify(message), intake.entryId, ...fields]);
+    const res = await CLAIM_JOB.run(this.redis, keys, [...this.guardArgs({ status: ['queued'], attempt }), JSON.stringify(new Date().toISOString()), JSON.stringify(message), intake.entryId, ...this.channels(id), ...fields]);
     if (!Array.isArray(res)) return null;
-    const job = StoredJob.parse(decode(pairs(res as string[])));
-    await this.notify(id, job.group_id);
-    return job;
+    return StoredJob.parse(decode(pairs(res as string[])));
   }
 
-  /** Wakes whoever follows the job (and its group) live (SSE): a hint only, they re-read the record. */
-  private async notify(id: string, groupId: string | null): Promise<void> {
-    const pipe = this.redis.pipeline().publish(this.keys.jobChanged(id), '1');
-    if (groupId) pipe.publish(this.keys.groupChanged(groupId), '1');
-    await pipe.exec();
+  /**
+   * The pub/sub channels a write wakes (NOTIFY): the job's, and the prefix of its group's. A
+   * hint only: live followers (SSE) re-read the record.
+   */
+  private channels(id: string): [string, string] {
+    return [this.keys.jobChanged(id), this.keys.groupChanged('')];
   }
 
   /**
@@ -314,9 +338,7 @@ export class JobStore {
   async setProgress(id: string, attempt: number, patch: Pick<JobPatch, 'progress' | 'stage' | 'training'>): Promise<{ ok: boolean; cancelRequested: boolean }> {
     const fields = Object.entries(encode(patch)).flat();
     // one script call, not a MULTI: a script inside MULTI cannot be reloaded if Redis lost it
-    const write = UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs({ status: ['running'], attempt }), '', '', 'cancel', ...fields]);
-    const notify = this.redis.publish(this.keys.jobChanged(id), '1');
-    const [res] = await Promise.all([write, notify]);
+    const res = await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs({ status: ['running'], attempt }), '', '', 'cancel', ...this.channels(id), ...fields]);
     const reply = Array.isArray(res) ? (res as [number, string]) : null;
     return { ok: reply !== null, cancelRequested: reply?.[1] === 'true' };
   }
