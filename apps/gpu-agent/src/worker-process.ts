@@ -11,6 +11,8 @@ import {
   type ProgressMessage,
   type ReadyMessage,
   type ResultMessage,
+  type SelfTestMessage,
+  type SelfTestResultMessage,
   WorkerToAgent,
   type WorkerState,
 } from '@kiln/contracts';
@@ -36,7 +38,7 @@ export interface WorkerCommand {
   env: Record<string, string>;
 }
 
-type FinalMessage = ResultMessage | LoadedMessage | TrainedMessage;
+type FinalMessage = ResultMessage | LoadedMessage | TrainedMessage | SelfTestResultMessage;
 
 interface Pending {
   id: string;
@@ -149,6 +151,11 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     return this.request('unload', (id) => ({ v: PROTOCOL_VERSION, type: 'unload', id, models }));
   }
 
+  /** Runs the GPU check (a self-test task) with the models the worker has; progress per case. */
+  selfTest(msg: Omit<SelfTestMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<SelfTestResultMessage> } {
+    return this.request(`selftest-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'self_test', id, ...msg }), { onProgress });
+  }
+
   /** Cooperative cancel: the worker stops between steps and answers `canceled`. */
   cancel(id: string): void {
     if (this.pending?.id === id) this.send({ v: PROTOCOL_VERSION, type: 'cancel', id });
@@ -211,6 +218,7 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
       case 'result':
       case 'loaded':
       case 'trained':
+      case 'self_test_result':
       case 'error': {
         this.lastState = msg.state ?? this.lastState;
         if (this.lastState) this.emit('state', this.lastState);

@@ -1,6 +1,7 @@
 import { CacheRunner } from './cache.js';
 import { GenerationRunner } from './generation.js';
 import type { JobKind, Runner, RunnerDeps } from './runner.js';
+import { SelfTestRunner } from './self-test.js';
 import { TrainingRunner } from './training.js';
 
 export type { JobKind, JobOf, Run, Runner, RunnerDeps } from './runner.js';
@@ -13,5 +14,6 @@ export function createRunners(d: RunnerDeps): Runners {
     generation: new GenerationRunner(d),
     training: new TrainingRunner(d),
     cache: new CacheRunner(d),
+    self_test: new SelfTestRunner(d),
   };
 }
