@@ -56,6 +56,8 @@ describe('links and retry', () => {
     const training = await A.post('/v1/trainings', { base_model: BASE, dataset: { s3_prefix: 'tenants/acme/uploads/links/' }, output: { name: 'links' }, hyperparameters: { rank: 4, steps: 4, checkpoint_every: 2, resolution: 256, seed: 1 } });
     expect(training.status, JSON.stringify(training.body)).toBe(202);
     const cache = await ADMIN.post('/v1/cache', { models: { base: BASE } });
+    const selfTest = await ADMIN.post('/v1/admin/self-tests', { agents: 'all', checks: ['environment'] });
+    expect(selfTest.status, JSON.stringify(selfTest.body)).toBe(202);
     records.generation = { record: await settle(`/v1/jobs/${ok.body.id}`), key: KEY_A };
     records.failed = { record: await settle(`/v1/jobs/${failed.body.id}`), key: KEY_A };
     records.canceled = { record: await settle(`/v1/jobs/${canceled.body.id}`), key: KEY_A };
@@ -64,6 +66,8 @@ describe('links and retry', () => {
     records.training = { record: await settle(`/v1/trainings/${training.body.id}`), key: KEY_A };
     records.cache = { record: await settle(`/v1/cache/${cache.body.id}`, KEY_ADMIN), key: KEY_ADMIN };
     records.cacheTask = { record: await settle(`/v1/jobs/${cache.body.children[0].id}`, KEY_ADMIN), key: KEY_ADMIN };
+    records.selfTest = { record: await settle(`/v1/admin/self-tests/${selfTest.body.id}`, KEY_ADMIN), key: KEY_ADMIN };
+    records.selfTestTask = { record: await settle(`/v1/jobs/${selfTest.body.children[0].id}`, KEY_ADMIN), key: KEY_ADMIN };
     expect(records.failed!.record.error.code).toBe('timeout');
     expect(records.canceled.record.status).toBe('canceled');
   }, 180_000);
@@ -102,11 +106,12 @@ describe('links and retry', () => {
     await settle(`/v1/jobs/${alone.id}`);
   });
 
-  it('what cannot be retried: a job still running, a cache task, a training whose LoRA exists, another tenant\'s job', async () => {
+  it('what cannot be retried: a job still running, a cache or self-test task, a training whose LoRA exists, another tenant\'s job', async () => {
     const running = await A.post('/v1/generations', tiny(8, { scheduler: { steps: 150 }, hyperparameters: { seed: 8, width: 1024, height: 1024 } }));
     const refusals: [string, string, number][] = [
       [KEY_A, running.body.id, 409],
       [KEY_ADMIN, records.cacheTask!.record.id, 409],
+      [KEY_ADMIN, records.selfTestTask!.record.id, 409],
       [KEY_A, records.training!.record.id, 409],
       [KEY_B, records.generation!.record.id, 404],
       [KEY_A, randomUUID(), 404],
@@ -121,7 +126,7 @@ describe('links and retry', () => {
   });
 
   it('every link of every kind of record answers as documented', async () => {
-    expect(Object.keys(records).sort()).toEqual(['batch', 'cache', 'cacheTask', 'canceled', 'child', 'failed', 'generation', 'retry', 'training']);
+    expect(Object.keys(records).sort()).toEqual(['batch', 'cache', 'cacheTask', 'canceled', 'child', 'failed', 'generation', 'retry', 'selfTest', 'selfTestTask', 'training']);
     const followed = new Set<string>();
     for (const [kind, { record, key }] of Object.entries(records)) {
       const fresh = (await as(key).get(new URL(record.links.self).pathname)).body; // links as they are now (retried_as included)
@@ -149,5 +154,8 @@ describe('links and retry', () => {
     for (const name of Object.keys(METHOD)) expect([...followed].some((f) => f.endsWith(`.${name}`)), name).toBe(true);
     // a cache request's cancel is a route now (it was DELETE /v1/cache/<id> with no such route)
     expect(followed).toContain('cache.cancel');
+    // a self-test request's and its task's links: the group under /v1/admin/self-tests, no retry
+    expect([...followed]).toEqual(expect.arrayContaining(['selfTest.self', 'selfTest.cancel', 'selfTestTask.group', 'selfTestTask.cancel']));
+    expect(followed).not.toContain('selfTestTask.retry');
   }, 120_000);
 });
