@@ -1,6 +1,8 @@
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { REPO_ROOT } from '../scripts/farm-lib.js';
 import { basicRequest, Farm } from './support/farm.js';
 import { OpenApiChecker } from './support/openapi.js';
 
@@ -118,6 +120,20 @@ describe('self-test through the API', () => {
     expect((await farm.request('GET', `/v1/jobs/${first.id}`, undefined, bearer(KEY_A))).status).toBe(404);
     expect((await farm.request('GET', `/v1/admin/self-tests/${first.group_id}`, undefined, bearer(KEY_A))).status).toBe(403);
   });
+
+  it('kiln self-test --wait prints each agent\'s verdict and rows; --json gives the reports; a tenant key exits 1', async () => {
+    const bin = resolve(REPO_ROOT, 'packages/client/bin/kiln.mjs');
+    const kiln = (key: string, ...args: string[]) => execa('node', [bin, ...args], { env: { KILN_URL: farm.api, KILN_API_KEY: key }, reject: false, timeout: 120_000 });
+    const human = await kiln(KEY_ADMIN, 'self-test', '--agent', 'agent-0', '--size', '64', '--steps', '2', '--scheduler', 'EulerDiscreteScheduler', '--wait');
+    expect(human.exitCode, human.stderr).toBe(0);
+    expect(human.stdout).toContain('agent-0: PASS (synthetic, benchmark synthetic)');
+    expect(human.stdout).toMatch(/base 64² 2 steps, EulerDiscreteScheduler\s+\d+(\.\d+)? ms/);
+    const reports = JSON.parse((await kiln(KEY_ADMIN, '--json', 'self-test', '--agent', 'agent-1', '--checks', 'environment,models', '--wait')).stdout);
+    expect(reports).toEqual([expect.objectContaining({ agent: 'agent-1', status: 'succeeded', report: expect.objectContaining({ verdict: 'pass', benchmark: null }) })]);
+    const refused = await kiln(KEY_A, 'self-test');
+    expect(refused.exitCode).toBe(1);
+    expect(refused.stderr).toContain('403 forbidden');
+  }, 90_000);
 
   it('waits for the job its agent is running, then runs', async () => {
     const gen = await farm.request('POST', '/v1/generations', basicRequest({ scheduler: { steps: 60 }, hyperparameters: { seed: 3, width: 1024, height: 1024 } }), bearer(KEY_A));
