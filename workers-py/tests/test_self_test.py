@@ -61,7 +61,8 @@ def progress(before: list[dict]) -> list[tuple[int, int]]:
 
 def test_synthetic_report_has_every_section_labelled_synthetic_and_progress_per_case(spawn, tmp_path):
     worker = synthetic(spawn, tmp_path, MODELS_DIR=models_dir(tmp_path / "models"))
-    _, loaded = worker.run({"v": 1, "type": "load", "id": "pin", "models": ["kiln/base-b"], "location": "vram", "pin": True})
+    # pinned: the model the benchmark itself unloads and moves (its cold load lifts the pin), and another
+    _, loaded = worker.run({"v": 1, "type": "load", "id": "pin", "models": [BASE, "kiln/base-b"], "location": "vram", "pin": True})
     assert loaded["type"] == "loaded"
     before, final = worker.run(self_test("st-1", str(tmp_path / "job"), size=64, steps=2, schedulers=SCHEDULERS), timeout=120)
     assert final["type"] == "self_test_result", final
@@ -94,11 +95,13 @@ def test_synthetic_report_has_every_section_labelled_synthetic_and_progress_per_
     # the broken model fails the verdict, and says why
     assert report["verdict"] == "fail" and report["reasons"] == [next(r for r in report["reasons"] if r.startswith("model lora broken:"))]
 
-    # the pin survived: the benchmark's loads made room, the pinned model is back and pinned
-    assert {"name": "kiln/base-b", "location": "vram", "pinned": True} in report["residency"]["before"]
-    assert {"name": "kiln/base-b", "location": "vram", "pinned": True} in report["residency"]["after"]
+    # the pins survived: the benchmarked base was unloaded and moved, then put back and pinned again
+    for name in (BASE, "kiln/base-b"):
+        assert {"name": name, "location": "vram", "pinned": True} in report["residency"]["before"]
+        assert {"name": name, "location": "vram", "pinned": True} in report["residency"]["after"]
+    assert report["residency"]["restored"] == [BASE] and report["residency"]["problems"] == []
     resident = {r["name"]: r for r in final["state"]["resident"]}
-    assert resident["kiln/base-b"]["pinned"] and resident["kiln/base-b"]["location"] == "vram"
+    assert resident[BASE]["pinned"] and resident[BASE]["location"] == "vram" and resident["kiln/base-b"]["pinned"]
 
 
 def test_synthetic_without_models_dir_passes_and_runs_only_what_is_asked(spawn, tmp_path):
@@ -113,7 +116,7 @@ def test_synthetic_without_models_dir_passes_and_runs_only_what_is_asked(spawn, 
 
 def test_cancel_stops_the_self_test_between_cases_and_keeps_pins(spawn, tmp_path):
     worker = synthetic(spawn, tmp_path, KILN_SYNTHETIC_STEP_MS="400")
-    worker.run({"v": 1, "type": "load", "id": "pin", "models": ["kiln/base-b"], "location": "vram", "pin": True})
+    worker.run({"v": 1, "type": "load", "id": "pin", "models": [BASE], "location": "vram", "pin": True})
     worker.send(self_test("st-3", str(tmp_path / "job"), size=1024, steps=50))
     while True:  # the benchmark has begun: its first case is done
         msg = worker.recv(60)
@@ -122,8 +125,9 @@ def test_cancel_stops_the_self_test_between_cases_and_keeps_pins(spawn, tmp_path
     worker.send({"v": 1, "type": "cancel", "id": "st-3"})
     _, final = worker.until_final("st-3", timeout=30)
     assert final["type"] == "error" and final["error"]["code"] == "canceled", final
+    # the cold load had unloaded the pinned base; the cancel did not stop its restoration
     resident = {r["name"]: r for r in final["state"]["resident"]}
-    assert resident["kiln/base-b"]["pinned"] and resident["kiln/base-b"]["location"] == "vram"
+    assert resident[BASE]["pinned"] and resident[BASE]["location"] == "vram"
     # the worker goes on serving
     _, again = worker.run(self_test("st-4", str(tmp_path / "job2"), checks=["environment"]), timeout=30)
     assert again["type"] == "self_test_result" and again["report"]["verdict"] == "pass"
