@@ -148,9 +148,13 @@ export class Jobs {
     await this.redis.publish(this.keys.wakeChannel(), agentId ?? WAKE.all);
   }
 
-  /** An agent going away cleanly gives a job back to placement; this spends no attempt budget. */
+  /**
+   * An agent going away cleanly gives a job back to placement; this spends no attempt budget.
+   * A cache or self-test task belongs to that agent and cannot go elsewhere: it fails, agent_lost.
+   */
   async handBack(job: StoredJob, fromAttempt: number, reason: string): Promise<StoredJob | null> {
     if (job.cancel_requested) return this.retryOrFail(job, new KilnError('canceled', reason), fromAttempt);
+    if (isAgentTask(job)) return this.retryOrFail(job, new KilnError('agent_lost', reason), fromAttempt);
     const queued = await this.update(
       job.id,
       { status: ['running'], attempt: fromAttempt },

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import { type ErrorCode, type GenerationJob, ResolvedGenerationRequest, type StoredJob } from '@kiln/contracts';
+import { type ErrorCode, type GenerationJob, ResolvedGenerationRequest, type SelfTestJob, type StoredJob } from '@kiln/contracts';
 import { Queue } from 'bullmq';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { KilnError } from './errors.js';
@@ -117,6 +117,29 @@ describe('what a failed attempt costs', () => {
   it('a failure no retry can help fails the job at once with its own code', async () => {
     const { id } = await submitted();
     expect(await failAttempt(id, 'invalid_request')).toMatchObject({ status: 'failed', attempt: 1, error: { code: 'invalid_request', retryable: false } });
+  });
+
+  it('a task that belongs to its agent (self-test, cache) is never retried or handed back elsewhere: it fails, agent_lost', async () => {
+    const task: SelfTestJob = {
+      ...newJobFields(randomUUID(), 'ops', 'high'),
+      kind: 'self_test',
+      status: 'running',
+      stage: 'dispatched',
+      attempt: 1,
+      agent: 'agent-1',
+      request: { checks: ['environment'], benchmark: {}, timeout_s: 60, target_agent: 'agent-1' },
+      self_test: null,
+    };
+    await store.create(task);
+    // an agent shutting down hands back what it holds: this one cannot run anywhere else
+    await jobs.handBack(task, 1, 'agent agent-1 is shutting down');
+    expect(await store.get(task.id)).toMatchObject({ status: 'failed', error: { code: 'agent_lost', message: 'agent agent-1 is shutting down' } });
+    expect(await intake.count()).toBe(0);
+    // and an infrastructure failure that would re-queue a generation fails it too
+    const other: SelfTestJob = { ...task, id: randomUUID() };
+    await store.create(other);
+    await jobs.retryOrFail(other, new KilnError('agent_lost', 'agent agent-1 stopped heartbeating'), 1);
+    expect(await store.get(other.id)).toMatchObject({ status: 'failed', error: { code: 'agent_lost' } });
   });
 
   it('a record written before these fields existed is read and retried as having spent nothing', async () => {
