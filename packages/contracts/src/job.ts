@@ -153,7 +153,7 @@ export const AGENT_TASK_KINDS = ['cache', 'self_test'] as const;
 export const isAgentTask = (job: Pick<StoredJob, 'kind'>): job is CacheJob | SelfTestJob => (AGENT_TASK_KINDS as readonly string[]).includes(job.kind);
 
 /** When a record and everything it stored (outputs, inputs, checkpoints) are deleted. */
-const ExpiresAt = z.string().nullable().describe('when the record and its outputs are deleted: JOB_RETENTION_S after it ended; null until it ends');
+const ExpiresAt = z.string().nullable().describe('when the record and its outputs are deleted: JOB_RETENTION_S (or JOB_RETENTION_S_<KIND> for its kind) after it ended; null until it ends');
 
 /** Where to go from a job record; each is a route of the API (method in the description). */
 export const JobLinks = z.object({

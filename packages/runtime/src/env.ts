@@ -1,3 +1,6 @@
+import { JobKind } from '@kiln/contracts';
+
+type Kind = z.infer<typeof JobKind>;
 import { z } from 'zod';
 
 /**
@@ -46,6 +49,8 @@ export const WebhookEnv = z.object({
 });
 export type WebhookEnv = z.infer<typeof WebhookEnv>;
 
+const retention = (kind: Kind) => z.coerce.number().int().min(60).optional().describe(`how long a finished ${kind} job's record is kept; unset: JOB_RETENTION_S`);
+
 export const JobEnv = z.object({
   MAX_ATTEMPTS: z.coerce.number().int().min(1).max(20).default(3).describe('attempts that fail on the job itself (worker crash, out of memory) before it fails'),
   INFRA_RETRY_DEADLINE_S: z.coerce
@@ -54,12 +59,28 @@ export const JobEnv = z.object({
     .min(1)
     .default(900)
     .describe('how long a job is retried through infrastructure failures (storage, Redis, a lost agent), which spend no attempt, before it fails'),
-  JOB_RETENTION_S: z.coerce.number().int().min(60).default(7 * 24 * 3600),
+  JOB_RETENTION_S: z.coerce.number().int().min(60).default(7 * 24 * 3600).describe('how long a finished job’s record (and its outputs) is kept'),
+  // per kind, each unset one following JOB_RETENTION_S (see retentionByKind)
+  JOB_RETENTION_S_GENERATION: retention('generation'),
+  JOB_RETENTION_S_TRAINING: retention('training'),
+  JOB_RETENTION_S_CACHE: retention('cache'),
+  JOB_RETENTION_S_SELF_TEST: retention('self_test'),
   AGENT_TTL_MS: z.coerce.number().int().min(200).default(5_000),
   QUEUE_KEEP_COMPLETED: z.coerce.number().int().min(0).default(1_000).describe('finished entries each Kiln queue keeps for Bull Board'),
   QUEUE_KEEP_FAILED: z.coerce.number().int().min(0).default(5_000).describe('failed entries each Kiln queue keeps for Bull Board'),
   QUEUE_KEEP_S: z.coerce.number().int().min(60).default(7 * 24 * 3600).describe('how long a finished or failed queue entry is kept'),
 });
+export type JobEnv = z.infer<typeof JobEnv>;
+
+/** The retention of each kind that has its own (JOB_RETENTION_S_<KIND>); the others keep JOB_RETENTION_S. */
+export function retentionByKind(env: Partial<Record<`JOB_RETENTION_S_${Uppercase<Kind>}`, number | undefined>>): Partial<Record<Kind, number>> {
+  const out: Partial<Record<Kind, number>> = {};
+  for (const kind of JobKind.options) {
+    const s = env[`JOB_RETENTION_S_${kind.toUpperCase() as Uppercase<Kind>}`];
+    if (s !== undefined) out[kind] = s;
+  }
+  return out;
+}
 
 /**
  * How long BullMQ keeps finished and failed entries (bounded by count and age): the history

@@ -2,6 +2,7 @@ import {
   type CacheJob,
   type GenerationJob,
   JobEvent,
+  type PreviewEvent,
   type SelfTestJob,
   type TrainingJob,
   type JobStatus,
@@ -12,6 +13,7 @@ import {
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 import { lifecycle } from './lifecycle.js';
+import { publishPreview } from './previews.js';
 import { LuaScript } from './scripts.js';
 import { currentTraceparent } from './tracing.js';
 
@@ -125,30 +127,48 @@ return rec
 /**
  * end-job (KEYS: job, events, deliveries, active, outbox) — the job's terminal transition, its
  * announcement and its group's count as one step, so no crash between them can lose a
- * `completed` webhook or leave a batch open: sets the fields, appends the event, starts
- * retention, and puts `job:<id>` (when its webhook listens for `completed`) and, for the child
+ * `completed` webhook or leave a batch open: sets the fields, appends the event, compacts the
+ * record (events kept to the essentials; the caller drops progress), starts retention (the TTL
+ * for the record's kind: ttls is JSON, kind → seconds, '*' for any other), and puts `job:<id>` (when its webhook listens for `completed`) and, for the child
  * that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox). The
  * webhook and the group come from the record itself (both fixed at submission); the group's key
  * is the group key prefix and its id. A job ends once: a second end is refused like a failed
  * guard. Returns the record as written.
- * ARGV: guard…, at (JSON), message (JSON or ''), ttl, job id, group key prefix, job channel, group
- * channel prefix, field, value, …
+ * ARGV: guard…, at (JSON), message (JSON or ''), ttls (JSON), job id, group key prefix, job channel,
+ * group channel prefix, field, value, …
  */
 const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}${NOTIFY}
 if ${TERMINAL} then return 0 end
-local ttl, id, group_prefix = tonumber(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
+local ttls, id, group_prefix = cjson.decode(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
 write(i + 8, ARGV[i + 1], ARGV[i + 2])
+local meta = redis.call('HMGET', KEYS[1], 'request', 'group_id', 'kind')
+-- compaction: of the events, the first, the last, and every one that changed the status or the
+-- attempt or carries a message are kept; stage-only steps of a run go (timings keep their durations)
+local evs = redis.call('LRANGE', KEYS[2], 0, -1)
+local keep, before = {}, nil
+for k, e in ipairs(evs) do
+  local ok, ev = pcall(cjson.decode, e)
+  local key = ok and (tostring(ev.status) .. ' ' .. tostring(ev.attempt)) or nil
+  if not ok or k == 1 or k == #evs or ev.message ~= nil or key ~= before then table.insert(keep, e) end
+  before = key
+end
+if #keep < #evs then
+  redis.call('DEL', KEYS[2])
+  redis.call('RPUSH', KEYS[2], unpack(keep))
+end
 redis.call('ZREM', KEYS[4], id)
+local okk, kind = pcall(cjson.decode, meta[3] or 'null')
+local ttl = tonumber((okk and ttls[kind]) or ttls['*'])
 for k = 1, 3 do redis.call('EXPIRE', KEYS[k], ttl) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local announce = false
-local ok, req = pcall(cjson.decode, redis.call('HGET', KEYS[1], 'request') or 'null')
+local ok, req = pcall(cjson.decode, meta[1] or 'null')
 if ok and type(req) == 'table' and type(req.webhook) == 'table' and type(req.webhook.events) == 'table' then
   for _, e in ipairs(req.webhook.events) do if e == 'completed' then announce = true end end
 end
 if announce then redis.call('ZADD', KEYS[5], now, 'job:' .. id) end
-local gid = redis.call('HGET', KEYS[1], 'group_id')
+local gid = meta[2]
 if gid and gid ~= 'null' then
   gid = cjson.decode(gid)
   local gkey = group_prefix .. gid
@@ -212,12 +232,23 @@ export type JobPatch = Partial<Omit<GenerationJob, 'id' | 'kind' | 'created_at' 
   Partial<Pick<SelfTestJob, 'self_test'>>;
 
 export class JobStore {
+  private readonly ttls: string;
+
   constructor(
     private readonly redis: Redis,
     private readonly keys: Keys,
     /** how long a record is kept after it ends (JOB_RETENTION_S) */
     readonly retentionS: number,
-  ) {}
+    /** …for the kinds that have their own (JOB_RETENTION_S_<KIND>) */
+    readonly retentionByKind: Partial<Record<StoredJob['kind'], number>> = {},
+  ) {
+    this.ttls = JSON.stringify({ '*': retentionS, ...retentionByKind });
+  }
+
+  /** How long a record of this kind is kept after it ends (s). */
+  retentionFor(kind: StoredJob['kind']): number {
+    return this.retentionByKind[kind] ?? this.retentionS;
+  }
 
   async create(job: StoredJob): Promise<void> {
     const event = this.event(job, 'submitted');
@@ -302,8 +333,11 @@ export class JobStore {
     const fields = Object.entries(encode(patch)).flat();
     const at = JSON.stringify(new Date().toISOString());
     const said = message ? JSON.stringify(message) : '';
-    const res = patch.status && isTerminal(patch.status)
-      ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, String(this.retentionS), id, this.keys.group(''), ...this.channels(id), ...fields])
+    // an ended job keeps no progress (compaction; end-job does the rest)
+    const end = patch.status && isTerminal(patch.status);
+    if (end && patch.progress === undefined) fields.push('progress', 'null');
+    const res = end
+      ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, this.ttls, id, this.keys.group(''), ...this.channels(id), ...fields])
       : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...this.channels(id), ...fields]);
     if (!Array.isArray(res)) return null;
     return StoredJob.parse(decode(pairs(res as string[])));
@@ -328,6 +362,11 @@ export class JobStore {
    */
   private channels(id: string): [string, string] {
     return [this.keys.jobChanged(id), this.keys.groupChanged('')];
+  }
+
+  /** A live preview to whoever follows the job (and its group), beside the record, never in it (previews.ts). */
+  async preview(p: PreviewEvent, groupId: string | null): Promise<void> {
+    await publishPreview(this.redis, this.keys, p, groupId);
   }
 
   /**

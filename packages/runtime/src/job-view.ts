@@ -9,7 +9,7 @@ export async function jobRecord(job: StoredJob, store: JobStore, storage: Storag
     Promise.all(job.outputs.map(async (o) => ({ ...o, url: await storage.presign(o.key) }))),
     store.retriesOf(job.id),
   ]);
-  const record = { ...job, expires_at: expiresAt(job.finished_at, store.retentionS), retried_as: retries, outputs, events, webhook_deliveries: deliveries, links: jobLinks(job, retries, publicUrl) };
+  const record = { ...job, expires_at: expiresAt(job.finished_at, store.retentionFor(job.kind)), retried_as: retries, outputs, events, webhook_deliveries: deliveries, links: jobLinks(job, retries, publicUrl) };
   if (record.kind === 'training' && record.progress?.stage === 'train') {
     // live step and loss come from the progress field, written on every step
     record.training = { ...record.training, step: record.progress.step, loss: record.progress.loss ?? record.training.loss };
@@ -20,7 +20,7 @@ export async function jobRecord(job: StoredJob, store: JobStore, storage: Storag
 /** Where each kind of group is read (GET) and canceled (DELETE): `<path>/<id>`. */
 export const GROUP_PATHS: Record<StoredGroup['kind'], string> = { batch: '/v1/batches', cache: '/v1/cache', self_test: '/v1/admin/self-tests' };
 
-/** A record expires JOB_RETENTION_S after it ended (the end-job script starts that TTL). */
+/** A record expires JOB_RETENTION_S (or its kind's JOB_RETENTION_S_<KIND>) after it ended (the end-job script starts that TTL). */
 export function expiresAt(finishedAt: string | null, retentionS: number): string | null {
   return finishedAt ? new Date(Date.parse(finishedAt) + retentionS * 1000).toISOString() : null;
 }

@@ -1,6 +1,6 @@
 import { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
-import { keepHistory, type StorageEnv, type WebhookEnv } from './env.js';
+import { keepHistory, retentionByKind, type StorageEnv, type WebhookEnv } from './env.js';
 import { GroupStore, type GroupTrackData } from './groups.js';
 import { JobStore } from './job-store.js';
 import { type IntakeData, Jobs } from './jobs.js';
@@ -31,13 +31,14 @@ export interface JobServices {
 export function createJobServices(
   env: StorageEnv &
     WebhookEnv &
-    Parameters<typeof keepHistory>[0] & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number; INFRA_RETRY_DEADLINE_S: number },
+    Parameters<typeof keepHistory>[0] &
+    Parameters<typeof retentionByKind>[0] & { REDIS_URL: string; KILN_PREFIX: string; PUBLIC_URL: string; JOB_RETENTION_S: number; MAX_ATTEMPTS: number; INFRA_RETRY_DEADLINE_S: number },
   connectionName: string,
 ): JobServices {
   const keys = new Keys(env.KILN_PREFIX);
   const redis = createRedis(env.REDIS_URL, connectionName);
   const storage = new Storage(env);
-  const store = new JobStore(redis, keys, env.JOB_RETENTION_S);
+  const store = new JobStore(redis, keys, env.JOB_RETENTION_S, retentionByKind(env));
   const groups = new GroupStore(redis, keys, env.JOB_RETENTION_S);
   const queueOpts = { connection: redis, prefix: env.KILN_PREFIX };
   // every BullMQ object gets the quiet `error` listener: BullMQ prints with console.error otherwise
