@@ -5,6 +5,7 @@ import {
   type CheckpointMessage,
   type GenerateMessage,
   type LoadedMessage,
+  type PreviewMessage,
   type TrainedMessage,
   type TrainMessage,
   PROTOCOL_VERSION,
@@ -45,6 +46,7 @@ interface Pending {
   resolve: (m: FinalMessage) => void;
   reject: (e: KilnError) => void;
   onProgress: (m: ProgressMessage) => void;
+  onPreview: (m: PreviewMessage) => void;
   onCheckpoint: (m: CheckpointMessage) => void;
 }
 
@@ -119,21 +121,21 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
   private request<T extends FinalMessage>(
     kind: string,
     build: (id: string) => AgentToWorker,
-    handlers: { onProgress?: (m: ProgressMessage) => void; onCheckpoint?: (m: CheckpointMessage) => void } = {},
+    handlers: { onProgress?: (m: ProgressMessage) => void; onPreview?: (m: PreviewMessage) => void; onCheckpoint?: (m: CheckpointMessage) => void } = {},
   ): { id: string; done: Promise<T> } {
     this.assertState('ready');
     const id = this.nextId(kind);
     this.state = 'busy';
     const done = new Promise<T>((resolve, reject) => {
-      this.pending = { id, resolve: resolve as (m: FinalMessage) => void, reject, onProgress: handlers.onProgress ?? (() => {}), onCheckpoint: handlers.onCheckpoint ?? (() => {}) };
+      this.pending = { id, resolve: resolve as (m: FinalMessage) => void, reject, onProgress: handlers.onProgress ?? (() => {}), onPreview: handlers.onPreview ?? (() => {}), onCheckpoint: handlers.onCheckpoint ?? (() => {}) };
     });
     this.send(build(id));
     return { id, done };
   }
 
-  /** Runs one generation. */
-  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<ResultMessage> } {
-    return this.request(`gen-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg }), { onProgress });
+  /** Runs one generation; previews arrive when the request asks for them. */
+  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onPreview?: (m: PreviewMessage) => void): { id: string; done: Promise<ResultMessage> } {
+    return this.request(`gen-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg }), { onProgress, onPreview });
   }
 
   /** Runs a LoRA fine-tune; checkpoints arrive as it goes. */
@@ -211,6 +213,9 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
         return;
       case 'progress':
         if (this.pending?.id === msg.id) this.pending.onProgress(msg);
+        return;
+      case 'preview':
+        if (this.pending?.id === msg.id) this.pending.onPreview(msg);
         return;
       case 'checkpoint':
         if (this.pending?.id === msg.id) this.pending.onCheckpoint(msg);

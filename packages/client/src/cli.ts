@@ -62,8 +62,14 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
     let stage = job.stage;
     let status: string = job.status;
     bar?.start(1, 0, { stage: pad(stage), status, unit: 'steps' });
+    let preview: string | null = null;
     const onEvent = (e: KilnEvent) => {
-      if (e.event === 'state' && 'stage' in e.data) {
+      if (e.event === 'preview' && out !== undefined) {
+        // the latest one only, overwritten as the image forms: open it in a viewer that reloads
+        mkdirSync(out, { recursive: true });
+        preview = join(out, `${job.id}-preview.${e.data.content_type.split('/')[1] === 'jpeg' ? 'jpg' : e.data.content_type.split('/')[1]}`);
+        writeFileSync(preview, Buffer.from(e.data.data, 'base64'));
+      } else if (e.event === 'state' && 'stage' in e.data) {
         status = e.data.status;
         stage = e.data.stage;
         if (bar) bar.update({ stage: pad(stage), status });
@@ -82,6 +88,7 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
       else bar.update({ stage: pad(done.stage), status: done.status });
       bar.stop();
     }
+    if (preview && !json()) io.err(`latest preview in ${preview}\n`);
     if (out !== undefined && done.outputs.length) {
       mkdirSync(out, { recursive: true });
       for (const o of done.outputs) {
@@ -127,6 +134,7 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
     .option('--idempotency-key <key>', 'a repeat with the same key returns the same job')
     .option('-w, --wait', 'follow it live to its end and download the outputs')
     .option('-o, --out <dir>', 'where --wait saves the outputs', '.')
+    .option('--previews <n>', 'ask for a live preview every n steps; --wait keeps the latest in <out>/<id>-preview.webp', int('--previews'))
     .action(async (prompt: string | undefined, o) => {
       const base: Record<string, any> = o.file ? JSON.parse(readFileSync(o.file, 'utf8')) : {};
       const request = { ...base } as Record<string, any>;
@@ -153,6 +161,7 @@ export async function main(argv: string[], io: Io = { out: (s) => process.stdout
       }
       if (o.lora.length) request.loras = o.lora.map((l: string) => ({ name: l.replace(/:[-\d.]+$/, ''), weight: /:([-\d.]+)$/.test(l) ? Number(/:([-\d.]+)$/.exec(l)![1]) : 1 }));
       set(['output', 'format'], o.format);
+      if (o.previews !== undefined) request.output = { ...request.output, previews: { ...request.output?.previews, every_n_steps: o.previews } };
       set(['priority'], o.priority);
       if (!request.conditioning?.prompt) throw new InvalidArgumentError('a prompt is needed: kiln submit "a lighthouse at dusk"');
       const c = client();

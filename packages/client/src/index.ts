@@ -9,6 +9,7 @@ import type {
   GroupEvent,
   GroupRecord,
   JobEvent,
+  PreviewEvent,
   JobList,
   JobRecord,
   JobStatus,
@@ -58,6 +59,8 @@ export type KilnEvent =
   | { event: 'state'; id: string; data: JobEvent | GroupEvent }
   | { event: 'progress'; id: string; data: { stage: string; step: number; total: number; loss?: number } | Record<string, number> }
   | { event: 'child'; id: string; data: { index: number; id: string; status: JobStatus } }
+  /** live only (no id, never replayed): a small image of the first image as it forms, when the request asked for output.previews */
+  | { event: 'preview'; id: ''; data: PreviewEvent }
   | { event: 'end'; id: string; data: JobRecord | GroupRecord };
 
 export interface KilnClientOptions {

@@ -20,3 +20,4 @@ export * from './lifecycle.js';
 export * from './tracing.js';
 export * from './retention.js';
 export * from './singleton-sweep.js';
+export * from './previews.js';

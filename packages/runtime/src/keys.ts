@@ -57,6 +57,11 @@ export class Keys {
   /** pub/sub, per job and per group: it changed (state, stage, progress) — wakes its live followers (SSE). */
   jobChanged = (id: string) => `${this.prefix}:changed:job:${id}`;
   groupChanged = (id: string) => `${this.prefix}:changed:group:${id}`;
+  /** pub/sub, per job and per group: live previews (the image itself, never stored on the record) */
+  jobPreviews = (id: string) => `${this.prefix}:previews:job:${id}`;
+  groupPreviews = (id: string) => `${this.prefix}:previews:group:${id}`;
+  /** a job's latest preview, kept PREVIEW_TTL_MS so a follower who connects mid-run sees the current image */
+  jobPreview = (id: string) => `${this.prefix}:job:${id}:preview`;
   /** pub/sub: a job's cancellation was requested. */
   cancelChannel = () => `${this.prefix}:cancel`;
 }

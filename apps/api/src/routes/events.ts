@@ -1,5 +1,5 @@
 import { GroupEvent, isTerminal, JobEvent, type JobStatus, type StoredGroup } from '@kiln/contracts';
-import { groupEnded, groupRecord, jobRecord } from '@kiln/runtime';
+import { groupEnded, groupRecord, jobRecord, latestPreviews, parsePreview } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -27,6 +27,7 @@ const JOB_EVENTS = `Server-sent events, as the job changes:
 
 - \`state\` — every state change, from the first (\`submitted\`) on: a JobEvent (\`at\`, \`status\`, \`stage\`, \`attempt\`, \`agent\`, \`message\`). Id \`<n>\`: the n-th.
 - \`progress\` — while it runs, each step: \`{ stage, step, total, loss? }\`. Id \`<n>:<stage>.<step>\`.
+- \`preview\` — when the request asked for \`output.previews\`: a small image of the first image as it forms, after every n-th base and refiner step: \`{ job_id, attempt, stage, step, total, width, height, content_type, data }\` (\`data\`: the image file, base64; WebP). No id: previews are live only, never stored on the record and never replayed; a follower who connects mid-run gets the latest one first (kept for 30 s).
 - \`end\` — once, after the terminal state: the whole job record (outputs with presigned URLs). The stream then closes.
 
 Reconnecting with \`Last-Event-ID\` resumes after that event (state events are replayed from there; progress is current). A comment (\`: keep-alive\`) is sent every SSE_KEEPALIVE_MS. Same auth as the record: another tenant's job is a 404.`;
@@ -36,6 +37,7 @@ const BATCH_EVENTS = `Server-sent events, as the batch and its children change:
 - \`state\` — the batch's own state changes: \`{ at, status, message }\`. Id \`<n>\`: the n-th.
 - \`child\` — a child's status, when it changes (and every child's on connecting): \`{ index, id, status }\`.
 - \`progress\` — the counts per state, when they change: \`{ total, queued, running, succeeded, failed, canceled }\`.
+- \`preview\` — children that asked for \`output.previews\`: the same as on a job's stream, \`job_id\` naming the child. No id, never replayed; on connecting, each running child's latest.
 - \`end\` — once, when the batch has ended: the batch record. The stream then closes.
 
 Reconnecting with \`Last-Event-ID\` replays the state events after it and sends the children's and counts' current values again.`;
@@ -70,9 +72,16 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         open.add(sse);
         const channel = ctx.keys.jobChanged(id);
         const unfollow = await feed.follow(channel);
+        // previews go out live once the replay is sent (it ends with the latest one), never after the end
+        let live = false;
+        const unfollowPreviews = await feed.follow(ctx.keys.jobPreviews(id), (raw) => {
+          const p = live ? parsePreview(raw) : null;
+          if (p) sse.send('preview', null, p);
+        });
         try {
           let states = from.states;
           let marker = from.marker;
+          let first = true;
           while (!sse.closed) {
             const woken = feed.next(channel, POLL_MS, sse.signal); // before reading: a change meanwhile wakes it
             // the record first: if it has ended, the events read after it include its last
@@ -83,6 +92,13 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             const now = p ? `${p.stage}.${p.step}` : marker;
             if (p && now !== marker) sse.send('progress', `${states}:${now}`, p);
             marker = now;
+            if (first && job.status === 'running') {
+              // joined mid-run: the current image, then each new one as it comes
+              const [latest] = await latestPreviews(ctx.redis, ctx.keys, [id]);
+              if (latest && latest.attempt === job.attempt) sse.send('preview', null, latest);
+            }
+            first = false;
+            live = !isTerminal(job.status);
             if (isTerminal(job.status)) {
               sse.send('end', String(states), await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
               break;
@@ -90,6 +106,8 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             await woken;
           }
         } finally {
+          live = false;
+          await unfollowPreviews();
           await unfollow();
           open.delete(sse);
           sse.close();
@@ -110,9 +128,15 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         open.add(sse);
         const channel = ctx.keys.groupChanged(id);
         const unfollow = await feed.follow(channel);
+        let live = false; // as on a job's stream
+        const unfollowPreviews = await feed.follow(ctx.keys.groupPreviews(id), (raw) => {
+          const p = live ? parsePreview(raw) : null;
+          if (p) sse.send('preview', null, p);
+        });
         try {
           const sent = new Map<number, JobStatus | null>();
           let counts = '';
+          let first = true;
           while (!sse.closed) {
             const woken = feed.next(channel, POLL_MS, sse.signal);
             const group: StoredGroup | null = await ctx.jobs.groups.get(id);
@@ -128,6 +152,12 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             }
             if (JSON.stringify(tally) !== counts) sse.send('progress', String(states), tally);
             counts = JSON.stringify(tally);
+            if (first) {
+              const running = group.children.filter((_, i) => statuses[i] === 'running');
+              for (const latest of await latestPreviews(ctx.redis, ctx.keys, running)) if (latest) sse.send('preview', null, latest);
+            }
+            first = false;
+            live = !groupEnded(group);
             if (groupEnded(group)) {
               sse.send('end', String(states), await groupRecord(group, ctx.jobs.groups, ctx.store, ctx.storage, ctx.env.PUBLIC_URL));
               break;
@@ -135,6 +165,8 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             await woken;
           }
         } finally {
+          live = false;
+          await unfollowPreviews();
           await unfollow();
           open.delete(sse);
           sse.close();

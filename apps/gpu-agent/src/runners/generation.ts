@@ -1,7 +1,7 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { GenerationJob, ResultMessage, StoredOutput } from '@kiln/contracts';
-import { Storage } from '@kiln/runtime';
+import type { GenerationJob, PreviewMessage, ResultMessage, StoredOutput } from '@kiln/contracts';
+import { coerceError, Storage } from '@kiln/runtime';
 import type { WorkerProcess } from '../worker-process.js';
 import type { Run, Runner, RunnerDeps } from './runner.js';
 
@@ -24,7 +24,15 @@ export class GenerationRunner implements Runner<'generation', Prepared, ResultMe
   }
 
   infer(r: Run<GenerationJob>, worker: WorkerProcess, { files }: Prepared): Promise<ResultMessage> {
-    return r.request(worker.generate({ job_id: r.job.id, attempt: r.attempt, job_dir: r.jobDir, files, request: r.job.request }, r.onProgress));
+    return r.request(worker.generate({ job_id: r.job.id, attempt: r.attempt, job_dir: r.jobDir, files, request: r.job.request }, r.onProgress, (p) => this.preview(r, p)));
+  }
+
+  /** A live preview on to the job's followers, beside its record (never in it); one lost is replaced by the next. */
+  private preview(r: Run<GenerationJob>, p: PreviewMessage): void {
+    const { v: _v, type: _type, id: _id, ...image } = p;
+    this.d.jobs.store
+      .preview({ job_id: r.job.id, attempt: r.attempt, ...image }, r.job.group_id)
+      .catch((err) => this.d.log.warn({ job: r.job.id, err: coerceError(err).message }, 'preview not published'));
   }
 
   async finish(r: Run<GenerationJob>, result: ResultMessage, { started }: Prepared): Promise<void> {
