@@ -18,6 +18,8 @@ const KEY_ADMIN = 'ops-selftest-key-0123456789';
 const bearer = (k: string) => ({ authorization: `Bearer ${k}` });
 const ENDED = ['succeeded', 'failed', 'partially_succeeded', 'canceled'];
 const SHORT = { size: 64, steps: 2, schedulers: ['EulerDiscreteScheduler', 'HeunDiscreteScheduler'] };
+/** The synthetic catalog's first base by name: the one the benchmark runs on. */
+const PINNED = 'RunDiffusion/Juggernaut-XL-v9';
 
 /** A safetensors file: an 8-byte little-endian header length, the JSON header, the tensor bytes. */
 function safetensors(path: string, floats: number): void {
@@ -60,6 +62,9 @@ describe('self-test through the API', () => {
   afterAll(() => farm.close());
 
   it('an admin starts it on one agent of two: only that agent runs it, and its record carries the report', async () => {
+    // a pinned model on that agent: the one the benchmark unloads and moves (the first base by name)
+    const pin = await admin.post('/v1/cache', { models: { base: PINNED }, target: { agents: ['agent-1'] }, pin: true });
+    expect((await settle(`/v1/cache/${pin.body.id}`)).status).toBe('succeeded');
     const started = await checked('POST', '/v1/admin/self-tests', admin.post('/v1/admin/self-tests', { agents: ['agent-1'], benchmark: SHORT, timeout_s: 120 }));
     expect(started.status, JSON.stringify(started.body)).toBe(202);
     const group = started.body;
@@ -90,6 +95,13 @@ describe('self-test through the API', () => {
     const rows = Object.fromEntries(report.benchmark.rows.map((r: any) => [r.case, r]));
     for (const s of SHORT.schedulers) expect(rows[`base 64² 2 steps, ${s}`]).toMatchObject({ ok: true, steps: { base: 2 } });
     expect(Object.keys(rows).some((c) => c.startsWith('load ') && c.endsWith(' from disk'))).toBe(true);
+    // the pinned model was put back, pinned, and the agent's heartbeat shows the residency after
+    expect(report.residency.before).toContainEqual({ name: PINNED, location: 'vram', pinned: true });
+    expect(report.residency.after).toContainEqual({ name: PINNED, location: 'vram', pinned: true });
+    expect(report.residency.restored).toEqual([PINNED]);
+    const agent = (await admin.get('/v1/agents')).body.agents.find((a: any) => a.agent_id === 'agent-1');
+    const residency = (list: any[]) => list.map((r) => [r.name, r.location, r.pinned]).sort();
+    expect(residency(agent.resident)).toEqual(residency(report.residency.after));
     // progress per case reached the record's history
     expect(task.events.some((e: any) => e.message?.startsWith('stage self_test:'))).toBe(true);
 
