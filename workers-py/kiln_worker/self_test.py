@@ -110,21 +110,29 @@ def run_self_test(backend: Any, message: dict, progress_cb: Callable[..., None],
 
     # the benchmark's backend and cases are planned first, so progress has a total from the start
     bench_backend, mode, note, cuda, size, steps, base, cases = None, None, None, False, 0, 0, None, []
-    tiny_root = os.path.join(message["job_dir"], "tiny-models")
+    unusable: str | None = None  # why there is nothing to benchmark
     if "benchmark" in checks:
         if backend.name == "diffusers":
             cuda = backend._device.startswith("cuda")  # noqa: SLF001
             has_base = any(m["kind"] == "base" for m in backend.capabilities()["models"])
-            if cuda and has_base:
-                bench_backend, mode, defaults = backend, "real", gpu_check.REAL
+            mode, defaults = ("real", gpu_check.REAL) if cuda and has_base else ("tiny", gpu_check.TINY)
+            if mode == "real":
+                bench_backend = backend
             else:
-                log_cb("info", "self-test: building the tiny random SDXL pipeline for the benchmark")
-                bench_backend, mode, defaults = gpu_check.tiny_backend(tiny_root, backend._device), "tiny", gpu_check.TINY  # noqa: SLF001
                 note = gpu_check.tiny_note(cuda)
+                log_cb("info", "self-test: building the tiny random SDXL pipeline for the benchmark")
+                try:
+                    bench_backend = gpu_check.tiny_backend(os.path.join(message["job_dir"], "tiny-models"), backend._device)  # noqa: SLF001
+                except Exception as exc:  # noqa: BLE001 — reported; the other checks still run
+                    log.exception("self-test: the tiny pipeline could not be built")
+                    unusable = f"the tiny random pipeline could not be built: {type(exc).__name__}: {exc}"
         else:
             bench_backend, mode, defaults, note = backend, "synthetic", SYNTHETIC_DEFAULTS, SYNTHETIC_NOTE
         size, steps = opts.get("size") or defaults["size"], opts.get("steps") or defaults["steps"]
-        base, cases = gpu_check.plan_cases(bench_backend, mode, size, steps, opts.get("schedulers"))
+        if bench_backend is not None:
+            base, cases = gpu_check.plan_cases(bench_backend, mode, size, steps, opts.get("schedulers"))
+            if not cases:
+                unusable = "no base model to benchmark"
     total = sum(1 for c in checks if c != "benchmark") + len(cases)
     done = 0
 
@@ -157,10 +165,10 @@ def run_self_test(backend: Any, message: dict, progress_cb: Callable[..., None],
             step()
         _check_cancel(cancel)
         if "benchmark" in checks:
-            if not cases:
-                report["benchmark"] = {"mode": mode, "note": "no base model to benchmark", "base": None, "size": size, "steps": steps,
-                                       "device": bench_backend.device(), "rows": []}
-                reasons.append("benchmark: no base model to benchmark")
+            if unusable:
+                report["benchmark"] = {"mode": mode, "note": unusable, "base": None, "size": size, "steps": steps,
+                                       "device": (bench_backend or backend).device(), "rows": []}
+                reasons.append(f"benchmark: {unusable}")
             else:
                 def on_case(row: dict) -> None:
                     state = "skipped" if row["ok"] is None else "ok" if row["ok"] else f"FAILED: {row.get('error', '')[:200]}"
@@ -178,7 +186,10 @@ def run_self_test(backend: Any, message: dict, progress_cb: Callable[..., None],
         if bench_backend is backend:
             restored, problems = _restore_pins(backend, before)
         elif bench_backend is not None:
-            del bench_backend
+            # the tiny pipeline's own backend: free what it loaded before it goes
+            cases.clear()
+            bench_backend.unload([r["name"] for r in bench_backend.state()["resident"]])
+            bench_backend = None
             gc.collect()
             if cuda:
                 import torch
