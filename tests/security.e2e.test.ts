@@ -133,7 +133,7 @@ describe('no spelling of a path reaches a route without its key', () => {
   it('a client key gets 403 on every admin route, however it is spelled', async () => {
     const leaks: string[] = [];
     const adminOnly = routes.filter((r) => r.auth === 'admin' || r.url.startsWith('/admin'));
-    expect(adminOnly.map((r) => `${r.method} ${r.url}`)).toEqual(expect.arrayContaining(['POST /v1/cache', 'DELETE /v1/cache', 'POST /v1/loras/share', 'POST /v1/agents/:id/drain', 'POST /v1/agents/:id/resume', 'GET /metrics']));
+    expect(adminOnly.map((r) => `${r.method} ${r.url}`)).toEqual(expect.arrayContaining(['POST /v1/cache', 'DELETE /v1/cache', 'POST /v1/loras/share', 'POST /v1/agents/:id/drain', 'POST /v1/agents/:id/resume', 'POST /v1/admin/self-tests', 'GET /v1/admin/self-tests/:id', 'DELETE /v1/admin/self-tests/:id', 'GET /metrics']));
     for (const r of adminOnly) {
       for (const path of spellings(samplePath(r.url))) {
         const res = await raw(port, r.method, path, bearer(KEY_A));
