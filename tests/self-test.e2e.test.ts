@@ -1,4 +1,4 @@
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { execa } from 'execa';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -30,7 +30,7 @@ function safetensors(path: string, floats: number): void {
 }
 
 describe('self-test through the API', () => {
-  const modelsDir = resolve('.kiln/test-models', `selftest-${process.pid}`);
+  const modelsDir = resolve(REPO_ROOT, '.kiln/test-models', `selftest-${process.pid}`);
   const farm = new Farm({
     agents: 2,
     apiKey: KEY_ADMIN,
@@ -59,7 +59,10 @@ describe('self-test through the API', () => {
     await farm.start();
     checker = new OpenApiChecker(await (await fetch(`${farm.api}/openapi.json`)).json());
   }, 120_000);
-  afterAll(() => farm.close());
+  afterAll(async () => {
+    await farm.close();
+    rmSync(modelsDir, { recursive: true, force: true });
+  });
 
   it('an admin starts it on one agent of two: only that agent runs it, and its record carries the report', async () => {
     // a pinned model on that agent: the one the benchmark unloads and moves (the first base by name)
