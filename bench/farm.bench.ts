@@ -18,7 +18,7 @@ import { Redis } from 'ioredis';
 import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess } from '../scripts/farm-lib.js';
 import { freePort, RedisServer } from '../tests/support/redis-server.js';
 
-const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100').split(',').map(Number);
+const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100,500').split(',').map(Number);
 const FARM_JOBS = Number(process.env.BENCH_FARM_JOBS ?? 1_000);
 const RAW_JOBS = Number(process.env.BENCH_RAW_JOBS ?? 5_000);
 const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 32);
@@ -202,14 +202,25 @@ interface FarmRow {
   commands_per_job: number;
   top_commands_per_job: Record<string, number>;
   dispatcher_cpu_ms_per_placement: number;
+  longest_tick_ms: number;
+  longest_block_ms: number;
+  redis_cpu_ms_per_job: number;
   api_cpu_ms_per_job: number;
   this_process_cpu_ms_per_job: number;
 }
 
-async function farm(url: string, agents: number): Promise<FarmRow> {
+/** The dispatcher's longest tick and longest event-loop block since the previous call (its metrics; each scrape resets them). */
+async function dispatcherMaxima(port: number): Promise<{ tickMs: number; blockMs: number }> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const gauge = (name: string) => Number(new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text)?.[1] ?? NaN) * 1000;
+  return { tickMs: gauge('kiln_placement_tick_max_seconds'), blockMs: gauge('kiln_dispatcher_event_loop_block_max_seconds') };
+}
+
+async function farm(url: string, agents: number, redisPid: number): Promise<FarmRow> {
   const prefix = `bench-farm-${randomUUID().slice(0, 8)}`;
   const s3 = await startEmbeddedS3(resolve(REPO_ROOT, '.kiln/bench-s3', prefix));
   const port = await freePort();
+  const metricsPort = await freePort();
   const env = {
     REDIS_URL: url,
     KILN_PREFIX: prefix,
@@ -224,11 +235,11 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     AGENT_TTL_MS: '5000',
   };
   // BENCH_CPU_PROF=<dir>: V8 CPU profiles of the dispatcher and the API (node --cpu-prof), written as they exit
-  const start = (entry: string, name: string) =>
+  const start = (entry: string, name: string, extra: Record<string, string> = {}) =>
     process.env.BENCH_CPU_PROF
-      ? execa(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${resolve(process.env.BENCH_CPU_PROF, `${name}-${agents}`)}`, '--import', 'tsx', entry], { cwd: REPO_ROOT, env, stdio: 'ignore', reject: false })
-      : startProcess(entry, env, 'pipe');
-  const dispatcher = start(ENTRY.dispatcher, 'dispatcher');
+      ? execa(process.execPath, ['--cpu-prof', `--cpu-prof-dir=${resolve(process.env.BENCH_CPU_PROF, `${name}-${agents}`)}`, '--import', 'tsx', entry], { cwd: REPO_ROOT, env: { ...env, ...extra }, stdio: 'ignore', reject: false })
+      : startProcess(entry, { ...env, ...extra }, 'pipe');
+  const dispatcher = start(ENTRY.dispatcher, 'dispatcher', { METRICS_PORT: String(metricsPort), METRICS_HOST: '127.0.0.1' });
   const api = start(ENTRY.api, 'api');
   const services = createJobServices(parseEnvOrThrow(CommonEnv.extend(StorageEnv.shape).extend(WebhookEnv.shape).extend(JobEnv.shape), env), 'kiln-bench');
   const base = `http://127.0.0.1:${port}`;
@@ -255,7 +266,8 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     done = 0;
     const redis = services.redis;
     const profile = process.env.BENCH_PROFILE ? await profileCommands(url, prefix) : null;
-    const [stats0, d0, a0, p0] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage()];
+    await dispatcherMaxima(metricsPort); // resets them: what the next read says is the run's
+    const [stats0, d0, a0, p0, r0] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(), cpuMs(redisPid)];
     const t0 = performance.now();
     const ids: string[] = [];
     let next = 0;
@@ -266,7 +278,8 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
     );
     await finished;
     const ms = performance.now() - t0;
-    const [stats1, d1, a1, p1] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0)];
+    const [stats1, d1, a1, p1, r1] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(p0), cpuMs(redisPid)];
+    const maxima = await dispatcherMaxima(metricsPort);
     if (profile) await profile.report(FARM_JOBS);
     const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
     // submit → placed from each job's own events (read after the counts were taken)
@@ -289,6 +302,9 @@ async function farm(url: string, agents: number): Promise<FarmRow> {
       commands_per_job: round((sum(stats1) - sum(stats0)) / FARM_JOBS, 1),
       top_commands_per_job: topCommands(stats0, stats1, FARM_JOBS),
       dispatcher_cpu_ms_per_placement: round((d1 - d0) / FARM_JOBS, 3),
+      longest_tick_ms: round(maxima.tickMs, 1),
+      longest_block_ms: round(maxima.blockMs, 1),
+      redis_cpu_ms_per_job: round((r1 - r0) / FARM_JOBS, 3),
       api_cpu_ms_per_job: round((a1 - a0) / FARM_JOBS, 3),
       this_process_cpu_ms_per_job: round((p1.user + p1.system) / 1000 / FARM_JOBS, 3),
     };
@@ -306,13 +322,13 @@ const server = await new RedisServer({ aof: false }).start();
 try {
   const raw = await rawBullmq(server.url);
   const rows: FarmRow[] = [];
-  for (const n of AGENT_COUNTS) rows.push(await farm(server.url, n));
+  for (const n of AGENT_COUNTS) rows.push(await farm(server.url, n, server.pid!));
   console.log(`raw BullMQ (no-op worker, concurrency 50): ${raw.jobs_per_s} jobs/s, ${raw.commands_per_job} Redis commands per job`);
   console.log('farm with simulated agents (real API and dispatcher), zero-cost work:');
-  console.log('agents   jobs/s   of raw   placed p50/p95 ms   cmds/job   dispatcher ms/placement   api ms/job   bench ms/job');
+  console.log('agents   jobs/s   of raw   placed p50/p95 ms   cmds/job   dispatcher ms/placement   longest tick/block ms   api ms/job   bench ms/job   redis ms/job');
   for (const r of rows) {
     console.log(
-      `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}`,
+      `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${`${r.longest_tick_ms}/${r.longest_block_ms}`.padStart(22)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}  ${String(r.redis_cpu_ms_per_job).padStart(13)}`,
     );
   }
   console.log(JSON.stringify({ bench: 'farm', raw_bullmq: raw, farm: rows.map((r) => ({ ...r, of_raw: round(r.jobs_per_s / raw.jobs_per_s, 3) })) }));

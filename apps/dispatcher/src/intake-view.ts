@@ -1,5 +1,5 @@
 import { activationVramMb, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
-import type { AgentJobData, IntakeData, JobWork, Keys } from '@kiln/runtime';
+import type { IntakeData, JobWork, Keys } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Candidate } from './placement.js';
@@ -152,85 +152,5 @@ export class IntakeView {
 
   get size(): number {
     return this.known.size;
-  }
-}
-
-/** An entry on an agent's queue, as placement needs it (read once per entry). */
-export interface Held {
-  id: string;
-  data: AgentJobData;
-  timestamp: number;
-  /** when the agent took it (ms), once it has */
-  processedOn: number | null;
-}
-
-/**
- * What each agent's queue holds (the running job and the next), kept like IntakeView: an
- * agent's queue is read again (its ids in one script call, a new entry's data once) only when
- * the agent said it changed (its wake names it), when the dispatcher has not seen it yet, or at
- * a full refresh (every DISPATCH_INTERVAL_MS, which also catches a running job's start time);
- * what the dispatcher itself adds is recorded as it adds it.
- */
-export class HeldView {
-  private readonly byAgent = new Map<string, Held[]>();
-  private readonly dirty = new Set<string>();
-
-  constructor(
-    private readonly redis: Redis,
-    private readonly keys: Keys,
-  ) {}
-
-  /** The agent's queue changed (it finished or handed back a job). */
-  changed(agentId: string): void {
-    this.dirty.add(agentId);
-  }
-
-  /** The dispatcher added an entry to the agent's queue. */
-  added(agentId: string, id: string, data: AgentJobData): void {
-    this.byAgent.get(agentId)?.push({ id, data, timestamp: Date.now(), processedOn: null });
-  }
-
-  async read(queues: Map<string, Queue<AgentJobData>>, full: boolean): Promise<Map<string, Held[]>> {
-    const stale = [...queues.keys()].filter((a) => full || this.dirty.has(a) || !this.byAgent.has(a));
-    for (const a of stale) this.dirty.delete(a);
-    const ids = await Promise.all(stale.map((a) => queues.get(a)!.getRanges(['active', 'waiting', 'prioritized', 'delayed'], 0, -1, true)));
-    await Promise.all(
-      stale.map(async (agent, i) => {
-        const queue = queues.get(agent)!;
-        const before = new Map((this.byAgent.get(agent) ?? []).map((h) => [h.id, h]));
-        const held = await Promise.all(
-          [...new Set(ids[i])].map(async (id): Promise<Held | null> => {
-            const key = queue.toKey(id);
-            const known = before.get(id);
-            if (known) {
-              if (known.processedOn === null) {
-                const on = await this.redis.hget(key, 'processedOn');
-                known.processedOn = on ? Number(on) : null;
-              }
-              return known;
-            }
-            const [data, ts, on] = await this.redis.hmget(key, 'data', 'timestamp', 'processedOn');
-            if (!data) return null;
-            return { id, data: JSON.parse(data) as AgentJobData, timestamp: Number(ts ?? 0), processedOn: on ? Number(on) : null };
-          }),
-        );
-        this.byAgent.set(agent, held.filter((h): h is Held => h !== null).sort((x, y) => x.timestamp - y.timestamp));
-      }),
-    );
-    // an agent wakes the dispatcher as its job ends, before BullMQ has moved the entry out of
-    // `active`: an entry whose job is no longer running on its attempt holds no slot
-    const reread = stale.flatMap((a) => this.byAgent.get(a) ?? []);
-    if (reread.length) {
-      const pipe = this.redis.pipeline();
-      for (const h of reread) pipe.hmget(this.keys.job(h.data.job_id), 'status', 'attempt');
-      const ended = new Set<Held>();
-      ((await pipe.exec()) ?? []).forEach(([, v], i) => {
-        const [status, attempt] = (v ?? []) as (string | null)[];
-        if (status && (status !== '"running"' || Number(attempt) !== reread[i]!.data.attempt)) ended.add(reread[i]!);
-      });
-      if (ended.size) for (const a of stale) this.byAgent.set(a, this.byAgent.get(a)!.filter((h) => !ended.has(h)));
-    }
-    for (const a of this.byAgent.keys()) if (!queues.has(a)) this.byAgent.delete(a);
-    return new Map([...queues.keys()].map((a) => [a, this.byAgent.get(a) ?? []]));
   }
 }

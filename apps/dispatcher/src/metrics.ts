@@ -1,5 +1,6 @@
 import { AgentState, type Priority, type StoredJob } from '@kiln/contracts';
 import { type AgentRegistry, Counter, Gauge, Histogram, type IntakeData, type JobStore, type PlacementReason, PRIORITY_RANK, registry } from '@kiln/runtime';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
 import type { Queue } from 'bullmq';
 
 /**
@@ -15,6 +16,34 @@ export const placementTickSeconds = new Histogram({
   help: "One placement tick of the lease holder: failover, sweep (when due) and placement",
   buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
   registers: [registry],
+});
+
+let tickMax = 0;
+/** Notes a tick's duration for the longest-tick gauge. */
+export function noteTick(seconds: number): void {
+  tickMax = Math.max(tickMax, seconds);
+}
+export const placementTickMax = new Gauge({
+  name: 'kiln_placement_tick_max_seconds',
+  help: 'The longest placement tick (wall time, awaits included) since the previous scrape',
+  registers: [registry],
+  collect() {
+    this.set(tickMax);
+    tickMax = 0;
+  },
+});
+
+/** The longest the dispatcher's event loop was held (a timer came late), reset by each scrape. */
+const loopDelay = monitorEventLoopDelay({ resolution: 1 });
+loopDelay.enable();
+export const eventLoopBlockMax = new Gauge({
+  name: 'kiln_dispatcher_event_loop_block_max_seconds',
+  help: 'The longest stretch the dispatcher held its event loop (placement, reads, GC) since the previous scrape',
+  registers: [registry],
+  collect() {
+    this.set(loopDelay.max / 1e9);
+    loopDelay.reset();
+  },
 });
 
 export const placementDecisions = new Counter({

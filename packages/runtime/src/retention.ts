@@ -5,8 +5,8 @@ import { SingletonSweep } from './singleton-sweep.js';
 import type { Storage } from './storage.js';
 
 /**
- * Retention: a job's record expires JOB_RETENTION_S after it ended (the end-job script sets the
- * TTL), and with it must go what it stored — its outputs, its fetched inputs and a training's
+ * Retention: a job's record expires JOB_RETENTION_S (or its kind's JOB_RETENTION_S_<KIND>) after
+ * it ended (the end-job script sets the TTL), and with it must go what it stored — its outputs, its fetched inputs and a training's
  * checkpoints (a trained LoRA stays: it is registered and outlives its job). Redis says nothing
  * when a key expires, so a sweep walks the farm-wide lists (oldest first, a chunk per tick, a
  * cursor kept in Redis so any API instance picks up where another stopped) and, for each id

@@ -1,0 +1,105 @@
+import { randomUUID } from 'node:crypto';
+import { type GenerationJob, ResolvedGenerationRequest } from '@kiln/contracts';
+import { createRedis, type IntakeData, intakeJobId, JobStore, Keys, newJobFields, QUEUES, type Redis } from '@kiln/runtime';
+import { Queue } from 'bullmq';
+import { afterAll, afterEach, beforeAll, beforeEach, expect, it } from 'vitest';
+import { HeldView } from './agent-views.js';
+
+const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+let redis: Redis;
+let keys: Keys;
+let store: JobStore;
+let intake: Queue<IntakeData>;
+
+beforeAll(() => {
+  redis = createRedis(REDIS_URL, 'intake-view-test');
+});
+afterAll(async () => {
+  await redis.quit();
+});
+beforeEach(() => {
+  keys = new Keys(`kiln-test-${randomUUID()}`);
+  store = new JobStore(redis, keys, 3_600);
+  intake = new Queue<IntakeData>(QUEUES.intake, { connection: redis, prefix: keys.prefix });
+});
+afterEach(async () => {
+  await intake.close();
+  const left = await redis.keys(`${keys.prefix}:*`);
+  if (left.length) await redis.del(...left);
+});
+
+async function queued(priority: number, steps = 30): Promise<GenerationJob> {
+  const job: GenerationJob = {
+    ...newJobFields(randomUUID(), 'client-a', 'normal'),
+    kind: 'generation',
+    request: ResolvedGenerationRequest.parse({
+      model: { base: 'stabilityai/sdxl-turbo' },
+      conditioning: { prompt: 'a kiln' },
+      scheduler: { steps },
+      hyperparameters: { seed: 1, width: 512, height: 512, num_images: 2 },
+    }),
+  };
+  await store.create(job);
+  await intake.add('job', { job_id: job.id, attempt: 0, client: job.client }, { jobId: intakeJobId(job.id, 0), priority });
+  return job;
+}
+
+/** The commands sent on the test's connection while `fn` runs, lower case. */
+async function commandsDuring(fn: () => Promise<unknown>): Promise<string[]> {
+  const names: string[] = [];
+  const send = redis.sendCommand.bind(redis);
+  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
+    names.push(String(cmd.name).toLowerCase());
+    return send(cmd);
+  }) as typeof redis.sendCommand;
+  try {
+    await fn();
+  } finally {
+    redis.sendCommand = send;
+  }
+  return names;
+}
+
+it('reads an agent queue again only when the agent named itself, the dispatcher has not seen it, or at a full refresh', async () => {
+  const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
+  try {
+    const view = new HeldView(redis, keys);
+    const queues = new Map([['a1', q]]);
+    await q.add('job', { job_id: 'j1', attempt: 1, client: 'c', work: { key: 'generation m', steps: 4, pixels: 4 } }, { jobId: 'j1-a1' });
+    expect((await view.read(queues, false)).get('a1')!.map((h) => [h.id, h.data.work?.steps])).toEqual([['j1-a1', 4]]);
+    // the dispatcher records what it adds; an unchanged agent costs no command
+    await q.add('job', { job_id: 'j2', attempt: 1, client: 'c' }, { jobId: 'j2-a1' });
+    view.added('a1', 'j2-a1', { job_id: 'j2', attempt: 1, client: 'c' });
+    const sent = await commandsDuring(() => view.read(queues, false));
+    expect(sent).toEqual([]);
+    // the agent finished j1 and said so: its queue is read again
+    await q.remove('j1-a1');
+    view.changed('a1');
+    expect((await view.read(queues, false)).get('a1')!.map((h) => h.id)).toEqual(['j2-a1']);
+    // something added behind the dispatcher's back shows at the next full refresh
+    await q.add('job', { job_id: 'j3', attempt: 1, client: 'c' }, { jobId: 'j3-a1' });
+    expect((await view.read(queues, false)).get('a1')!).toHaveLength(1);
+    expect((await view.read(queues, true)).get('a1')!.map((h) => h.id)).toEqual(['j2-a1', 'j3-a1']);
+  } finally {
+    await q.close();
+  }
+});
+
+it("frees an agent's slot as soon as the job of its entry ended, before BullMQ moved the entry out of active", async () => {
+  const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
+  try {
+    const job = await queued(5);
+    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
+    await q.add('job', { job_id: job.id, attempt: 1, client: 'c' }, { jobId: `${job.id}-a1` });
+    const view = new HeldView(redis, keys);
+    const queues = new Map([['a1', q]]);
+    expect((await view.read(queues, false)).get('a1')).toHaveLength(1);
+    // the agent ended the job and woke the dispatcher; its entry is still in the queue
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    view.changed('a1');
+    expect((await view.read(queues, false)).get('a1')).toEqual([]);
+    expect(await q.getJob(`${job.id}-a1`)).toBeTruthy();
+  } finally {
+    await q.close();
+  }
+});
