@@ -527,10 +527,12 @@ class DiffusersBackend(Backend):
 
     # -- previews ----------------------------------------------------------------------------
 
-    def _preview_image(self, pipe, latents) -> np.ndarray:
+    def _preview_image(self, pipe, latents, max_size: int) -> np.ndarray:
         """The first image's current estimate as H×W×3 floats in 0..1, from the step's latents:
         decoded by the tiny autoencoder in MODELS_DIR/taesdxl when there is one, else by SDXL's
-        linear latent-to-RGB approximation (one pixel per latent: an eighth of the image side)."""
+        linear latent-to-RGB approximation (one pixel per latent: an eighth of the image side).
+        The tiny autoencoder decodes latents scaled down to the preview's size first: its cost
+        grows with the pixels it makes (1024² on a CPU: seconds; at 256²: a sixteenth of that)."""
         torch = self._torch
         x = latents[:1].detach()
         sched = pipe.scheduler
@@ -545,6 +547,12 @@ class DiffusersBackend(Backend):
             if taesd is not None:
                 if taesd.device != x.device or taesd.dtype != x.dtype:
                     taesd.to(x.device, x.dtype)
+                up = taesd.config.upsampling_scaling_factor ** (len(taesd.config.decoder_block_out_channels) - 1)
+                h, w = x.shape[-2:]
+                shrink = max(1.0, max(h, w) * up / max_size)
+                if shrink > 1.0:
+                    size = (max(1, round(h / shrink)), max(1, round(w / shrink)))
+                    x = torch.nn.functional.interpolate(x.float(), size=size, mode="area").to(x.dtype)
                 rgb = taesd.decode(x).sample[0].float().permute(1, 2, 0)  # -1..1
             else:
                 factors = torch.tensor(SDXL_LATENT_RGB_FACTORS, dtype=torch.float32, device=x.device)
@@ -964,7 +972,7 @@ def _stepper(stage: str, progress_cb: ProgressCallback, cancel_event: threading.
             reported = step
             progress_cb(stage, step, max(total, step))
             if previews is not None and "latents" in kwargs:
-                previews.offer(stage, step, max(total, step), lambda: preview_image(pipe, kwargs["latents"]))
+                previews.offer(stage, step, max(total, step), lambda: preview_image(pipe, kwargs["latents"], previews.max_size))
         _check_cancel(cancel_event)
         return kwargs
 
