@@ -75,7 +75,11 @@ export class Dispatcher {
       }
       this.renewedAt = asked;
     }
-    if (!wasLeader) this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
+    if (!wasLeader) {
+      this.log.info({ owner: this.lease.owner }, 'holding the dispatcher lease: placing jobs');
+      // another dispatcher may have placed meanwhile: what this one kept is read again
+      this.everythingChanged();
+    }
     leader.set(1);
     const timer = placementTickSeconds.startTimer();
 

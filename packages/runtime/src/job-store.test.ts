@@ -151,28 +151,6 @@ describe('JobStore', () => {
     expect(await redis.ttl(keys.job(b.id))).toBeGreaterThan(RETENTION_S - 5);
   });
 
-  it('compacts a job as it ends: events kept to status and attempt changes and messages, progress dropped', async () => {
-    const job = await runningJob(); // submitted, then placed (attempt 1)
-    await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'loading_model' });
-    await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'running' });
-    await store.update(job.id, { status: ['running'], attempt: 1 }, {}, 'stage base: 30 steps');
-    await store.setProgress(job.id, 1, { progress: { stage: 'base', step: 30, total: 30 } });
-    await store.update(job.id, { status: ['running'], attempt: 1 }, { stage: 'uploading' });
-    const bytes = async () => Number(await redis.call('MEMORY', 'USAGE', keys.jobEvents(job.id)));
-    const before = await bytes();
-    const done = await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
-    expect(done?.progress).toBeNull();
-    const { events } = await store.history(job.id);
-    expect(events.map((e) => [e.status, e.stage, e.attempt, e.message ?? null])).toEqual([
-      ['queued', 'queued', 0, 'submitted'],
-      ['running', 'dispatched', 1, null],
-      ['running', 'running', 1, 'stage base: 30 steps'],
-      ['succeeded', 'done', 1, null],
-    ]);
-    expect(await bytes()).toBeLessThan(before);
-    expect(await redis.ttl(keys.jobEvents(job.id))).toBeGreaterThan(RETENTION_S - 5);
-  });
-
   it('keeps a non-terminal job without expiry and in the active set', async () => {
     const job = await runningJob();
     await store.update(job.id, { status: ['running'] }, { stage: 'running' });
@@ -214,8 +192,7 @@ describe('JobStore', () => {
     // the end too, with its announcement and retention in the same step
     const ended = await commandsDuring(() => store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' }));
     expect(ended).toEqual(['evalsha']);
-    // compacted as it ended: the stage-only step went
-    expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'succeeded']);
+    expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'running', 'succeeded']);
     expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual([`job:${job.id}`]); // its webhook listens for completed
   });
 

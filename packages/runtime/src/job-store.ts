@@ -127,9 +127,9 @@ return rec
 /**
  * end-job (KEYS: job, events, deliveries, active, outbox) — the job's terminal transition, its
  * announcement and its group's count as one step, so no crash between them can lose a
- * `completed` webhook or leave a batch open: sets the fields, appends the event, compacts the
- * record (events kept to the essentials; the caller drops progress), starts retention (the TTL
- * for the record's kind: ttls is JSON, kind → seconds, '*' for any other), and puts `job:<id>` (when its webhook listens for `completed`) and, for the child
+ * `completed` webhook or leave a batch open: sets the fields, appends the event, starts
+ * retention (the TTL for the record's kind: ttls is JSON, kind → seconds, '*' for any other), and
+ * puts `job:<id>` (when its webhook listens for `completed`) and, for the child
  * that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox). The
  * webhook and the group come from the record itself (both fixed at submission); the group's key
  * is the group key prefix and its id. A job ends once: a second end is refused like a failed
@@ -142,20 +142,6 @@ if ${TERMINAL} then return 0 end
 local ttls, id, group_prefix = cjson.decode(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
 write(i + 8, ARGV[i + 1], ARGV[i + 2])
 local meta = redis.call('HMGET', KEYS[1], 'request', 'group_id', 'kind')
--- compaction: of the events, the first, the last, and every one that changed the status or the
--- attempt or carries a message are kept; stage-only steps of a run go (timings keep their durations)
-local evs = redis.call('LRANGE', KEYS[2], 0, -1)
-local keep, before = {}, nil
-for k, e in ipairs(evs) do
-  local ok, ev = pcall(cjson.decode, e)
-  local key = ok and (tostring(ev.status) .. ' ' .. tostring(ev.attempt)) or nil
-  if not ok or k == 1 or k == #evs or ev.message ~= nil or key ~= before then table.insert(keep, e) end
-  before = key
-end
-if #keep < #evs then
-  redis.call('DEL', KEYS[2])
-  redis.call('RPUSH', KEYS[2], unpack(keep))
-end
 redis.call('ZREM', KEYS[4], id)
 local okk, kind = pcall(cjson.decode, meta[3] or 'null')
 local ttl = tonumber((okk and ttls[kind]) or ttls['*'])
@@ -333,10 +319,7 @@ export class JobStore {
     const fields = Object.entries(encode(patch)).flat();
     const at = JSON.stringify(new Date().toISOString());
     const said = message ? JSON.stringify(message) : '';
-    // an ended job keeps no progress (compaction; end-job does the rest)
-    const end = patch.status && isTerminal(patch.status);
-    if (end && patch.progress === undefined) fields.push('progress', 'null');
-    const res = end
+    const res = patch.status && isTerminal(patch.status)
       ? await END_JOB.run(this.redis, this.scriptKeys('end', id), [...this.guardArgs(guard), at, said, this.ttls, id, this.keys.group(''), ...this.channels(id), ...fields])
       : await UPDATE_JOB.run(this.redis, this.scriptKeys('update', id), [...this.guardArgs(guard), at, said, 'record', ...this.channels(id), ...fields]);
     if (!Array.isArray(res)) return null;
