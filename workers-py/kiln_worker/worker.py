@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from .backends.base import Backend
 from .errors import WorkerError, coerce_error
+from .idle_trace import IdleTrace
 from .previews import Previews
 from .protocol import FrameWriter, InvalidMessage, parse_line
 
@@ -33,6 +34,7 @@ class _Request:
     message: dict
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "canceled by the agent"
+    read_at: float = 0.0  # perf_counter when its line came off stdin (idle_trace.py)
 
     @property
     def id(self) -> str:
@@ -53,6 +55,10 @@ class Worker:
         self._current: _Request | None = None
         self._pending: dict[str, _Request] = {}  # queued work requests (WORK_TYPES) by id
         self._closing = False
+        self._idle = IdleTrace.from_env()
+        if self._idle:
+            self._writer = self._idle.wrap(writer)
+        self._read_at = 0.0
 
     def run(self) -> int:
         """Serve until shutdown or stdin EOF; return the exit code."""
@@ -74,6 +80,8 @@ class Worker:
                     self._writer.send({"type": "bye", "id": item.id})
                     log.info("shutdown requested; exiting")
                     return 0
+                if self._idle and item.type in WORK_TYPES:
+                    self._idle.taken(item.type, item.read_at)
                 self._execute(item)
             finally:
                 with self._lock:
@@ -216,6 +224,7 @@ class Worker:
                 chunk = os.read(self._stdin_fd, 65536)
                 if not chunk:
                     break
+                self._read_at = IdleTrace.now()
                 buffer += chunk
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
@@ -266,7 +275,7 @@ class Worker:
             self._close("worker shutting down")
             self._queue.put(_Request(msg))
             return
-        req = _Request(msg)
+        req = _Request(msg, read_at=self._read_at)
         with self._lock:
             if kind in WORK_TYPES:
                 if self._closing:

@@ -147,13 +147,18 @@ export class Agent {
   }
 
   /**
-   * Clean stop: advertise `draining` so nothing new is placed here, let the running job
-   * finish until the deadline (then hand it back), hand back what waits in our queue, stop
-   * the worker, and leave the registry.
+   * Clean stop: advertise `draining` so nothing new is placed here, hand back at once the jobs
+   * that have not reached the GPU, let the one on it finish (and its predecessor upload) until
+   * the deadline (then hand them back), hand back what waits in our queue, stop the worker,
+   * and leave the registry.
    */
   async drain(deadlineMs: number): Promise<void> {
     this.draining = true;
     await this.heartbeat().catch(() => {});
+    // a wake naming no agent makes the dispatcher read the registry afresh: it sees this agent
+    // draining before the jobs handed back here return to placement, so none comes back here
+    await this.jobs.wake().catch(() => {});
+    this.pipeline.handBackWaiting();
     const handBackAfter = setTimeout(() => this.pipeline.stopAll('handback'), Math.max(0, deadlineMs - 3_000));
     await this.pipeline.close();
     clearTimeout(handBackAfter);

@@ -6,6 +6,12 @@ import type { Job } from 'bullmq';
 export type StopReason = 'user' | 'timeout' | 'handback';
 
 /**
+ * Where an attempt is in the agent's pipeline: fetching what it needs, waiting for the GPU,
+ * on the worker, or uploading and writing its result while the next job runs.
+ */
+export type Phase = 'preparing' | 'waiting' | 'inferring' | 'finishing';
+
+/**
  * One attempt of one job on this agent, from taking its queue entry to the end of its run:
  * what it is, where its files go, and whether it is being stopped. Everything a stop must
  * reach (the worker request in flight, a transfer waiting to retry) is found here, so a
@@ -16,12 +22,15 @@ export class Attempt {
   requestId: string | null = null;
   /** why it is being stopped, if it is */
   cancel: StopReason | null = null;
+  phase: Phase = 'preparing';
+  /** ms it held the GPU (acquire to the worker's answer), once it has */
+  gpuMs: number | null = null;
   /** a training attempt advanced its checkpoint: a failure now spends no attempt */
   progressed = false;
   /** its record after the `started` write */
   begun: StoredJob | null = null;
-  /** waits between in-place transfer retries, which a stop ends at once */
-  private readonly pauses = new Set<() => void>();
+  /** what a stop must interrupt: transfer waits, the wait for the GPU */
+  private readonly stopListeners = new Set<() => void>();
 
   constructor(
     readonly job: StoredJob,
@@ -39,22 +48,28 @@ export class Attempt {
     return this.job.id;
   }
 
+  /** Calls `fn` when this attempt is stopped; returns a function that forgets it. */
+  onStop(fn: () => void): () => void {
+    this.stopListeners.add(fn);
+    return () => this.stopListeners.delete(fn);
+  }
+
   /** A wait that a stop of this attempt cuts short. */
   pause(ms: number): Promise<void> {
     return new Promise((resolve) => {
       const done = () => {
         clearTimeout(timer);
-        this.pauses.delete(done);
+        forget();
         resolve();
       };
       const timer = setTimeout(done, ms);
-      this.pauses.add(done);
+      const forget = this.onStop(done);
     });
   }
 
   /** Ends every wait of this attempt (it is being stopped). */
   wake(): void {
-    for (const done of [...this.pauses]) done();
+    for (const fn of [...this.stopListeners]) fn();
   }
 
   /** A span under this run's (null when tracing is off). */

@@ -29,6 +29,7 @@ describe('gpu-agent env', () => {
       WORKER_START_TIMEOUT_MS: 120_000,
       WORK_DIR: resolve(repoRoot, '.kiln/work'),
       CANCEL_GRACE_MS: 2_000,
+      PIPELINE_DEPTH: 2,
       TRANSFER_RETRY_MS: 60_000,
       INFRA_RETRY_DEADLINE_S: 900,
       MAX_ATTEMPTS: 3,
@@ -58,6 +59,11 @@ describe('gpu-agent env', () => {
     expect(parseEnvOrThrow(AgentEnv, { TRANSFER_RETRY_MS: '0', INFRA_RETRY_DEADLINE_S: '60' })).toMatchObject({ TRANSFER_RETRY_MS: 0, INFRA_RETRY_DEADLINE_S: 60 });
     expect(problemsOf({ TRANSFER_RETRY_MS: '-1', INFRA_RETRY_DEADLINE_S: '0' }).map((p) => p.split(':')[0]).sort()).toEqual(['INFRA_RETRY_DEADLINE_S', 'TRANSFER_RETRY_MS']);
     expect(problemsOf({ INFRA_RETRY_DEADLINE_S: '15m' })).toEqual([expect.stringMatching(/^INFRA_RETRY_DEADLINE_S:/)]);
+  });
+
+  it('reads PIPELINE_DEPTH: 1 (no pipeline) to 8', () => {
+    expect(parseEnvOrThrow(AgentEnv, { PIPELINE_DEPTH: '1' }).PIPELINE_DEPTH).toBe(1);
+    for (const bad of ['0', '9', '1.5', 'two']) expect(problemsOf({ PIPELINE_DEPTH: bad })).toEqual([expect.stringMatching(/^PIPELINE_DEPTH:/)]);
   });
 
   it('reads WORKER_COMMAND as a JSON array of strings', () => {

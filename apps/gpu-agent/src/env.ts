@@ -31,6 +31,13 @@ export const AgentEnv = CommonEnv.extend(StorageEnv.shape)
       .optional(),
     WORKER_START_TIMEOUT_MS: z.coerce.number().int().min(100).default(120_000),
     WORK_DIR: z.string().default(resolve(repoRoot, '.kiln/work')),
+    PIPELINE_DEPTH: z.coerce
+      .number()
+      .int()
+      .min(1)
+      .max(8)
+      .default(2)
+      .describe('jobs taken from the agent queue at once: one on the GPU while the next prepares (inputs, LoRAs) and the previous uploads; 1 runs each job start to end before taking the next'),
     CANCEL_GRACE_MS: z.coerce.number().int().min(0).default(2_000).describe('after a cooperative cancel, wait this long before killing the worker'),
     PROGRESS_WEBHOOK_MS: z.coerce.number().int().min(0).default(1_000),
     TRANSFER_RETRY_MS: z.coerce

@@ -5,7 +5,8 @@
 //  3. Hand back whatever a previous run of this agent id held, then start the Python worker
 //     (CUDA_VISIBLE_DEVICES=GPU_ID) and wait for its ready message, heartbeating meanwhile so
 //     the API shows the agent as starting.
-//  4. Consume this agent's queue, one job at a time (agent.ts).
+//  4. Consume this agent's queue as a pipeline (pipeline.ts): the job on the GPU and the next,
+//     which prepares meanwhile and is sent to the worker the moment the first one's result is in.
 //  5. Serve /metrics on METRICS_PORT (state, GPU busy time, model loads and evictions, restarts).
 //  6. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
 import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics, startTracing } from '@kiln/runtime';

@@ -6,6 +6,7 @@ import { type AgentJobData, coerceError, contextOf, type Jobs, KilnError, lifecy
 import { type ConnectionOptions, type Job, Worker } from 'bullmq';
 import { Attempt, type StopReason } from './attempt.js';
 import type { AgentEnv } from './env.js';
+import { GpuSlot } from './gpu-slot.js';
 import { agentMetrics } from './metrics.js';
 import type { JobKind, Run, Runner, Runners } from './runners/index.js';
 import type { WorkerSupervisor } from './worker-supervisor.js';
@@ -31,16 +32,27 @@ export interface PipelineHost {
 }
 
 /**
- * The agent's job pipeline: takes entries from this agent's queue (concurrency 1), checks the
- * job is still this attempt's, writes `started`, runs the job's runner (prepare → infer on the
- * worker → finish), and ends an attempt that produced no result as canceled, failed, retried
- * or handed back. Every write to a job record names the attempt it holds, so if the dispatcher
- * has given the job to someone else, this agent's late writes are refused and it stops.
+ * The agent's job pipeline. It takes up to PIPELINE_DEPTH entries from this agent's queue at
+ * once (late binding gives an agent its running job and the next one), and runs each through:
+ *  1. checks: the record still names this attempt on this agent; a drain hands it back, a
+ *     cancel that came first ends it;
+ *  2. `started` (a guarded write), then the runner's prepare: inputs, LoRAs, a dataset —
+ *     while the previous job is still on the GPU;
+ *  3. the GPU slot (gpu-slot.ts): one request on the worker at a time, released the moment
+ *     the worker answers, so the next job's request goes out in the same tick;
+ *  4. the runner's finish: uploads and the guarded result write, alongside the next inference;
+ *  5. clean-up, heartbeat, and once BullMQ has recorded the entry's outcome, a wake naming
+ *     this agent, so the dispatcher's re-read of its queue sees the slot free.
+ * An attempt that produced no result ends as canceled, failed, retried or handed back. Every
+ * write to a job record names the attempt it holds, so if the dispatcher has given the job to
+ * someone else, this agent's late writes are refused and it stops. Stops (cancel, timeout,
+ * hand-back) address one attempt, in whatever stage it is.
  */
 export class JobPipeline {
   private consumer: Worker<AgentJobData> | null = null;
-  /** the attempts this agent runs now, by job id */
+  /** the attempts this agent holds now, by job id, oldest first */
   private readonly attempts = new Map<string, Attempt>();
+  private readonly gpu = new GpuSlot();
 
   constructor(
     private readonly host: PipelineHost,
@@ -52,9 +64,9 @@ export class JobPipeline {
     private readonly log: Logger,
   ) {}
 
-  /** The job running now (the heartbeat's current_job), if any. */
+  /** The heartbeat's current_job: the job on the GPU, else the oldest one held. */
   get current(): Attempt | null {
-    return this.attempts.values().next().value ?? null;
+    return this.gpu.current ?? this.attempts.values().next().value ?? null;
   }
 
   /** Starts consuming this agent's queue. */
@@ -62,9 +74,14 @@ export class JobPipeline {
     this.consumer = new Worker<AgentJobData>(QUEUES.agent(this.host.id), (j) => this.process(j).then(() => this.entryOutcome(j)), {
       connection: this.connection,
       prefix: this.env.KILN_PREFIX,
-      concurrency: 1,
+      concurrency: this.env.PIPELINE_DEPTH,
       lockDuration: 60_000,
     });
+    // the dispatcher re-reads this agent's queue when it is woken with its id: only once BullMQ
+    // has moved the entry out of `active` does the read show the slot free
+    const wake = () => void this.jobs.wake(this.host.id).catch((err) => this.log.warn({ err: coerceError(err).message }, 'wake failed'));
+    this.consumer.on('completed', wake);
+    this.consumer.on('failed', wake);
     this.consumer.on('error', (err) => {
       // the dispatcher removed our queue while we ran a job it had taken back (we were cut off
       // past AGENT_TTL_MS): BullMQ cannot finish the entry. The job's record already refused
@@ -90,12 +107,17 @@ export class JobPipeline {
     for (const a of [...this.attempts.values()]) this.stopAttempt(a, reason);
   }
 
+  /** Hands back the jobs that have not reached the GPU yet (a drain starts: they can run elsewhere now). */
+  handBackWaiting(): void {
+    for (const a of [...this.attempts.values()]) if (a.phase === 'preparing' || a.phase === 'waiting') this.stopAttempt(a, 'handback');
+  }
+
   private stopAttempt(a: Attempt, reason: StopReason): void {
     if (a.cancel) return;
     a.cancel = reason;
     a.wake(); // a transfer waiting to retry sees the flag now
     const worker = this.supervisor.worker;
-    if (!a.requestId || !worker) return; // not on the worker yet: the run sees the flag
+    if (!a.requestId || !worker) return; // not on the worker: the run sees the flag at its next stage
     this.log.info({ job: a.id, reason }, 'stopping the running request');
     worker.cancel(a.requestId);
     const requestId = a.requestId;
@@ -131,7 +153,6 @@ export class JobPipeline {
     this.attempts.set(job.id, a);
     void this.host.heartbeat().catch(() => {});
     try {
-      const worker = await this.supervisor.ready();
       const begun = await this.jobs.update(
         job.id,
         { status: ['running'], attempt },
@@ -145,7 +166,22 @@ export class JobPipeline {
       const runner = this.runners[job.kind] as Runner<JobKind>;
       const run = this.runOf(a, begun);
       const prepared = await runner.prepare(run);
-      const result = await runner.infer(run, worker, prepared);
+      a.phase = 'waiting';
+      if (!(await this.gpu.acquire(a))) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
+      const held = Date.now();
+      let result: unknown;
+      try {
+        a.phase = 'inferring';
+        if (a.cancel) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
+        result = await runner.infer(run, await this.supervisor.ready(), prepared);
+      } finally {
+        a.gpuMs = Date.now() - held;
+        this.gpu.release(a); // the next job's request goes to the worker now, before our bookkeeping
+      }
+      a.phase = 'finishing';
+      // the residency the worker reported with its answer is in the registry before the result
+      // is on the record: a client that submits on seeing it is placed knowing what is loaded
+      await this.host.heartbeat().catch(() => {});
       await runner.finish(run, result, prepared);
     } catch (err) {
       const reason = a.cancel;
@@ -164,7 +200,6 @@ export class JobPipeline {
       this.attempts.delete(job.id);
       await rm(jobDir, { recursive: true, force: true }).catch(() => {});
       await this.host.heartbeat().catch(() => {});
-      await this.jobs.wake(this.host.id); // names this agent: the dispatcher re-reads its queue
     }
   }
 

@@ -20,7 +20,6 @@ export class CacheRunner implements Runner<'cache', null, LoadedMessage> {
   async finish(r: Run<CacheJob>, loaded: LoadedMessage): Promise<void> {
     const { job, attempt } = r;
     const t = job.request;
-    await this.d.heartbeat().catch(() => {});
     await this.d.jobs.update(job.id, { status: ['running'], attempt }, {
       status: 'succeeded',
       stage: 'done',

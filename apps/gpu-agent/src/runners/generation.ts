@@ -81,10 +81,11 @@ export class GenerationRunner implements Runner<'generation', Prepared, ResultMe
     }
     log.debug({ job: job.id, attempt, ms: Date.now() - started, loaded: result.loaded_models }, 'generation uploaded'); // its end is the lifecycle line
     if (attempt > 1) await transfers.discardLeftovers(`outputs/${job.id}/`, new Set(outputs.map((o) => o.key)));
-    // placement's estimate of how long a job holds this GPU. Model loads are left out: placement
-    // charges them separately, and counting them here would make a thrashing agent look slow,
-    // which sends more jobs elsewhere and makes it thrash more.
-    stats.recordDuration(Date.now() - started - result.timings.model_load_ms);
+    // placement's estimate of how long a job holds this GPU: from taking the GPU slot to the
+    // worker's answer (downloads and uploads overlap other jobs' inference). Model loads are left
+    // out: placement charges them separately, and counting them here would make a thrashing
+    // agent look slow, which sends more jobs elsewhere and makes it thrash more.
+    stats.recordDuration((r.state.gpuMs ?? Date.now() - started) - result.timings.model_load_ms);
     const h = job.request.hyperparameters;
     const steps = job.request.scheduler.steps + (job.request.model.refiner ? (job.request.refiner?.steps ?? job.request.scheduler.steps) : 0);
     stats.recordSteps(`generation ${job.request.model.base}`, result.timings.inference_ms, steps, h.width * h.height * h.num_images);
