@@ -5,7 +5,7 @@ import type { Redis } from 'ioredis';
 import type { AgentQueues } from './agent-queues.js';
 
 /** Records checked between two returns to the event loop: the sweep never holds it for long. */
-const CHUNK = 200;
+const CHUNK = 50;
 
 /**
  * The repair sweep (every SWEEP_INTERVAL_MS, by the lease holder): repairs anything a crash left
