@@ -228,14 +228,19 @@ describe('JobStore', () => {
       const job = newJob({ group_id: 'g7' });
       await store.create(job);
       const heard: string[] = [];
-      sub.on('message', (channel: string) => heard.push(channel.slice(keys.prefix.length + 1)));
-      await sub.subscribe(keys.jobChanged(job.id), keys.groupChanged('g7'));
+      const sentinel = `${keys.prefix}:sentinel`;
+      let heardAll!: () => void;
+      const all = new Promise<void>((r) => (heardAll = r));
+      sub.on('message', (channel: string) => (channel === sentinel ? heardAll() : heard.push(channel.slice(keys.prefix.length + 1))));
+      await sub.subscribe(keys.jobChanged(job.id), keys.groupChanged('g7'), sentinel);
       await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', attempt: 1, agent: 'a' });
       await store.setProgress(job.id, 1, { progress: { stage: 'running', step: 1, total: 2 } });
       await store.update(job.id, { status: ['queued'] }, { stage: 'running' }); // refused
       await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' });
-      await redis.ping();
-      for (let i = 0; i < 50 && heard.length < 5; i++) await new Promise((r) => setTimeout(r, 10));
+      // Redis delivers a subscriber's messages in the order they were published: once the
+      // sentinel is in, every hint the writes published is too
+      await redis.publish(sentinel, '1');
+      await all;
       expect(heard).toEqual([`changed:job:${job.id}`, 'changed:group:g7', `changed:job:${job.id}`, `changed:job:${job.id}`, 'changed:group:g7']);
     } finally {
       sub.disconnect();

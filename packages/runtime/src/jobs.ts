@@ -111,7 +111,10 @@ export class Jobs {
   /** Makes the just-ended job's announcements; failures stay in the outbox for the sweep. */
   private async announceEnd(job: StoredJob): Promise<void> {
     if (!this.outbox) return;
-    const members = [announcement.job(job.id), ...(job.group_id ? [announcement.group(job.group_id)] : [])];
+    // what end-job put in the outbox: the job's end when its webhook listens for `completed`, its group's
+    const webhook = (job.request as { webhook?: { events?: readonly string[] } | null }).webhook;
+    const members = [...(webhook?.events?.includes('completed') ? [announcement.job(job.id)] : []), ...(job.group_id ? [announcement.group(job.group_id)] : [])];
+    if (members.length === 0) return;
     await this.outbox.drain(members).catch((err) =>
       processLogger().warn({ job: job.id, err: err instanceof Error ? err.message : String(err) }, 'could not announce the end of a job yet; the dispatcher will'),
     );
