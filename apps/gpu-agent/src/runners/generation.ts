@@ -43,20 +43,23 @@ export class GenerationRunner implements Runner<'generation', Prepared, ResultMe
     const still = await jobs.store.setProgress(job.id, attempt, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: result.outputs.length } });
     if (!still.ok) return log.info({ job: job.id, attempt }, 'the job was taken back while it ran here; its result is dropped');
     const uploadStart = Date.now();
-    const outputs: StoredOutput[] = [];
     const uploadSpan = r.state.childSpan('upload outputs', { 'kiln.outputs': result.outputs.length });
-    try {
-      for (const o of result.outputs) {
+    // all at once: the sooner this job's entry is done, the sooner the dispatcher gives this
+    // agent its next job (it holds two: this one and the one on the GPU now)
+    const uploads = await Promise.allSettled(
+      result.outputs.map(async (o): Promise<StoredOutput> => {
         const key = Storage.outputKey(job.id, run, o.index, o.content_type.split('/')[1] ?? 'bin');
         await transfers.upload(r.state, key, o.path, o.content_type, { 'x-amz-meta-seed': String(o.seed), 'x-amz-meta-sha256': o.sha256, 'x-amz-meta-attempt': String(attempt), 'x-amz-meta-agent': agentId });
         const { path: _path, ...rest } = o;
-        outputs.push({ ...rest, key });
-      }
-    } catch (err) {
+        return { ...rest, key };
+      }),
+    );
+    uploadSpan?.end();
+    const outputs = uploads.flatMap((u) => (u.status === 'fulfilled' ? [u.value] : []));
+    const failed = uploads.find((u) => u.status === 'rejected');
+    if (failed) {
       await transfers.discard(outputs.map((o) => o.key)); // a run that ends here leaves no objects behind
-      throw err;
-    } finally {
-      uploadSpan?.end();
+      throw failed.reason;
     }
     const finishedAt = new Date();
     const done = await jobs.update(job.id, { status: ['running'], attempt }, {
