@@ -427,6 +427,57 @@ describe('plan(): an agent costs the remaining time of what it holds', () => {
   });
 });
 
+describe('plan(): a backlog keeps models where they are (spillover)', () => {
+  // 10 000 MB holds one base model. The holder of SDXL is full (2 s of work); the other agent
+  // holds TURBO, has one free slot, and loading SDXL there costs 1 s (its job) + 3 s load + 3 s
+  // to reload TURBO for the TURBO jobs waiting = 7 s: 5 s more than waiting for the holder, and a
+  // second copy of SDXL takes 6 s of that agent (slot), which also owes 3 s to the TURBO queue
+  const farm = () => [
+    agent('a-holder', { vramTotalMb: 10_000, resident: [SDXL], inflight: 2, free: 0 }),
+    agent('b-turbo', { vramTotalMb: 10_000, resident: [TURBO], inflight: 1, free: 1 }),
+  ];
+  const sdxl = (n: number, waitedMs = 10_000) => Array.from({ length: n }, (_, i) => job(`sdxl-${i}`, { waitedMs }));
+  const turbo = () => Array.from({ length: 3 }, (_, i) => job(`turbo-${i}`, { model: TURBO }));
+
+  it("does not spread a backlog of one model over an agent that holds another model's queued work", () => {
+    // 10 s of SDXL work on one holder < 5 + 6 + 3 s: the SDXL jobs wait for their holder, though
+    // each has waited longer than the 5 s extra (which used to send them over, evicting TURBO)
+    const decisions = plan([...sdxl(10), ...turbo()], farm(), opts());
+    expect(decisions.filter((d) => d.kind === 'place')).toEqual([{ jobId: 'turbo-0', kind: 'place', agentId: 'b-turbo', load: false }]);
+    expect(byJob(decisions)['sdxl-0']).toEqual({ jobId: 'sdxl-0', kind: 'wait' });
+  });
+
+  it('gives a hot model a second holder when its queue per holder outweighs what that costs', () => {
+    // 30 s of SDXL work on one holder ≥ 14 s: one SDXL job loads on the other agent (and beats
+    // the TURBO job there, having waited longer than the 6 s it costs more)
+    const decisions = plan([...sdxl(30), ...turbo()], farm(), opts());
+    expect(decisions.filter((d) => d.kind === 'place')).toEqual([{ jobId: 'sdxl-0', kind: 'place', agentId: 'b-turbo', load: true }]);
+  });
+
+  it('still moves a job that has waited long enough (aging: a full aging step past the cost, when it evicts)', () => {
+    // the same short backlog, but one job has waited 5 s + 60 s and more: it goes to the other agent
+    const jobs = [...sdxl(9), job('sdxl-old', { waitedMs: 66_000 }), ...turbo()];
+    expect(plan(jobs, farm(), opts()).filter((d) => d.kind === 'place')).toEqual([{ jobId: 'sdxl-old', kind: 'place', agentId: 'b-turbo', load: true }]);
+    // a little less and it still waits
+    const younger = [...sdxl(9), job('sdxl-old', { waitedMs: 64_000 }), ...turbo()];
+    expect(placedIds(plan(younger, farm(), opts()))).toEqual(['turbo-0']);
+  });
+
+  it('does not load a second copy on an idle agent for a short queue: the job takes the holder\'s free slot', () => {
+    // the holder has 4 s of work; an idle agent would start the job after a 3 s load, 1 s sooner,
+    // but a second copy of SDXL (3 s of GPU, and VRAM) for 1 s of queue is not worth it
+    const agents = () => [agent('a-holder', { resident: [SDXL], inflight: 1, free: 1, busyMs: 4_000 }), agent('b-idle', { busyMs: 0 })];
+    expect(plan([job('j1')], agents(), opts())).toEqual([{ jobId: 'j1', kind: 'place', agentId: 'a-holder', load: false }]);
+    // with 5 s of SDXL waiting (5 jobs), one more holder is worth it: the idle agent loads SDXL
+    // and takes two; the rest wait for it (2 s) rather than go behind the holder's 4 s
+    const five = Array.from({ length: 5 }, (_, i) => job(`j${i}`, { waitedMs: 10 - i }));
+    expect(plan(five, agents(), opts()).filter((d) => d.kind === 'place')).toEqual([
+      { jobId: 'j0', kind: 'place', agentId: 'b-idle', load: true },
+      { jobId: 'j1', kind: 'place', agentId: 'b-idle', load: false },
+    ]);
+  });
+});
+
 describe('planInSlices(): the same plan, giving the event loop back', () => {
   it('decides exactly as plan() while other work runs between its slices (a fleet coming up to a backlog)', async () => {
     const bases = [SDXL, TURBO, JUGGERNAUT];

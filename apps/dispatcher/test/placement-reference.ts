@@ -1,6 +1,6 @@
 // The placement function as it was before it was indexed (O(jobs × agents) per placement): the
 // oracle placement.test.ts checks the indexed plan() against on random inputs. Not used at run time.
-import type { AgentView, Candidate, Decision, PlacementOptions } from '../src/placement.js';
+import { type AgentView, type Candidate, type Decision, type PlacementOptions, estimate } from '../src/placement.js';
 type AgentState = AgentView;
 
 export function referencePlan(candidates: Candidate[], agents: AgentView[], opts: PlacementOptions): Decision[] {
@@ -30,6 +30,13 @@ export function referencePlan(candidates: Candidate[], agents: AgentView[], opts
 
   const demand = new Map<string, number>();
   for (const c of remaining) for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 0) + 1);
+  // the waiting work per model (expected run time), and how many agents hold each model
+  const est = new Map(remaining.map((c) => [c.jobId, estimate(c, feasibleFor.get(c.jobId)!)]));
+  const backlog = new Map<string, number>();
+  for (const c of remaining) for (const name of suite(c)) backlog.set(name, (backlog.get(name) ?? 0) + est.get(c.jobId)!);
+  const holdersOf = (name: string) => state.filter((a) => a.resident.has(name)).length;
+  const perHolder = (name: string) => (backlog.get(name) ?? 0) / Math.max(1, holdersOf(name));
+  const share = (a: AgentState, c: Candidate) => [...a.resident].filter((name) => !suite(c).includes(name)).reduce((s, name) => s + perHolder(name), 0);
 
   /** Models a load of `c`'s suite would push out of `a`'s VRAM, least recently used first. */
   const evictions = (a: AgentState, c: Candidate): string[] => {
@@ -68,11 +75,28 @@ export function referencePlan(candidates: Candidate[], agents: AgentView[], opts
         .map((a) => ({ a, cost: cost(a, c) }))
         .sort((x, y) => x.cost - y.cost || x.a.inflight - y.a.inflight || x.a.id.localeCompare(y.a.id));
       const cheapest = ranked[0]!;
-      // where this job may go now: its cheapest agent, or — if that one is full — a free one,
-      // once the job has waited longer than the extra cost of going there
-      const target = cheapest.a.free > 0
-        ? cheapest
-        : ranked.find((r) => r.a.free > 0 && (fifo || c.waitedMs >= r.cost - cheapest.cost));
+      // where this job may go now: its cheapest agent, or — if that one is full — the cheapest
+      // free one, when the waiting work for its model per holder exceeds the extra cost of going
+      // there plus what that agent would otherwise do, or once the job has waited longer than the
+      // extra cost plus that other work (at most agingMs)
+      let target = cheapest.a.free > 0 ? cheapest : ranked.find((r) => r.a.free > 0);
+      if (!target) continue;
+      if (!fifo) {
+        const lacking = suite(c).find((name) => !target!.a.resident.has(name));
+        const holder = lacking === undefined ? undefined : ranked.find((r) => suite(c).every((name) => r.a.resident.has(name)));
+        if (target !== cheapest || holder) {
+          const extra = target.cost - (target === cheapest ? holder!.cost : cheapest.cost);
+          const slot = holder ? target.cost - (target.a.busyMs ?? target.a.inflight * target.a.avgJobMs) : 0;
+          const other = share(target.a, c);
+          const evicts = holder !== undefined && evictions(target.a, c).length > 0;
+          const bar = extra + (target === cheapest ? slot : 0) + (evicts ? opts.agingMs : Math.min(other, opts.agingMs));
+          if (perHolder(lacking ?? c.model) < extra + slot + other) {
+            // not worth it: to the holder if it has a free slot, else only once waited long enough
+            if (holder && holder.a.free > 0) target = holder;
+            else if (c.waitedMs < bar) target = undefined;
+          }
+        }
+      }
       if (!target) continue;
       const score = target.cost + c.rank * opts.agingMs - c.waitedMs + (running.get(c.client) ?? 0) * fairnessMs;
       if (!best || score < best.score) best = { c, a: target.a, score };
@@ -91,6 +115,7 @@ export function referencePlan(candidates: Candidate[], agents: AgentView[], opts
     a.inflight += 1;
     running.set(c.client, (running.get(c.client) ?? 0) + 1);
     for (const name of suite(c)) demand.set(name, (demand.get(name) ?? 1) - 1);
+    for (const name of suite(c)) backlog.set(name, (backlog.get(name) ?? 0) - est.get(c.jobId)!);
     remaining = remaining.filter((x) => x !== c);
   }
   for (const c of remaining) decisions.push({ jobId: c.jobId, kind: 'wait' });
