@@ -129,7 +129,7 @@ function simulate(jobs: Job[], policy: 'affinity' | 'fifo') {
   return { makespan_ms: makespan, p95_ms: latencies[Math.floor(0.95 * latencies.length)]!, loads };
 }
 
-const jobs = trace(11);
+const jobs = trace(Number(process.env.BENCH_TRACE_SEED ?? 11));
 const used = new Set(jobs.map((j) => j.model)).size;
 // lower bound on the makespan: every model used must load once somewhere, and the agents share
 // the work; and no job ends before its arrival plus its run
