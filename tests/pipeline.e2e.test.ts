@@ -54,6 +54,8 @@ describe('the pipelined agent: two jobs held, cancels and crashes in each stage'
     // pipelined: the second job was taken (started) while the first one ran, not after it ended
     const [first, second] = [...done].sort((a, b) => Date.parse(a.started_at!) - Date.parse(b.started_at!));
     expect(Date.parse(second!.started_at!)).toBeLessThan(Date.parse(first!.finished_at!));
+    // the GPU takes them in the order they were placed: no job overtakes the one ahead of it
+    expect([...done].sort((a, b) => Date.parse(a.finished_at!) - Date.parse(b.finished_at!)).map((j) => j.id)).toEqual(jobs.map((j) => j.id));
     // each job has its own images: its seeds, its bytes, under its own keys
     for (const j of done) {
       expect(j.outputs.map((o) => o.seed)).toEqual([j.request.hyperparameters.seed, j.request.hyperparameters.seed + 1]);

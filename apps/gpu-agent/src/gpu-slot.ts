@@ -1,50 +1,81 @@
 import type { Attempt } from './attempt.js';
 
+/** A place in line for the GPU, taken when an entry is taken from the queue. */
+export interface Ticket {
+  /** set while its attempt asks for the GPU */
+  grant: ((ok: boolean) => void) | null;
+  attempt: Attempt | null;
+}
+
 /**
- * The GPU, as a slot one attempt holds at a time: only one request is ever on the worker. An
- * attempt acquires it once its inputs are in hand and releases it the moment the worker's
- * answer (result or error) arrives; the next in line, in arrival order, gets it in the same
- * tick, so its request reaches the worker before any bookkeeping of the previous job. An
- * attempt stopped while in line leaves the line.
+ * The GPU, as a slot one attempt holds at a time: only one request is ever on the worker.
+ * Attempts get it in the order their entries were taken (the order the dispatcher placed them:
+ * a later job whose bookkeeping happens to finish first does not overtake). An attempt asks for
+ * it once its inputs are in hand and releases it the moment the worker's answer (result or
+ * error) arrives; the next in line, if it is asking, gets it in the same tick, so its request
+ * reaches the worker before any bookkeeping of the previous job. An attempt that is stopped, or
+ * ends before its turn, leaves the line.
  */
 export class GpuSlot {
   private holder: Attempt | null = null;
-  private readonly line: Array<{ a: Attempt; grant: (ok: boolean) => void }> = [];
+  private readonly line: Ticket[] = [];
 
   /** The attempt holding the GPU, if any. */
   get current(): Attempt | null {
     return this.holder;
   }
 
-  /** Resolves true once `a` holds the GPU, or false if `a` was stopped first. */
-  acquire(a: Attempt): Promise<boolean> {
-    if (a.cancel) return Promise.resolve(false);
-    if (!this.holder) {
-      this.holder = a;
-      return Promise.resolve(true);
+  /** A place at the end of the line (call it before anything else awaits, to keep the order). */
+  join(): Ticket {
+    const t: Ticket = { grant: null, attempt: null };
+    this.line.push(t);
+    return t;
+  }
+
+  /** Resolves true once `a` holds the GPU (its turn came), or false if `a` was stopped first. */
+  acquire(t: Ticket, a: Attempt): Promise<boolean> {
+    if (a.cancel || !this.line.includes(t)) {
+      this.leave(t);
+      return Promise.resolve(false);
     }
+    t.attempt = a;
     return new Promise((resolve) => {
-      const waiter = {
-        a,
-        grant: (ok: boolean) => {
-          forget();
-          resolve(ok);
-        },
-      };
       const forget = a.onStop(() => {
-        const i = this.line.indexOf(waiter);
-        if (i >= 0) this.line.splice(i, 1);
-        waiter.grant(false);
+        t.grant = null;
+        this.leave(t);
+        resolve(false);
       });
-      this.line.push(waiter);
+      t.grant = (ok) => {
+        forget();
+        resolve(ok);
+      };
+      this.next();
     });
   }
 
   /** `a` is done with the GPU: the next in line gets it. */
   release(a: Attempt): void {
     if (this.holder !== a) return;
-    const next = this.line.shift();
-    this.holder = next?.a ?? null;
-    next?.grant(true);
+    this.holder = null;
+    this.next();
+  }
+
+  /** The ticket's attempt ended (or was stopped) without its turn: it leaves the line. */
+  leave(t: Ticket): void {
+    const i = this.line.indexOf(t);
+    if (i < 0) return;
+    this.line.splice(i, 1);
+    this.next();
+  }
+
+  private next(): void {
+    if (this.holder) return;
+    const head = this.line[0];
+    if (!head?.grant) return; // its attempt is still preparing: the GPU waits for it
+    this.line.shift();
+    this.holder = head.attempt;
+    const grant = head.grant;
+    head.grant = null;
+    grant(true);
   }
 }

@@ -6,7 +6,7 @@ import { type AgentJobData, coerceError, contextOf, type Jobs, KilnError, lifecy
 import { type ConnectionOptions, type Job, Worker } from 'bullmq';
 import { Attempt, type StopReason } from './attempt.js';
 import type { AgentEnv } from './env.js';
-import { GpuSlot } from './gpu-slot.js';
+import { GpuSlot, type Ticket } from './gpu-slot.js';
 import { agentMetrics } from './metrics.js';
 import type { JobKind, Run, Runner, Runners } from './runners/index.js';
 import type { WorkerSupervisor } from './worker-supervisor.js';
@@ -131,6 +131,16 @@ export class JobPipeline {
   }
 
   private async process(entry: Job<AgentJobData>): Promise<void> {
+    // its place in line for the GPU is the order it was taken in, whatever its bookkeeping costs
+    const ticket = this.gpu.join();
+    try {
+      await this.runEntry(entry, ticket);
+    } finally {
+      this.gpu.leave(ticket);
+    }
+  }
+
+  private async runEntry(entry: Job<AgentJobData>, ticket: Ticket): Promise<void> {
     const { job_id, attempt } = entry.data;
     const job = await this.jobs.store.get(job_id);
     if (!job || job.status !== 'running' || job.attempt !== attempt || job.agent !== this.host.id) {
@@ -167,17 +177,21 @@ export class JobPipeline {
       const run = this.runOf(a, begun);
       const prepared = await runner.prepare(run);
       a.phase = 'waiting';
-      if (!(await this.gpu.acquire(a))) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
+      if (!(await this.gpu.acquire(ticket, a))) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
       const held = Date.now();
       let result: unknown;
       try {
         a.phase = 'inferring';
         if (a.cancel) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
-        result = await runner.infer(run, await this.supervisor.ready(), prepared);
+        const w = this.supervisor.worker;
+        result = await runner.infer(run, w?.state === 'ready' ? w : await this.supervisor.ready(), prepared);
       } finally {
         a.gpuMs = Date.now() - held;
         this.gpu.release(a); // the next job's request goes to the worker now, before our bookkeeping
       }
+      // our bookkeeping waits for the next turn of the event loop: the next job's request is
+      // written first (its continuation is queued ahead of ours, but it awaits on the way)
+      await new Promise((r) => setImmediate(r));
       a.phase = 'finishing';
       // the residency the worker reported with its answer is in the registry before the result
       // is on the record: a client that submits on seeing it is placed knowing what is loaded

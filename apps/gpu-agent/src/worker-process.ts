@@ -226,7 +226,9 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
       case 'self_test_result':
       case 'error': {
         this.lastState = msg.state ?? this.lastState;
-        if (this.lastState) this.emit('state', this.lastState);
+        // listeners (metrics) run on the next turn: the agent's next request goes out first
+        const state = this.lastState;
+        if (state) setImmediate(() => this.emit('state', state));
         const p = this.pending;
         if (!p || p.id !== msg.id) {
           this.log.warn({ id: msg.id }, 'worker answered a request that is not in flight');
