@@ -93,7 +93,8 @@ export type Decision =
   | { jobId: string; kind: 'wait' }
   | { jobId: string; kind: 'infeasible'; reason: string };
 
-type AgentState = AgentView & { version: number };
+/** `ord`: the agent's place in id order (localeCompare), so heaps break ties without comparing strings */
+type AgentState = AgentView & { version: number; ord: number };
 
 /**
  * The work is grouped by what decides an agent's cost — the suite, its working memory — and by
@@ -141,7 +142,8 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
   const fifo = opts.policy === 'fifo';
   const fairnessMs = opts.agingMs / 10;
   const warmFactor = opts.warmLoadFactor ?? 0.15;
-  const state: AgentState[] = agents.map((a) => ({ ...a, resident: new Set(a.resident), version: 0 }));
+  const state: AgentState[] = agents.map((a) => ({ ...a, resident: new Set(a.resident), version: 0, ord: 0 }));
+  for (const [i, a] of [...state].sort((x, y) => x.id.localeCompare(y.id)).entries()) a.ord = i;
   const running = new Map(opts.running);
   const infeasible: Decision[] = [];
   const placed: Decision[] = [];
@@ -173,6 +175,8 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
     held: Heap | null;
   }
   const groups = new Map<string, Group>();
+  /** every feasible job, in input order (what is left of it waits) */
+  const inOrder: Job[] = [];
   /** per model: the expected run time of the waiting jobs that need it */
   const backlog = new Map<string, number>();
   /** per model: how many agents hold it (as projected by this plan's placements) */
@@ -201,6 +205,7 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
     const j = { c, index, urgency: c.rank * opts.agingMs - c.waitedMs, done: false, est: estimate(c, feasible) };
     for (const name of members) backlog.set(name, (backlog.get(name) ?? 0) + j.est);
     g.jobs.push(j);
+    inOrder.push(j);
     g.byWait.push(j);
   }
   for (const g of groups.values()) {
@@ -257,13 +262,11 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
     for (const g of groups.values()) if (g.feasibleSet.has(a)) push(g, a);
   };
   const valid = (e: Entry) => e.version === e.a.version;
-  /** The cheapest agent that holds `g`'s whole suite (its cost is its wait: no load). */
-  const heldBest = (g: Group): Entry | null => {
-    if (!g.held) {
-      g.held = new Heap();
-      for (const a of g.feasible) if (holdsAll(a, g.suite)) g.held.push({ a, cost: waitOf(a), inflight: a.inflight, version: a.version });
-    }
-    return g.held.top(valid);
+  /** `g`'s heap of the agents that hold its whole suite (their cost is their wait: no load), built on first use. */
+  const buildHeld = (g: Group): Heap => {
+    g.held = new Heap();
+    for (const a of g.feasible) if (holdsAll(a, g.suite)) g.held.push({ a, cost: waitOf(a), inflight: a.inflight, version: a.version });
+    return g.held;
   };
   /** The waiting work of `name` each of its holders has to run (all of it when nobody holds it). */
   const perHolder = (name: string) => (backlog.get(name) ?? 0) / Math.max(1, holders.get(name) ?? 0);
@@ -292,7 +295,11 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
         // sending the job past its full cheapest agent, or making `target` one more holder of a
         // model some agent already holds, must be worth it (see Spillover at the top)
         const lacking = g.suite.find((name) => !target.a.resident.has(name));
-        const holder = lacking === undefined ? null : heldBest(g);
+        if (lacking !== undefined && !g.held) {
+          buildHeld(g);
+          yield; // a pass over the group's agents: on a large fleet, many groups build theirs at once
+        }
+        const holder = lacking === undefined ? null : g.held!.top(valid);
         if (target !== cheapest || holder) {
           const extra = target.cost - (target === cheapest ? holder!.cost : cheapest.cost);
           const slot = holder ? target.cost - waitOf(target.a) : 0;
@@ -355,7 +362,7 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
       }
     }
   }
-  const waiting = [...groups.values()].flatMap((g) => g.jobs.filter((j) => !j.done)).sort((x, y) => x.index - y.index);
+  const waiting = inOrder.filter((j) => !j.done);
   return [...infeasible, ...placed, ...waiting.map((j): Decision => ({ jobId: j.c.jobId, kind: 'wait' }))];
 }
 
@@ -377,7 +384,7 @@ interface Entry {
 class Heap {
   private readonly items: Entry[] = [];
   private static less(x: Entry, y: Entry): boolean {
-    return (x.cost - y.cost || x.inflight - y.inflight || x.a.id.localeCompare(y.a.id)) < 0;
+    return (x.cost - y.cost || x.inflight - y.inflight || x.a.ord - y.a.ord) < 0;
   }
   push(e: Entry): void {
     const h = this.items;
