@@ -123,7 +123,7 @@ async function mixed(policy: 'fifo' | 'affinity', ramMb: number): Promise<{ ms: 
       basicRequest({ model: { base: MODELS[Math.floor(i / 3) % MODELS.length] }, scheduler: { type: 'EulerDiscreteScheduler', steps: 20 }, hyperparameters: { seed: i, width: 1024, height: 1024 } }),
     );
     const { ms, jobs } = await runWorkload(farm, bodies);
-    return { ms, loads: jobs.filter((j) => (j.timings.model_load_ms ?? 0) > 0).length, p95: pct(jobs.map((j) => j.timings.total_ms!), 95) };
+    return { ms, loads: jobs.filter((j) => j.kind === 'generation' && (j.loaded_models ?? []).length > 0).length, p95: pct(jobs.map((j) => j.timings.total_ms!), 95) };
   } finally {
     await farm.close();
   }

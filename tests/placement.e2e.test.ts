@@ -16,7 +16,7 @@ describe('placement with model affinity', () => {
     // one job per model first: each model ends up on one agent
     const warm = [];
     for (const [i, model] of [BASE, TURBO].entries()) warm.push(await farm.waitForDone((await farm.submit(basicRequest({ model: { base: model }, hyperparameters: { seed: 100 + i, width: 256, height: 256 } }))).id));
-    expect(warm.filter((j) => (j.timings.model_load_ms ?? 0) > 0)).toHaveLength(2);
+    expect(warm.filter((j) => (j.loaded_models ?? []).length > 0)).toHaveLength(2);
     const holder: Record<string, string | null> = { [BASE]: warm[0]!.agent, [TURBO]: warm[1]!.agent };
     expect(holder[BASE]).not.toBe(holder[TURBO]);
 
@@ -27,7 +27,7 @@ describe('placement with model affinity', () => {
     }
     const done = await Promise.all(jobs.map((j) => farm.waitForDone(j.id, 60_000)));
     expect(done.every((j) => j.status === 'succeeded')).toBe(true);
-    expect(done.filter((j) => (j.timings.model_load_ms ?? 0) > 0)).toHaveLength(0);
+    expect(done.filter((j) => (j.loaded_models ?? []).length > 0)).toHaveLength(0);
     expect(done.every((j) => j.agent === holder[j.request.model.base])).toBe(true);
 
     const models = (await farm.get('/v1/models')).body.models;

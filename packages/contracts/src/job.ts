@@ -122,7 +122,15 @@ export const TrainingState = z.object({
 export type TrainingState = z.infer<typeof TrainingState>;
 
 /** Everything Kiln stores about a job, by kind; the API's record adds presigned URLs and links. */
-export const GenerationJob = z.object({ ...common, kind: z.literal('generation'), request: ResolvedGenerationRequest });
+export const GenerationJob = z.object({
+  ...common,
+  kind: z.literal('generation'),
+  request: ResolvedGenerationRequest,
+  loaded_models: z
+    .array(z.string())
+    .optional()
+    .describe('models the succeeding attempt had to load (cold or from RAM) before it ran; empty when all were resident (timings.model_load_ms is time, which a busy host spends even with nothing to load)'),
+});
 export const TrainingJob = z.object({ ...common, kind: z.literal('training'), request: ResolvedTrainingRequest, training: TrainingState });
 export const CacheJob = z.object({
   ...common,

@@ -66,6 +66,7 @@ export class GenerationRunner implements Runner<'generation', Prepared, ResultMe
       status: 'succeeded',
       stage: 'done',
       outputs,
+      loaded_models: result.loaded_models,
       progress: null,
       error: null,
       finished_at: finishedAt.toISOString(),
