@@ -103,3 +103,52 @@ it("frees an agent's slot as soon as the job of its entry ended, before BullMQ m
     await q.close();
   }
 });
+
+it('keeps counting the model a finished job loaded until the agent beats again, so the next job does not evict it', async () => {
+  const { AgentViews } = await import('./agent-views.js');
+  const { AgentQueues } = await import('./agent-queues.js');
+  const { LoraRegistry } = await import('@kiln/runtime');
+  const env = { AGENT_SLOTS: 2, SWEEP_INTERVAL_MS: 60_000, KILN_PREFIX: keys.prefix, QUEUE_KEEP_COMPLETED: 10, QUEUE_KEEP_FAILED: 10, QUEUE_KEEP_S: 60 };
+  const queues = new AgentQueues(redis, env);
+  try {
+    const views = new AgentViews(env, new LoraRegistry(redis, keys), queues, redis, keys);
+    const BASE = 'stabilityai/stable-diffusion-xl-base-1.0';
+    const caps = {
+      backend: 'synthetic' as const,
+      models: [{ name: BASE, kind: 'base' as const, vram_mb: 7_000, load_ms: 700 }],
+      schedulers: [],
+      output_formats: ['png'],
+      max_side: 2048,
+      max_images: 8,
+      features: [],
+      controlnet_types: [],
+      controlnet_preprocessors: [],
+      upscalers: [],
+      dtypes: ['fp16' as const],
+      performance: [],
+    };
+    const now = new Date().toISOString();
+    const beat = (resident: string[]) => ({
+      agent_id: 'a1', host: 'h', gpu_id: '0', gpu: { name: 'g', vram_total_mb: 10_240, vram_free_mb: 10_240 }, state: 'ready' as const, maintenance: false,
+      resident: resident.map((name) => ({ name, location: 'vram' as const, vram_mb: 7_000, last_used_at: now, pinned: false })),
+      current_job: null, capabilities: caps, worker: { pid: 1, restarts: 0 }, jobs_done: 0, avg_job_ms: null, step_ms: {}, started_at: now, heartbeat_at: now,
+    });
+    const hbBefore = beat([]); // the beat the dispatcher holds: from before the job loaded its model
+    const q = queues.get('a1');
+    const job = await queued(5);
+    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
+    await q.add('job', { job_id: job.id, attempt: 1, client: 'c', models: [BASE], activation_mb: 100 }, { jobId: `${job.id}-a1` });
+    expect([...(await views.build([hbBefore])).agents[0]!.resident]).toEqual([BASE]); // held: projected
+    // the job ends (the agent beat with the model before writing it, but our snapshot is older)
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    await q.remove(`${job.id}-a1`);
+    views.changed('a1');
+    const after = (await views.build([hbBefore])).agents[0]!;
+    expect(after.free).toBe(2);
+    expect([...after.resident]).toEqual([BASE]);
+    // the next beat is the truth again: here the model was since unloaded
+    expect([...(await views.build([beat([])])).agents[0]!.resident]).toEqual([]);
+  } finally {
+    await queues.close();
+  }
+});

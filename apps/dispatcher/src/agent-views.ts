@@ -26,7 +26,13 @@ export class AgentViews {
   private readonly bases = new WeakMap<AgentHeartbeat, { trained: ModelInfo[]; base: AgentBase }>();
   private readonly trained: { at: number; list: ModelInfo[] } = { at: -Infinity, list: [] };
   /** each usable agent's view, and what it was built from */
-  private readonly views = new Map<string, { key: { hb: AgentHeartbeat; trained: ModelInfo[]; held: unknown[]; n: number; avgJobMs: number }; view: AgentView }>();
+  private readonly views = new Map<string, { key: { hb: AgentHeartbeat; trained: ModelInfo[]; held: Held[]; n: number; avgJobMs: number }; view: AgentView }>();
+  /**
+   * Jobs an agent finished since the heartbeat this dispatcher last saw from it: what they
+   * loaded is resident there even though that heartbeat predates it (the agent beats before it
+   * writes the result, but a snapshot may be older than that beat). Dropped with the next beat.
+   */
+  private readonly departed = new Map<string, { hb: AgentHeartbeat; jobs: Held[] }>();
 
   constructor(
     private readonly env: Pick<DispatcherEnv, 'AGENT_SLOTS' | 'SWEEP_INTERVAL_MS'>,
@@ -81,7 +87,8 @@ export class AgentViews {
       if (!cached || k!.hb !== a || k!.trained !== trained || k!.held !== held || k!.n !== held.length || k!.avgJobMs !== avgJobMs) {
         const key = { hb: a, trained, held, n: held.length, avgJobMs };
         const base = this.baseView(a, trained);
-        const projected = projectResidency(base, held.map((h) => ({ models: h.data.models ?? [], activationMb: h.data.activation_mb ?? 0 })));
+        const gone = this.departures(a, k, held);
+        const projected = projectResidency(base, [...gone, ...held].map((h) => ({ models: h.data.models ?? [], activationMb: h.data.activation_mb ?? 0 })));
         const view: AgentView = {
           ...base,
           id: a.agent_id,
@@ -105,7 +112,25 @@ export class AgentViews {
       return cached.view;
     });
     if (this.views.size > usable.length) for (const id of this.views.keys()) if (!usable.some((a) => a.agent_id === id)) this.views.delete(id);
+    if (this.departed.size > usable.length) for (const id of this.departed.keys()) if (!usable.some((a) => a.agent_id === id)) this.departed.delete(id);
     return { agents, running };
+  }
+
+  /**
+   * The jobs that left this agent's hands while its heartbeat stayed the same (oldest first),
+   * so placement still counts the models they loaded: without them a job submitted right after
+   * another ended could be sent to an agent that looks empty on a snapshot a few ms old, and
+   * evict the model the first one just loaded.
+   */
+  private departures(a: AgentHeartbeat, before: { hb: AgentHeartbeat; held: Held[] } | undefined, held: Held[]): Held[] {
+    const kept = this.departed.get(a.agent_id);
+    const since = kept?.hb === a ? kept.jobs : [];
+    const still = new Set(held.map((h) => h.id));
+    const left = before ? before.held.filter((h) => !still.has(h.id)) : [];
+    const jobs = [...since, ...left].slice(-8);
+    if (jobs.length) this.departed.set(a.agent_id, { hb: a, jobs });
+    else this.departed.delete(a.agent_id);
+    return jobs;
   }
 
   /** What placement needs of a heartbeat that does not change between heartbeats: built once per heartbeat. */
