@@ -185,7 +185,9 @@ describe('the pipelined agent stopped or cut off with two jobs held', () => {
     farm.startAgent(0);
     const db = await farm.waitForDone(b.id, 60_000);
     expect(db.status).toBe('succeeded');
-    expect(db.attempt, messages(db)).toBe(1); // a hand-back spends nothing
+    // a hand-back spends nothing; the next placement is a new attempt with its own number
+    expect(db.attempt, messages(db)).toBe(2);
+    expect(db.charged_attempts ?? 0).toBe(0);
     await expectOwnOutputs(farm, da);
     await expectOwnOutputs(farm, db);
     await farm.waitForAgents(1);

@@ -161,7 +161,11 @@ export class Jobs {
     const queued = await this.update(
       job.id,
       { status: ['running'], attempt: fromAttempt },
-      { status: 'queued', stage: 'queued', agent: null, progress: null, attempt: fromAttempt - 1 },
+      // the attempt number stays: the next placement is a new attempt (its own entry on the agent's
+      // queue, its own guard), which costs nothing (only charged_attempts count against MAX_ATTEMPTS).
+      // Going back one made the next placement reuse the handed-back attempt's number: on the same
+      // agent BullMQ kept the old entry under that id and silently dropped the new one
+      { status: 'queued', stage: 'queued', agent: null, progress: null },
       { message: `handed back: ${reason}` },
     );
     if (queued) await this.enqueue(queued);

@@ -142,6 +142,22 @@ describe('what a failed attempt costs', () => {
     expect(await store.get(other.id)).toMatchObject({ status: 'failed', error: { code: 'agent_lost' } });
   });
 
+  it('a hand-back spends nothing, and the next placement is a new attempt with its own number (never the handed-back one)', async () => {
+    const { id } = await submitted();
+    const placed = await store.update(id, { status: ['queued'], attempt: 0 }, { status: 'running', stage: 'dispatched', agent: 'agent-1', attempt: 1 });
+    const back = await jobs.handBack(placed!, 1, 'agent agent-1 is shutting down');
+    expect(back).toMatchObject({ status: 'queued', attempt: 1 });
+    expect(back!.charged_attempts ?? 0).toBe(0);
+    // queued for a placement as attempt 2: the agent's entry for it (`<id>-a2`) cannot collide with attempt 1's
+    const entries = await intake.getJobs(['prioritized', 'waiting']);
+    expect(entries.map((e) => e.data)).toEqual([expect.objectContaining({ job_id: id, attempt: 1 })]);
+    // and the handed-back attempt's late writes are refused once it is placed again
+    await store.update(id, { status: ['queued'], attempt: 1 }, { status: 'running', stage: 'dispatched', agent: 'agent-1', attempt: 2 });
+    expect(await store.update(id, { status: ['running'], attempt: 1 }, { status: 'succeeded' })).toBeNull();
+    // its own failures still fail it only after MAX_ATTEMPTS
+    expect((await store.get(id))!.charged_attempts ?? 0).toBe(0);
+  });
+
   it('a record written before these fields existed is read and retried as having spent nothing', async () => {
     const { id } = await submitted();
     await redis.hdel(keys.job(id), 'charged_attempts', 'infra_since');
