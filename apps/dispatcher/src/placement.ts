@@ -294,7 +294,7 @@ function* planSteps(candidates: Candidate[], agents: AgentView[], opts: Placemen
       if (!fifo) {
         // sending the job past its full cheapest agent, or making `target` one more holder of a
         // model some agent already holds, must be worth it (see Spillover at the top)
-        const lacking = g.suite.find((name) => !target.a.resident.has(name));
+        const lacking = firstMissing(target.a, g.suite);
         if (lacking !== undefined && !g.held) {
           buildHeld(g);
           yield; // a pass over the group's agents: on a large fleet, many groups build theirs at once
@@ -420,11 +420,12 @@ class Heap {
   }
 }
 
-/** Whether `a` holds every model of `members` (loops: this runs on every heap push). */
-function holdsAll(a: AgentView, members: string[]): boolean {
-  for (const name of members) if (!a.resident.has(name)) return false;
-  return true;
+/** The first model of `members` that `a` does not hold (loops, no closures: this runs in the hot paths). */
+function firstMissing(a: AgentView, members: string[]): string | undefined {
+  for (const name of members) if (!a.resident.has(name)) return name;
+  return undefined;
 }
+const holdsAll = (a: AgentView, members: string[]): boolean => firstMissing(a, members) === undefined;
 
 /** How long `a` runs what it holds before it could start another job. */
 const waitOf = (a: AgentView): number => a.busyMs ?? a.inflight * a.avgJobMs;
