@@ -1,69 +1,18 @@
-import { randomUUID } from 'node:crypto';
-import { type GenerationJob, ResolvedGenerationRequest } from '@kiln/contracts';
-import { createRedis, type IntakeData, intakeJobId, JobStore, Keys, newJobFields, QUEUES, type Redis } from '@kiln/runtime';
+import { LoraRegistry, QUEUES } from '@kiln/runtime';
 import { Queue } from 'bullmq';
-import { afterAll, afterEach, beforeAll, beforeEach, expect, it } from 'vitest';
-import { HeldView } from './agent-views.js';
+import { expect, it } from 'vitest';
+import { AgentQueues } from './agent-queues.js';
+import { AgentViews, HeldView } from './agent-views.js';
+import { commandsDuring as commandsOn, intakeFixture, queuedJob } from '../../../tests/support/redis-fixture.js';
 
-const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
-let redis: Redis;
-let keys: Keys;
-let store: JobStore;
-let intake: Queue<IntakeData>;
-
-beforeAll(() => {
-  redis = createRedis(REDIS_URL, 'intake-view-test');
-});
-afterAll(async () => {
-  await redis.quit();
-});
-beforeEach(() => {
-  keys = new Keys(`kiln-test-${randomUUID()}`);
-  store = new JobStore(redis, keys, 3_600);
-  intake = new Queue<IntakeData>(QUEUES.intake, { connection: redis, prefix: keys.prefix });
-});
-afterEach(async () => {
-  await intake.close();
-  const left = await redis.keys(`${keys.prefix}:*`);
-  if (left.length) await redis.del(...left);
-});
-
-async function queued(priority: number, steps = 30): Promise<GenerationJob> {
-  const job: GenerationJob = {
-    ...newJobFields(randomUUID(), 'client-a', 'normal'),
-    kind: 'generation',
-    request: ResolvedGenerationRequest.parse({
-      model: { base: 'stabilityai/sdxl-turbo' },
-      conditioning: { prompt: 'a kiln' },
-      scheduler: { steps },
-      hyperparameters: { seed: 1, width: 512, height: 512, num_images: 2 },
-    }),
-  };
-  await store.create(job);
-  await intake.add('job', { job_id: job.id, attempt: 0, client: job.client }, { jobId: intakeJobId(job.id, 0), priority });
-  return job;
-}
-
-/** The commands sent on the test's connection while `fn` runs, lower case. */
-async function commandsDuring(fn: () => Promise<unknown>): Promise<string[]> {
-  const names: string[] = [];
-  const send = redis.sendCommand.bind(redis);
-  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
-    names.push(String(cmd.name).toLowerCase());
-    return send(cmd);
-  }) as typeof redis.sendCommand;
-  try {
-    await fn();
-  } finally {
-    redis.sendCommand = send;
-  }
-  return names;
-}
+const f = intakeFixture('agent-views-test');
+const queued = (priority: number, steps?: number) => queuedJob(f, priority, steps);
+const commandsDuring = (fn: () => Promise<unknown>) => commandsOn(f.redis, fn);
 
 it('reads an agent queue again only when the agent named itself, the dispatcher has not seen it, or at a full refresh', async () => {
-  const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
+  const q = new Queue(QUEUES.agent('a1'), { connection: f.redis, prefix: f.keys.prefix });
   try {
-    const view = new HeldView(redis, keys);
+    const view = new HeldView(f.redis, f.keys);
     const queues = new Map([['a1', q]]);
     await q.add('job', { job_id: 'j1', attempt: 1, client: 'c', work: { key: 'generation m', steps: 4, pixels: 4 } }, { jobId: 'j1-a1' });
     expect((await view.read(queues, false)).get('a1')!.map((h) => [h.id, h.data.work?.steps])).toEqual([['j1-a1', 4]]);
@@ -86,16 +35,16 @@ it('reads an agent queue again only when the agent named itself, the dispatcher 
 });
 
 it("frees an agent's slot as soon as the job of its entry ended, before BullMQ moved the entry out of active", async () => {
-  const q = new Queue(QUEUES.agent('a1'), { connection: redis, prefix: keys.prefix });
+  const q = new Queue(QUEUES.agent('a1'), { connection: f.redis, prefix: f.keys.prefix });
   try {
     const job = await queued(5);
-    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
+    await f.store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
     await q.add('job', { job_id: job.id, attempt: 1, client: 'c' }, { jobId: `${job.id}-a1` });
-    const view = new HeldView(redis, keys);
+    const view = new HeldView(f.redis, f.keys);
     const queues = new Map([['a1', q]]);
     expect((await view.read(queues, false)).get('a1')).toHaveLength(1);
     // the agent ended the job and woke the dispatcher; its entry is still in the queue
-    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    await f.store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
     view.changed('a1');
     expect((await view.read(queues, false)).get('a1')).toEqual([]);
     expect(await q.getJob(`${job.id}-a1`)).toBeTruthy();
@@ -105,13 +54,10 @@ it("frees an agent's slot as soon as the job of its entry ended, before BullMQ m
 });
 
 it('keeps counting the model a finished job loaded until the agent beats again, so the next job does not evict it', async () => {
-  const { AgentViews } = await import('./agent-views.js');
-  const { AgentQueues } = await import('./agent-queues.js');
-  const { LoraRegistry } = await import('@kiln/runtime');
-  const env = { AGENT_SLOTS: 2, SWEEP_INTERVAL_MS: 60_000, KILN_PREFIX: keys.prefix, QUEUE_KEEP_COMPLETED: 10, QUEUE_KEEP_FAILED: 10, QUEUE_KEEP_S: 60 };
-  const queues = new AgentQueues(redis, env);
+  const env = { AGENT_SLOTS: 2, SWEEP_INTERVAL_MS: 60_000, KILN_PREFIX: f.keys.prefix, QUEUE_KEEP_COMPLETED: 10, QUEUE_KEEP_FAILED: 10, QUEUE_KEEP_S: 60 };
+  const queues = new AgentQueues(f.redis, env);
   try {
-    const views = new AgentViews(env, new LoraRegistry(redis, keys), queues, redis, keys);
+    const views = new AgentViews(env, new LoraRegistry(f.redis, f.keys), queues, f.redis, f.keys);
     const BASE = 'stabilityai/stable-diffusion-xl-base-1.0';
     const caps = {
       backend: 'synthetic' as const,
@@ -136,11 +82,11 @@ it('keeps counting the model a finished job loaded until the agent beats again, 
     const hbBefore = beat([]); // the beat the dispatcher holds: from before the job loaded its model
     const q = queues.get('a1');
     const job = await queued(5);
-    await store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
+    await f.store.update(job.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'a1', attempt: 1 });
     await q.add('job', { job_id: job.id, attempt: 1, client: 'c', models: [BASE], activation_mb: 100 }, { jobId: `${job.id}-a1` });
     expect([...(await views.build([hbBefore])).agents[0]!.resident]).toEqual([BASE]); // held: projected
     // the job ends (the agent beat with the model before writing it, but our snapshot is older)
-    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
+    await f.store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done', finished_at: new Date().toISOString() });
     await q.remove(`${job.id}-a1`);
     views.changed('a1');
     const after = (await views.build([hbBefore])).agents[0]!;

@@ -5,6 +5,10 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { JobStore } from './job-store.js';
 import { Keys } from './keys.js';
 import { createRedis, type Redis } from './redis.js';
+import { commandsDuring as commandsOn } from '../../../tests/support/redis-fixture.js';
+
+/** The commands this test's connection sends while `fn` runs, lower case. */
+const commandsDuring = (fn: () => Promise<unknown>) => commandsOn(redis, fn);
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 const RETENTION_S = 3_600;
@@ -268,19 +272,3 @@ describe('JobStore', () => {
     expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'failed', stage: 'done', attempt: 1, agent: 'a', message: 'boom' });
   });
 });
-
-/** The commands this test's connection sends while `fn` runs, lower case. */
-async function commandsDuring(fn: () => Promise<unknown>): Promise<string[]> {
-  const names: string[] = [];
-  const send = redis.sendCommand.bind(redis);
-  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
-    names.push(String(cmd.name).toLowerCase());
-    return send(cmd);
-  }) as typeof redis.sendCommand;
-  try {
-    await fn();
-  } finally {
-    redis.sendCommand = send;
-  }
-  return names;
-}
