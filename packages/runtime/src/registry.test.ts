@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { Keys } from './keys.js';
 import { createRedis, type Redis } from './redis.js';
 import { AgentRegistry } from './registry.js';
+import { commandsDuring as commandsOn } from '../../../tests/support/redis-fixture.js';
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
 
@@ -49,20 +50,7 @@ function heartbeat(id: string, over: Partial<AgentHeartbeat> = {}): AgentHeartbe
 }
 
 /** Counts the commands this test's connection sends while `fn` runs. */
-async function commandsDuring(fn: () => Promise<unknown>): Promise<number> {
-  let n = 0;
-  const send = redis.sendCommand.bind(redis);
-  redis.sendCommand = ((cmd: Parameters<typeof send>[0]) => {
-    n += 1;
-    return send(cmd);
-  }) as typeof redis.sendCommand;
-  try {
-    await fn();
-  } finally {
-    redis.sendCommand = send;
-  }
-  return n;
-}
+const commandsDuring = async (fn: () => Promise<unknown>) => (await commandsOn(redis, fn)).length;
 
 describe('AgentRegistry snapshot', () => {
   it('serves submits from a snapshot at most maxAgeMs old, then reads again', async () => {
