@@ -394,11 +394,10 @@ def test_previews_on_the_same_steps_after_their_progress(backend):
         assert max(img.size) <= 32 and img.height > img.width  # the first image's 64 × 96, shrunk
 
 
+@pytest.mark.parametrize("backend", ["diffusers"], indirect=True)  # the synthetic one renders its previews
 def test_diffusers_previews_use_the_tiny_autoencoder_when_there_is_one(backend, tmp_path):
     """MODELS_DIR/taesdxl (an AutoencoderTiny) decodes the previews at the image's size; a broken
     one is reported, and the linear approximation (one pixel per latent) used instead."""
-    if backend.name != "diffusers":
-        pytest.skip("the tiny autoencoder is the diffusers backend's; the synthetic one renders its previews")
     from diffusers_support.tiny_sdxl import build_tiny_taesd
 
     def models_dir(name: str) -> Path:
