@@ -101,6 +101,11 @@ export class Dispatcher {
     this.views.changed(agentId);
   }
 
+  /** An agent's resident models changed (its heartbeat says which): the next tick reads the registry again. */
+  residencyChanged(): void {
+    this.registry.invalidate();
+  }
+
   /** A job was queued: the next tick reads intake's ids again. */
   intakeChanged(): void {
     this.waiting.changed();

@@ -107,6 +107,7 @@ await sub.subscribe(keys.wakeChannel());
 sub.on('message', (_channel: string, message: string) => {
   if (message === WAKE.queued) dispatcher.intakeChanged();
   else if (message === WAKE.all) dispatcher.everythingChanged();
+  else if (message.startsWith(WAKE.residency)) dispatcher.residencyChanged();
   else dispatcher.agentChanged(message); // an agent's queue changed: read it again
   void tick();
 });

@@ -27,6 +27,8 @@ export class Agent {
   draining = false;
   /** an operator took this agent out of rotation (registry): it finishes what it holds, gets nothing new */
   private maintenance = false;
+  /** the resident models (name, place, pin) of the last heartbeat sent, to tell the dispatcher when they change */
+  private lastResidency: string | null = null;
 
   constructor(
     private readonly env: AgentEnv,
@@ -144,6 +146,10 @@ export class Agent {
       heartbeat_at: new Date().toISOString(),
     };
     await this.registry.publish(hb, this.env.AGENT_TTL_MS);
+    // what it holds changed: the dispatcher must not place on the heartbeat before this one
+    const residency = hb.resident.map((r) => `${r.name}:${r.location}:${r.pinned}`).sort().join('|');
+    if (this.lastResidency !== null && residency !== this.lastResidency) await this.jobs.residencyChanged(this.id);
+    this.lastResidency = residency;
   }
 
   /**

@@ -11,7 +11,12 @@ import { lifecycle } from './lifecycle.js';
 import type { WebhookOutbox } from './webhooks.js';
 
 /** Wake messages that name no agent: something changed (read everything again), or a job was queued (read intake). */
-export const WAKE = { all: '1', queued: '+' } as const;
+/**
+ * Messages on the wake channel: `+` a job was queued; `1` everything changed; `@<agent>` that
+ * agent's heartbeat changed what placement sees of it (the models it holds); any other text names
+ * an agent whose queue changed.
+ */
+export const WAKE = { all: '1', queued: '+', residency: '@' } as const;
 
 /** BullMQ priorities on the intake queue (lower runs first). */
 export const PRIORITY_RANK: Record<Priority, number> = { high: 1, normal: 5, low: 10 };
@@ -149,6 +154,16 @@ export class Jobs {
    */
   async wake(agentId?: string): Promise<void> {
     await this.redis.publish(this.keys.wakeChannel(), agentId ?? WAKE.all);
+  }
+
+  /**
+   * An agent's heartbeat now shows other resident models (a load, an eviction, a pin): the
+   * dispatcher reads the registry afresh before it places again, rather than act on a snapshot
+   * from before the change. Sent after that heartbeat and before the result that needed the load,
+   * so a job a client submits on seeing that result meets the new residency.
+   */
+  async residencyChanged(agentId: string): Promise<void> {
+    await this.redis.publish(this.keys.wakeChannel(), `${WAKE.residency}${agentId}`);
   }
 
   /**
