@@ -126,7 +126,9 @@ describe('the kiln command', () => {
     expect(screen).toMatch(/base\s+\|[█░]+\| \d+\/40 steps/);
     expect((screen.match(/\x1b\[1G/g) ?? []).length).toBeGreaterThan(5); // redrawn in place, line after line
     expect(screen).toMatch(/(queued|dispatched|loading_model|running) +\|[░█]+\|[\s\S]*base +\|/); // the stages as they come
-    expect(screen).toMatch(/\| 40\/40 steps · running/);
+    // the base stage's bar is drawn full; whether a frame catches it still `running` or only as the
+    // job moves on (uploading, done) depends on when the stream's reads land, not on the client
+    expect(screen).toMatch(/\| 40\/40 steps · (running|uploading|succeeded)/);
     expect(screen).toMatch(/done +\|█+\| \d+\/\d+ steps · succeeded/); // full at the end
     expect(readdirSync(join(dir, 'tty'))).toHaveLength(1);
   });
