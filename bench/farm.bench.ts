@@ -204,16 +204,21 @@ interface FarmRow {
   dispatcher_cpu_ms_per_placement: number;
   longest_tick_ms: number;
   longest_block_ms: number;
+  ticks_per_job: number;
   redis_cpu_ms_per_job: number;
   api_cpu_ms_per_job: number;
   this_process_cpu_ms_per_job: number;
 }
 
 /** The dispatcher's longest tick and longest event-loop block since the previous call (its metrics; each scrape resets them). */
-async function dispatcherMaxima(port: number): Promise<{ tickMs: number; blockMs: number }> {
+async function dispatcherMaxima(port: number): Promise<{ tickMs: number; blockMs: number; ticks: number }> {
   const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
-  const gauge = (name: string) => Number(new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text)?.[1] ?? NaN) * 1000;
-  return { tickMs: gauge('kiln_placement_tick_max_seconds'), blockMs: gauge('kiln_dispatcher_event_loop_block_max_seconds') };
+  const value = (name: string) => Number(new RegExp(`^${name} ([0-9.e+-]+)$`, 'm').exec(text)?.[1] ?? NaN);
+  return {
+    tickMs: value('kiln_placement_tick_max_seconds') * 1000,
+    blockMs: value('kiln_dispatcher_event_loop_block_max_seconds') * 1000,
+    ticks: value('kiln_placement_tick_seconds_count'),
+  };
 }
 
 async function farm(url: string, agents: number, redisPid: number): Promise<FarmRow> {
@@ -266,7 +271,7 @@ async function farm(url: string, agents: number, redisPid: number): Promise<Farm
     done = 0;
     const redis = services.redis;
     const profile = process.env.BENCH_PROFILE ? await profileCommands(url, prefix) : null;
-    await dispatcherMaxima(metricsPort); // resets them: what the next read says is the run's
+    const ticks0 = (await dispatcherMaxima(metricsPort)).ticks; // resets the maxima: what the next read says is the run's
     const [stats0, d0, a0, p0, r0] = [await commandStats(redis), cpuMs(dispatcher.pid!), cpuMs(api.pid!), process.cpuUsage(), cpuMs(redisPid)];
     const t0 = performance.now();
     const ids: string[] = [];
@@ -304,6 +309,7 @@ async function farm(url: string, agents: number, redisPid: number): Promise<Farm
       dispatcher_cpu_ms_per_placement: round((d1 - d0) / FARM_JOBS, 3),
       longest_tick_ms: round(maxima.tickMs, 1),
       longest_block_ms: round(maxima.blockMs, 1),
+      ticks_per_job: round((maxima.ticks - ticks0) / FARM_JOBS, 2),
       redis_cpu_ms_per_job: round((r1 - r0) / FARM_JOBS, 3),
       api_cpu_ms_per_job: round((a1 - a0) / FARM_JOBS, 3),
       this_process_cpu_ms_per_job: round((p1.user + p1.system) / 1000 / FARM_JOBS, 3),
@@ -325,10 +331,10 @@ try {
   for (const n of AGENT_COUNTS) rows.push(await farm(server.url, n, server.pid!));
   console.log(`raw BullMQ (no-op worker, concurrency 50): ${raw.jobs_per_s} jobs/s, ${raw.commands_per_job} Redis commands per job`);
   console.log('farm with simulated agents (real API and dispatcher), zero-cost work:');
-  console.log('agents   jobs/s   of raw   placed p50/p95 ms   cmds/job   dispatcher ms/placement   longest tick/block ms   api ms/job   bench ms/job   redis ms/job');
+  console.log('agents   jobs/s   of raw   placed p50/p95 ms   cmds/job   dispatcher ms/placement   ticks/job   longest tick/block ms   api ms/job   bench ms/job   redis ms/job');
   for (const r of rows) {
     console.log(
-      `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${`${r.longest_tick_ms}/${r.longest_block_ms}`.padStart(22)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}  ${String(r.redis_cpu_ms_per_job).padStart(13)}`,
+      `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${String(r.ticks_per_job).padStart(10)}  ${`${r.longest_tick_ms}/${r.longest_block_ms}`.padStart(22)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}  ${String(r.redis_cpu_ms_per_job).padStart(13)}`,
     );
   }
   console.log(JSON.stringify({ bench: 'farm', raw_bullmq: raw, farm: rows.map((r) => ({ ...r, of_raw: round(r.jobs_per_s / raw.jobs_per_s, 3) })) }));

@@ -1,5 +1,5 @@
 import type { AgentHeartbeat, JobRecord, QueueInfo, QueueSummary, StoredJob } from '@kiln/contracts';
-import { intakeJobId, type IntakeData, jobRecord } from '@kiln/runtime';
+import { intakeJobId, type IntakeData, jobRecord, type KnownHistory } from '@kiln/runtime';
 import type { ApiContext } from './context.js';
 import type { Principal } from './keys.js';
 
@@ -86,8 +86,8 @@ export async function withQueue<R extends JobRecord>(ctx: ApiContext, records: R
 }
 
 /** A job's record as the API shows it: with `queue`. */
-export async function recordOf(ctx: ApiContext, job: StoredJob): Promise<JobRecord> {
-  return (await withQueue(ctx, [await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL)]))[0]!;
+export async function recordOf(ctx: ApiContext, job: StoredJob, known?: KnownHistory): Promise<JobRecord> {
+  return (await withQueue(ctx, [await jobRecord(job, ctx.store, ctx.storage, ctx.env.PUBLIC_URL, known)]))[0]!;
 }
 
 /** How many waiting entries GET /v1/queue reads at most (their records, for models and estimates). */

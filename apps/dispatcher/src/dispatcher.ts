@@ -1,5 +1,5 @@
 import type { AgentHeartbeat } from '@kiln/contracts';
-import { type AgentRegistry, entryName, type IntakeData, type Jobs, Keys, type Logger, lifecycle, type LoraRegistry, contextOf, agentJobId, tracer, tracingOn } from '@kiln/runtime';
+import { type AgentJobData, type AgentRegistry, type IntakeData, type PlacementReason, type Jobs, Keys, type Logger, lifecycle, type LoraRegistry, contextOf, agentJobId, tracer, tracingOn } from '@kiln/runtime';
 import type { ConnectionOptions, Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { AgentQueues } from './agent-queues.js';
@@ -31,6 +31,13 @@ const REGISTRY_SNAPSHOT_MS = 100;
  * (or the same after restart) repeats the half-done step (a claimed job with no agent entry is
  * retried by the sweep).
  */
+/** A placement decided this tick: the job, its agent, and why there. */
+interface Placement {
+  w: Waiting;
+  agentId: string;
+  reason: PlacementReason;
+}
+
 export class Dispatcher {
   private lastSweep = 0;
   private readonly queues: AgentQueues;
@@ -148,8 +155,9 @@ export class Dispatcher {
     const { decisions, longestSliceMs } = await planInSlices(candidates, agents, opts, this.env.PLAN_SLICE_MS);
     this.longestPlanSliceMs = Math.max(this.longestPlanSliceMs, longestSliceMs);
 
-    const perAgent = new Map<string, Waiting[]>();
+    const placements: Placement[] = [];
     const ends: Promise<void>[] = [];
+    const views = new Map(agents.map((a) => [a.id, a]));
     for (const d of decisions) {
       const w = byId.get(d.jobId)!;
       if (d.kind === 'wait') continue;
@@ -157,16 +165,9 @@ export class Dispatcher {
         if (now - Date.parse(w.job.created_at) >= this.env.UNSCHEDULABLE_GRACE_MS) ends.push(this.unschedulable(w, d.reason));
         continue;
       }
-      perAgent.set(d.agentId, [...(perAgent.get(d.agentId) ?? []), w]);
+      placements.push({ w, agentId: d.agentId, reason: placementReason(views.get(d.agentId)!, w.demand) });
     }
-    const views = new Map(agents.map((a) => [a.id, a]));
-    // agents in parallel; each agent's jobs in the order placed, which is the order it runs them
-    await Promise.all([
-      ...ends,
-      ...[...perAgent].map(async ([agentId, ws]) => {
-        for (const w of ws) await this.claim(w, agentId, views.get(agentId)!, now);
-      }),
-    ]);
+    await Promise.all([...ends, this.claim(placements, now)]);
   }
 
   private async unschedulable(w: Waiting, reason: string): Promise<void> {
@@ -180,34 +181,56 @@ export class Dispatcher {
     await this.dropEntry(w.entryId);
   }
 
-  /** Claims the job on its record for `agentId` (the guarded write), hands it to the agent's queue, drops its intake entry. */
-  private async claim(w: Waiting, agentId: string, view: AgentView, now: number): Promise<void> {
-    const { job, demand } = w;
-    const reason = placementReason(view, demand);
-    // a span in the job's trace (tracing.ts), under the API request that submitted it
-    const span = tracingOn()
-      ? tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': job.id, 'kiln.agent': agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(job.id)))
-      : null;
-    // the claim takes the entry out of intake in the same step
-    const claimed = await this.jobs.claim(job, agentId, `placed on ${agentId} (${reason.replace('_', ' ')})`);
-    if (claimed) {
-      const data = {
+  /**
+   * Claims the tick's placements on their records (guarded writes that also take each entry out
+   * of intake), all in one round trip, then hands each agent its claimed jobs in one write per
+   * agent, in the order placed, which is the order it runs them. A refused claim
+   * (the job moved on since it was read) drops its entry; a claimed job whose agent entry is
+   * lost with a crash here is put back by the sweep.
+   */
+  private async claim(placements: Placement[], now: number): Promise<void> {
+    if (placements.length === 0) return;
+    // a span per placement in the job's trace (tracing.ts), under the API request that submitted it
+    const spans = tracingOn()
+      ? await Promise.all(
+          placements.map(async ({ w, agentId, reason }) =>
+            tracer().startSpan('dispatcher place', { attributes: { 'kiln.job': w.job.id, 'kiln.agent': agentId, 'kiln.placement.reason': reason } }, contextOf(await this.jobs.store.traceOf(w.job.id))),
+          ),
+        )
+      : [];
+    const claimed = await this.jobs.claimMany(placements.map(({ w, agentId, reason }) => ({ job: w.job, agent: agentId, message: `placed on ${agentId} (${reason.replace('_', ' ')})` })));
+    const perAgent = new Map<string, { p: Placement; entryId: string; data: AgentJobData }[]>();
+    const dropped: Promise<void>[] = [];
+    placements.forEach((p, i) => {
+      const c = claimed[i];
+      if (!c) return void dropped.push(this.dropEntry(p.w.entryId));
+      const { job, demand, work } = p.w;
+      const data: AgentJobData = {
         job_id: job.id,
-        attempt: claimed.attempt,
+        attempt: c.attempt,
         client: job.client,
         models: [demand.model, ...(demand.adapters ?? [])],
         activation_mb: demand.activationMb,
-        ...(w.work ? { work: w.work } : {}),
+        ...(work ? { work } : {}),
       };
-      const entryId = agentJobId(job.id, claimed.attempt);
-      await this.queues.get(agentId).add(entryName(claimed), data, { jobId: entryId });
-      this.views.added(agentId, entryId, data);
-      countPlacement(reason);
-      lifecycle.placed(claimed, agentId, reason, now - w.timestamp);
-      this.waiting.forget(w.entryId);
-    }
-    span?.end();
-    if (!claimed) await this.dropEntry(w.entryId);
+      perAgent.set(p.agentId, [...(perAgent.get(p.agentId) ?? []), { p, entryId: agentJobId(job.id, c.attempt), data }]);
+    });
+    await Promise.all([
+      ...dropped,
+      ...[...perAgent].map(async ([agentId, entries]) => {
+        const queue = this.queues.get(agentId);
+        // one entry (the usual case on a busy farm) is one script call; addBulk is a MULTI around several
+        if (entries.length === 1) await queue.add(entries[0]!.p.w.name, entries[0]!.data, { jobId: entries[0]!.entryId });
+        else await queue.addBulk(entries.map(({ p, entryId, data }) => ({ name: p.w.name, data, opts: { jobId: entryId } })));
+        for (const { p, entryId, data } of entries) {
+          this.views.added(agentId, entryId, data);
+          countPlacement(p.reason);
+          lifecycle.placed({ ...p.w.job, model: p.w.model }, agentId, data.attempt, p.reason, now - p.w.timestamp);
+          this.waiting.forget(p.w.entryId);
+        }
+      }),
+    ]);
+    for (const span of spans) span.end();
   }
 
   private async dropEntry(entryId: string): Promise<void> {

@@ -1,5 +1,5 @@
 import { activationVramMb, type StoredJob, suiteOf, trainingVramMb } from '@kiln/contracts';
-import type { IntakeData, JobWork, Keys } from '@kiln/runtime';
+import { entryName, type IntakeData, type JobWork, type Keys, modelOf } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { Candidate } from './placement.js';
@@ -56,6 +56,10 @@ export interface Waiting {
   job: Pick<StoredJob, 'id' | 'client' | 'attempt' | 'created_at' | 'kind'>;
   demand: Pick<Candidate, 'model' | 'adapters' | 'activationMb'>;
   work: JobWork | undefined;
+  /** its agent-queue entry's name (entryName) */
+  name: string;
+  /** the model its log lines name (lifecycle) */
+  model: string | undefined;
   /** BullMQ priority rank of the entry */
   rank: number;
   /** when the entry was queued (ms) */
@@ -139,6 +143,8 @@ export class IntakeView {
         job: { id: job.id, client: job.client, attempt: job.attempt, created_at: job.created_at, kind: job.kind },
         demand: demandOf(job),
         work: workOf(job),
+        name: entryName(job),
+        model: modelOf(job),
         rank: Number(entry[2] ?? 5) || 5,
         timestamp: Number(entry[1] ?? Date.now()),
       });

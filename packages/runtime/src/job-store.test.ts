@@ -210,8 +210,10 @@ describe('JobStore', () => {
       await store.create(other);
       await intake.add('job', { job_id: other.id, attempt: 0, client: other.client }, { jobId: `${other.id}-q0`, priority: 5 });
       const key = (name: string) => intake.toKey(name);
-      const sent = await commandsDuring(() => store.claim(job.id, 0, 'agent-1', 'placed on agent-1', { entryId: `${job.id}-q0`, key }));
+      let claimed: unknown;
+      const sent = await commandsDuring(async () => void (claimed = await store.claim(job.id, 0, 'agent-1', 'placed on agent-1', { entryId: `${job.id}-q0`, key })));
       expect(sent).toEqual(['evalsha']);
+      expect(claimed).toEqual({ attempt: 1, group_id: null }); // what the dispatcher did not know, not the record
       expect(await store.get(job.id)).toMatchObject({ status: 'running', stage: 'dispatched', attempt: 1, agent: 'agent-1' });
       expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'running', attempt: 1, agent: 'agent-1', message: 'placed on agent-1' });
       expect(await intake.getJob(`${job.id}-q0`)).toBeUndefined();

@@ -111,7 +111,10 @@ return 1
  * dispatcher's claim of a queued job for an agent and the removal of its intake entry, as one
  * step: sets the fields, appends the event, takes the entry out of intake (Kiln's intake has no
  * worker, so an entry is only ever waiting or prioritized: BullMQ's general removal checks every
- * state, lock and parent, about 17 commands, for nothing). Replies with the record as written.
+ * state, lock and parent, about 17 commands, for nothing). Replies with what the dispatcher does
+ * not already know — the attempt and the group as written — not the whole record: the
+ * dispatcher read the placement fields when the job entered its view, and a 2–3 KB reply
+ * decoded and validated per placement was most of a placement's cost.
  * ARGV: guard…, at (JSON), message (JSON or ''), entry id, job channel, group channel prefix, field, value, …
  */
 const CLAIM_JOB = new LuaScript('kilnClaimJob', `${GUARD}${WRITE}${NOTIFY}
@@ -119,8 +122,8 @@ write(i + 6, ARGV[i + 1], ARGV[i + 2])
 redis.call('ZREM', KEYS[3], ARGV[i + 3])
 redis.call('LREM', KEYS[4], 0, ARGV[i + 3])
 redis.call('DEL', KEYS[5], KEYS[6])
-local rec = redis.call('HGETALL', KEYS[1])
-notify(rec, ARGV[i + 4], ARGV[i + 5])
+local rec = redis.call('HMGET', KEYS[1], 'attempt', 'group_id')
+notify({'group_id', rec[2] or 'null'}, ARGV[i + 4], ARGV[i + 5])
 return rec
 `);
 
@@ -217,6 +220,22 @@ export type JobPatch = Partial<Omit<GenerationJob, 'id' | 'kind' | 'created_at' 
   Partial<Pick<CacheJob, 'cache'>> &
   Partial<Pick<SelfTestJob, 'self_test'>>;
 
+/** A claim of a queued job (its attempt as read) for an agent, and its intake entry. */
+export interface Claim {
+  id: string;
+  attempt: number;
+  agent: string;
+  /** the event's message */
+  message: string;
+  intake: { entryId: string; key: (name: string) => string };
+}
+
+/** What a claim wrote that the claimer did not know. */
+export interface Claimed {
+  attempt: number;
+  group_id: string | null;
+}
+
 export class JobStore {
   private readonly ttls: string;
 
@@ -236,7 +255,8 @@ export class JobStore {
     return this.retentionByKind[kind] ?? this.retentionS;
   }
 
-  async create(job: StoredJob): Promise<void> {
+  /** Writes a new job's record and its first event (which it returns), and lists it. */
+  async create(job: StoredJob): Promise<JobEvent> {
     const event = this.event(job, 'submitted');
     const created = Date.parse(job.created_at);
     const tx = this.redis
@@ -249,6 +269,7 @@ export class JobStore {
     for (const key of this.keys.recordIndexes('jobs', job.client, job.kind)) tx.zadd(key, created, job.id);
     await tx.hset(this.keys.recordOwners('jobs'), job.id, `${job.client} ${job.kind}`).exec();
     lifecycle.submitted(job);
+    return event;
   }
 
   /** The W3C traceparent the job's spans continue (tracing.ts), if it was created in a traced request. */
@@ -331,12 +352,33 @@ export class JobStore {
    * and leaves intake (`intakeKey` makes a key of the intake queue) in the same step. Returns
    * the record as written, or null when the guard refused (the job moved on; its entry stays).
    */
-  async claim(id: string, attempt: number, agent: string, message: string, intake: { entryId: string; key: (name: string) => string }): Promise<StoredJob | null> {
-    const fields = Object.entries(encode({ status: 'running', stage: 'dispatched', agent, attempt: attempt + 1 })).flat();
-    const keys = [this.keys.job(id), this.keys.jobEvents(id), intake.key('prioritized'), intake.key('wait'), intake.key(intake.entryId), intake.key(`${intake.entryId}:logs`)];
-    const res = await CLAIM_JOB.run(this.redis, keys, [...this.guardArgs({ status: ['queued'], attempt }), JSON.stringify(new Date().toISOString()), JSON.stringify(message), intake.entryId, ...this.channels(id), ...fields]);
-    if (!Array.isArray(res)) return null;
-    return StoredJob.parse(decode(pairs(res as string[])));
+  /**
+   * Claims queued jobs for agents (CLAIM_JOB), all in one round trip, in the order given (the
+   * order each agent runs them): for each, the claimed attempt and group, or null where the
+   * guard refused it (the job was canceled or moved on since it was read).
+   */
+  async claimMany(claims: readonly Claim[]): Promise<(Claimed | null)[]> {
+    if (claims.length === 0) return [];
+    CLAIM_JOB.define(this.redis);
+    const pipe = this.redis.pipeline();
+    const at = JSON.stringify(new Date().toISOString());
+    for (const c of claims) {
+      const fields = Object.entries(encode({ status: 'running', stage: 'dispatched', agent: c.agent, attempt: c.attempt + 1 })).flat();
+      const keys = [this.keys.job(c.id), this.keys.jobEvents(c.id), c.intake.key('prioritized'), c.intake.key('wait'), c.intake.key(c.intake.entryId), c.intake.key(`${c.intake.entryId}:logs`)];
+      CLAIM_JOB.queue(pipe, keys, [...this.guardArgs({ status: ['queued'], attempt: c.attempt }), at, JSON.stringify(c.message), c.intake.entryId, ...this.channels(c.id), ...fields]);
+    }
+    const results = (await pipe.exec()) ?? [];
+    return results.map(([err, res]) => {
+      if (err) throw err;
+      if (!Array.isArray(res)) return null;
+      const [attempt, group] = res as (string | null)[];
+      return { attempt: JSON.parse(attempt ?? 'null') as number, group_id: JSON.parse(group ?? 'null') as string | null };
+    });
+  }
+
+  /** One claim (see claimMany). */
+  async claim(id: string, attempt: number, agent: string, message: string, intake: Claim['intake']): Promise<Claimed | null> {
+    return (await this.claimMany([{ id, attempt, agent, message, intake }]))[0]!;
   }
 
   /**

@@ -1,13 +1,23 @@
-import { isAgentTask, type JobRecord, type StoredGroup, type StoredJob } from '@kiln/contracts';
+import { isAgentTask, type JobEvent, type JobRecord, type StoredGroup, type StoredJob, type WebhookDelivery } from '@kiln/contracts';
 import type { JobStore } from './job-store.js';
 import type { Storage } from './storage.js';
 
-/** The job record as clients see it: history attached, outputs with fresh presigned URLs. */
-export async function jobRecord(job: StoredJob, store: JobStore, storage: Storage, publicUrl: string): Promise<JobRecord> {
+/** A job's history, when the caller knows it (a job it has just created: its one event, nothing else). */
+export interface KnownHistory {
+  events: JobEvent[];
+  deliveries: WebhookDelivery[];
+  retries: string[];
+}
+
+/** The history of a job just created: its `submitted` event. */
+export const freshHistory = (submitted: JobEvent): KnownHistory => ({ events: [submitted], deliveries: [], retries: [] });
+
+/** The job record as clients see it: history attached (read, unless `known`), outputs with fresh presigned URLs. */
+export async function jobRecord(job: StoredJob, store: JobStore, storage: Storage, publicUrl: string, known?: KnownHistory): Promise<JobRecord> {
   const [{ events, deliveries }, outputs, retries] = await Promise.all([
-    store.history(job.id),
+    known ?? store.history(job.id),
     Promise.all(job.outputs.map(async (o) => ({ ...o, url: await storage.presign(o.key) }))),
-    store.retriesOf(job.id),
+    known?.retries ?? store.retriesOf(job.id),
   ]);
   const record = { ...job, expires_at: expiresAt(job.finished_at, store.retentionFor(job.kind)), retried_as: retries, outputs, events, webhook_deliveries: deliveries, links: jobLinks(job, retries, publicUrl) };
   if (record.kind === 'training' && record.progress?.stage === 'train') {

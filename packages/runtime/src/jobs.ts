@@ -4,7 +4,7 @@ import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import { KilnError } from './errors.js';
 import type { GroupStore } from './groups.js';
-import { announcement, type Guard, type JobPatch, type JobStore } from './job-store.js';
+import { announcement, type Claimed, type Guard, type JobPatch, type JobStore } from './job-store.js';
 import { processLogger } from './logger.js';
 import type { Keys } from './keys.js';
 import { lifecycle } from './lifecycle.js';
@@ -70,6 +70,9 @@ export const agentJobId = (jobId: string, attempt: number) => `${jobId}-a${attem
  * the webhooks the job subscribed to, queueing into intake, and the retry decision.
  */
 export class Jobs {
+  /** groups this process marked running (claimMany): a second mark is a read for nothing */
+  private readonly runningGroups = new Set<string>();
+
   constructor(
     readonly store: JobStore,
     private readonly intake: Queue<IntakeData>,
@@ -102,14 +105,19 @@ export class Jobs {
   }
 
   /**
-   * The dispatcher's claim of a queued job for `agentId`: the record moves to running (attempt
-   * + 1) and its intake entry leaves intake, in one step (JobStore.claim). Null when the job
-   * moved on meanwhile (canceled, re-queued); its entry is then the caller's to drop.
+   * The dispatcher's claims of queued jobs for agents, one round trip for all: each record
+   * moves to running (attempt + 1) and its intake entry leaves intake, in one step
+   * (JobStore.claimMany), in the order given. Null where the job moved on meanwhile (canceled,
+   * re-queued); its entry is then the caller's to drop.
    */
-  async claim(job: Pick<StoredJob, 'id' | 'attempt'>, agentId: string, message: string): Promise<StoredJob | null> {
-    const entryId = intakeJobId(job.id, job.attempt);
-    const claimed = await this.store.claim(job.id, job.attempt, agentId, message, { entryId, key: (name) => this.intake.toKey(name) });
-    if (claimed?.group_id) await this.groups.markRunning(claimed.group_id);
+  async claimMany(claims: readonly { job: Pick<StoredJob, 'id' | 'attempt'>; agent: string; message: string }[]): Promise<(Claimed | null)[]> {
+    const key = (name: string) => this.intake.toKey(name);
+    const claimed = await this.store.claimMany(claims.map((c) => ({ id: c.job.id, attempt: c.job.attempt, agent: c.agent, message: c.message, intake: { entryId: intakeJobId(c.job.id, c.job.attempt), key } })));
+    // a batch is marked running by its first placed child; this process remembers that it did
+    const groups = new Set(claimed.flatMap((c) => (c?.group_id && !this.runningGroups.has(c.group_id) ? [c.group_id] : [])));
+    await Promise.all([...groups].map((g) => this.groups.markRunning(g)));
+    if (this.runningGroups.size > 10_000) this.runningGroups.clear();
+    for (const g of groups) this.runningGroups.add(g);
     return claimed;
   }
 

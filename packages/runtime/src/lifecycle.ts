@@ -22,7 +22,7 @@ const REASON_TEXT: Record<PlacementReason, string> = {
 };
 
 /** The model a job is about, for its lines (cache tasks name their agent instead). */
-function modelOf(job: StoredJob): string | undefined {
+export function modelOf(job: StoredJob): string | undefined {
   if (job.kind === 'generation') return job.request.model.base;
   if (job.kind === 'training') return job.request.base_model;
   return undefined;
@@ -36,8 +36,9 @@ export const lifecycle = {
     processLogger().info({ ...fields(job), priority: job.priority, ...(job.group_id ? { group: job.group_id } : {}) }, 'job submitted');
   },
 
-  placed(job: StoredJob, agent: string, reason: PlacementReason, waitedMs: number): void {
-    processLogger().info({ ...fields(job), agent, attempt: job.attempt, reason, waited_ms: waitedMs }, `job placed on ${agent}: ${REASON_TEXT[reason]}`);
+  /** (the dispatcher knows the placement fields it read, not the whole record) */
+  placed(job: Pick<StoredJob, 'id' | 'client' | 'kind'> & { model: string | undefined }, agent: string, attempt: number, reason: PlacementReason, waitedMs: number): void {
+    processLogger().info({ job: job.id, tenant: job.client, kind: job.kind, model: job.model, agent, attempt, reason, waited_ms: waitedMs }, `job placed on ${agent}: ${REASON_TEXT[reason]}`);
   },
 
   started(job: StoredJob, agent: string, attempt: number): void {

@@ -1,6 +1,6 @@
 import { createHash, randomInt, randomUUID } from 'node:crypto';
-import { ApiError, GenerationRequest, isTerminal, JobRecord, MAX_SEED, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
-import { KilnError, newJobFields } from '@kiln/runtime';
+import { ApiError, GenerationRequest, isTerminal, JobRecord, MAX_SEED, type JobEvent, type ParsedGenerationRequest, ResolvedGenerationRequest, resolveScheduler, type StoredJob, ValidateResponse } from '@kiln/contracts';
+import { freshHistory, KilnError, type KnownHistory, newJobFields } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { ApiContext } from '../context.js';
@@ -78,8 +78,9 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         const wait = preferredWait(req.headers.prefer); // a bad value is a 400 before anything is queued
         const cancelAfter = cancelAfterMs(req.headers['cancel-after']);
         /** The answer: the record as it is now, or (Prefer: wait) once it has ended or the wait is over. */
-        const answer = async (job: StoredJob, status: 200 | 202) => {
+        const answer = async (job: StoredJob, status: 200 | 202, known?: KnownHistory) => {
           if (wait > 0) {
+            known = undefined;
             reply.header('preference-applied', `wait=${wait}`);
             const gone = new AbortController();
             reply.raw.once('close', () => gone.abort()); // the client hung up: stop waiting
@@ -87,7 +88,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             if (now) job = now;
             if (isTerminal(job.status)) status = 200;
           }
-          const record = await recordOf(ctx, job);
+          const record = await recordOf(ctx, job, known);
           return reply.code(status).header('location', record.links.self).send(record);
         };
         const idemKey = req.headers['idempotency-key'];
@@ -113,6 +114,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
         }
         let admitted = false;
         let job: StoredJob;
+        let submitted: JobEvent;
         try {
           await admitJobs(ctx, who, [id]);
           admitted = true;
@@ -127,7 +129,7 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             request: stored,
             ...(deadline === null ? {} : { deadline_at: new Date(deadline).toISOString() }),
           };
-          await ctx.store.create(job);
+          submitted = await ctx.store.create(job);
           if (deadline !== null) await ctx.redis.zadd(ctx.keys.deadlines(), deadline, id);
           await ctx.jobs.enqueue(job);
         } catch (err) {
@@ -135,7 +137,8 @@ export function generationRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
           if (admitted) await releaseJobs(ctx, who, [id]);
           throw err;
         }
-        return answer(job, 202);
+        // the record as this request wrote it: its history is the one event it wrote
+        return answer(job, 202, freshHistory(submitted));
       },
     );
   };
