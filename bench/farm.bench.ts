@@ -178,10 +178,9 @@ function simulatedAgents(services: JobServices, url: string, prefix: string, n: 
             onDone(job_id);
           }
           busy.set(id, null);
-          await services.jobs.wake(id); // a slot is free: placement reads this agent's queue again
         },
         { connection: connect(url), prefix, concurrency: 1 },
-      ),
+      ).on('completed', (entry) => void services.jobs.wake(id, entry.id)), // as a real agent: the entry left the queue, a slot is free
   );
   return {
     ready: beat(),
@@ -293,7 +292,7 @@ async function farm(url: string, agents: number, redisPid: number): Promise<Farm
       const pipe = redis.pipeline();
       for (const id of ids.slice(i, i + 200)) pipe.lrange(services.keys.jobEvents(id), 0, 2);
       for (const [, evs] of (await pipe.exec()) ?? []) {
-        const events = (evs as string[]).map((e) => JSON.parse(e) as JobEvent);
+        const events = (evs as string[]).filter((e) => e !== '').map((e) => JSON.parse(e) as JobEvent); // '': blanked when it succeeded (job-store COMPACT)
         const at = events.find((e) => e.status === 'running')?.at;
         if (at) placed.push(Date.parse(at) - Date.parse(events[0]!.at));
       }

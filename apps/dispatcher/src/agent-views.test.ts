@@ -34,6 +34,31 @@ it('reads an agent queue again only when the agent named itself, the dispatcher 
   }
 });
 
+it('drops the entry an agent names as it frees a slot without reading its queue; an entry it does not hold makes it read the queue', async () => {
+  const q = new Queue(QUEUES.agent('a1'), { connection: f.redis, prefix: f.keys.prefix });
+  try {
+    const view = new HeldView(f.redis, f.keys);
+    const queues = new Map([['a1', q]]);
+    await q.add('job', { job_id: 'j1', attempt: 1, client: 'c' }, { jobId: 'j1-a1' });
+    await q.add('job', { job_id: 'j2', attempt: 1, client: 'c' }, { jobId: 'j2-a1' });
+    const before = (await view.read(queues, false)).get('a1')!;
+    expect(before.map((h) => [h.id, h.processedOn])).toEqual([['j1-a1', null], ['j2-a1', null]]);
+    // the agent's wake names the entry that left: the slot is free and the next entry is running, for no command
+    await q.remove('j1-a1');
+    view.entryLeft('a1', 'j1-a1');
+    let held: Awaited<ReturnType<HeldView['read']>> = new Map();
+    expect(await commandsDuring(async () => void (held = await view.read(queues, false)))).toEqual([]);
+    expect(held.get('a1')!.map((h) => h.id)).toEqual(['j2-a1']);
+    expect(held.get('a1')![0]!.processedOn).toBeGreaterThan(0);
+    // a wake naming an entry this view never saw (an agent task added behind its back): the queue is read
+    await q.add('task', { job_id: 'j3', attempt: 1, client: 'c' }, { jobId: 'j3-a1' });
+    view.entryLeft('a1', 'j9-a1');
+    expect((await view.read(queues, false)).get('a1')!.map((h) => h.id)).toEqual(['j2-a1', 'j3-a1']);
+  } finally {
+    await q.close();
+  }
+});
+
 it("frees an agent's slot as soon as the job of its entry ended, before BullMQ moved the entry out of active", async () => {
   const q = new Queue(QUEUES.agent('a1'), { connection: f.redis, prefix: f.keys.prefix });
   try {

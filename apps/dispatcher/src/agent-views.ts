@@ -49,6 +49,11 @@ export class AgentViews {
     this.held.changed(agentId);
   }
 
+  /** An entry left the agent's queue (its wake named it). */
+  entryLeft(agentId: string, entryId: string): void {
+    this.held.entryLeft(agentId, entryId);
+  }
+
   /** Every agent's queue is read again at the next build. */
   changedAll(): void {
     this.lastFullRead = 0;
@@ -193,6 +198,21 @@ export class HeldView {
   /** The dispatcher added an entry to the agent's queue. */
   added(agentId: string, id: string, data: AgentJobData): void {
     this.byAgent.get(agentId)?.push({ id, data, timestamp: Date.now(), processedOn: null });
+  }
+
+  /**
+   * An entry left the agent's queue (the agent's wake named it, sent once BullMQ moved it out of
+   * `active`): it is dropped without a read, and the agent's next entry counts as started now
+   * (the agent runs its entries in order; the next full read corrects the time). One this view
+   * does not hold means the view is behind: the queue is read again.
+   */
+  entryLeft(agentId: string, entryId: string): void {
+    const held = this.byAgent.get(agentId);
+    const at = held?.findIndex((h) => h.id === entryId) ?? -1;
+    if (!held || at < 0 || this.dirty.has(agentId)) return void this.dirty.add(agentId);
+    const rest = held.filter((_, i) => i !== at);
+    if (rest[0] && rest[0].processedOn === null) rest[0] = { ...rest[0], processedOn: Date.now() };
+    this.byAgent.set(agentId, rest);
   }
 
   async read(queues: Map<string, Queue<AgentJobData>>, full: boolean): Promise<Map<string, Held[]>> {

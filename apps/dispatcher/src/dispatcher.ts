@@ -108,6 +108,11 @@ export class Dispatcher {
     this.views.changed(agentId);
   }
 
+  /** An entry left an agent's queue (its wake named both): placement drops it from that agent's view. */
+  agentEntryLeft(agentId: string, entryId: string): void {
+    this.views.entryLeft(agentId, entryId);
+  }
+
   /** An agent's resident models changed (its heartbeat says which): the next tick reads the registry again. */
   residencyChanged(): void {
     this.registry.invalidate();

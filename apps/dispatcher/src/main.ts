@@ -108,7 +108,12 @@ sub.on('message', (_channel: string, message: string) => {
   if (message === WAKE.queued) dispatcher.intakeChanged();
   else if (message === WAKE.all) dispatcher.everythingChanged();
   else if (message.startsWith(WAKE.residency)) dispatcher.residencyChanged();
-  else dispatcher.agentChanged(message); // an agent's queue changed: read it again
+  else {
+    // an agent's queue changed: "<agent> <entry>" an entry left it, "<agent>" read it again
+    const space = message.indexOf(' ');
+    if (space > 0) dispatcher.agentEntryLeft(message.slice(0, space), message.slice(space + 1));
+    else dispatcher.agentChanged(message);
+  }
   void tick();
 });
 registerQueueGauges(intake, store, services.registry);

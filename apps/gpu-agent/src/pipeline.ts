@@ -77,11 +77,11 @@ export class JobPipeline {
       concurrency: this.env.PIPELINE_DEPTH,
       lockDuration: 60_000,
     });
-    // the dispatcher re-reads this agent's queue when it is woken with its id: only once BullMQ
-    // has moved the entry out of `active` does the read show the slot free
-    const wake = () => void this.jobs.wake(this.host.id).catch((err) => this.log.warn({ err: coerceError(err).message }, 'wake failed'));
-    this.consumer.on('completed', wake);
-    this.consumer.on('failed', wake);
+    // once BullMQ has moved the entry out of `active`, the wake names it: the dispatcher drops
+    // it from its view of this agent and sees the slot free without reading the queue
+    const wake = (entryId?: string) => void this.jobs.wake(this.host.id, entryId).catch((err) => this.log.warn({ err: coerceError(err).message }, 'wake failed'));
+    this.consumer.on('completed', (entry) => wake(entry.id));
+    this.consumer.on('failed', (entry) => wake(entry?.id));
     this.consumer.on('error', (err) => {
       // the dispatcher removed our queue while we ran a job it had taken back (we were cut off
       // past AGENT_TTL_MS): BullMQ cannot finish the entry. The job's record already refused

@@ -156,12 +156,13 @@ export class Jobs {
   }
 
   /**
-   * Tells the dispatcher to look now. An agent names itself, so only its queue is read again;
-   * with no name the dispatcher reads everything again (intake, every agent's queue, the
-   * registry: a drain or resume).
+   * Tells the dispatcher to look now. An agent names itself, so only its queue is read again —
+   * or, when it names the entry that just left its queue too (`<agent> <entry>`), not even
+   * that: the dispatcher drops the entry from its view; with no name the dispatcher reads
+   * everything again (intake, every agent's queue, the registry: a drain or resume).
    */
-  async wake(agentId?: string): Promise<void> {
-    await this.redis.publish(this.keys.wakeChannel(), agentId ?? WAKE.all);
+  async wake(agentId?: string, leftEntryId?: string): Promise<void> {
+    await this.redis.publish(this.keys.wakeChannel(), agentId === undefined ? WAKE.all : leftEntryId ? `${agentId} ${leftEntryId}` : agentId);
   }
 
   /**
