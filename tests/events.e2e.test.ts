@@ -39,14 +39,23 @@ describe('live progress (SSE)', () => {
     expect(stream.res.headers.get('content-type')).toContain('text/event-stream');
     const frames = await stream.finished();
     const states = events(frames, 'state');
-    // ids count the state events: 1, 2, 3…
-    expect(states.map((s) => s.id)).toEqual(states.map((_, i) => String(i + 1)));
+    // ids are the events' numbers (seq), from 1 (submitted) up, each once
+    expect(states.map((s) => s.id)).toEqual(states.map((s) => String(s.data.seq)));
+    expect(states[0]!.id).toBe('1');
+    expect(states.map((s) => s.data.seq)).toEqual([...new Set(states.map((s) => s.data.seq))].sort((a, b) => a - b));
     expect(states[0]!.data).toMatchObject({ status: 'queued', message: 'submitted' });
     expect(states.map((s) => s.data.status)).toContain('running');
     expect(states.at(-1)!.data.status).toBe('succeeded');
-    // the state list is the record's events, exactly
+    // the record's events are the stream's, exactly, less those compaction dropped as it ended
+    // (the start of the succeeding attempt); a stream read after the end is the record's
     const record = await farm.job(job.id);
-    expect(states.map((s) => s.data)).toEqual(record.events);
+    const streamed = new Map(states.map((s) => [s.data.seq, s.data]));
+    for (const e of record.events) expect(streamed.get(e.seq)).toEqual(e);
+    expect(record.events.map((e) => e.status)).toEqual(expect.arrayContaining(['queued', 'running', 'succeeded']));
+    expect(record.events.some((e) => e.message?.startsWith('stage base:'))).toBe(true);
+    const replay = events(await (await sse(`/v1/jobs/${job.id}/events`)).finished(5_000), 'state');
+    expect(replay.map((s) => s.data)).toEqual(record.events);
+    expect(replay.map((s) => s.id)).toEqual(record.events.map((e) => String(e.seq)));
     const progress = events(frames, 'progress').filter((p) => p.data.total === 12);
     expect(progress.length).toBeGreaterThanOrEqual(3);
     const steps = progress.map((p) => p.data.step);
@@ -97,6 +106,38 @@ describe('live progress (SSE)', () => {
     expect(events(frames, 'end')[0]!.data.status).toBe('canceled');
     for (const id of [busy.id, next.id]) await farm.request('DELETE', `/v1/jobs/${id}`);
     for (const id of [busy.id, next.id]) await farm.waitForDone(id);
+  });
+
+  it('resumes across the end: a Last-Event-ID from while it ran gets exactly the events after it, compacted or not, none twice', async () => {
+    const job = await farm.submit(request(10, 30, 1024));
+    const first = await sse(`/v1/jobs/${job.id}/events`);
+    // usually mid-run (its start has been sent; compaction drops it at the end); if the job is
+    // over already, what follows still holds
+    await first.until((f) => events(f, 'progress').length >= 1 || events(f, 'end').length > 0);
+    first.close();
+    const seen = events(first.frames, 'state');
+    const lastId = first.frames.filter((f) => f.type === 'event' && f.id).at(-1)!.id!;
+    const done = await farm.waitForDone(job.id);
+    expect(done.status).toBe('succeeded');
+    const record = await farm.job(job.id);
+    const n = Number(lastId.split(':')[0]);
+    for (const id of [lastId, '2', '1']) {
+      const after = Number(id.split(':')[0]);
+      const frames = await (await sse(`/v1/jobs/${job.id}/events`, { 'last-event-id': id })).finished(5_000);
+      const states = events(frames, 'state');
+      // exactly the record's events after it, in order, with their numbers as ids
+      expect(states.map((s) => s.data), `after ${id}`).toEqual(record.events.filter((e) => e.seq > after));
+      expect(states.map((s) => s.id)).toEqual(states.map((s) => String(s.data.seq)));
+      expect(events(frames, 'end')).toHaveLength(1);
+      if (id === lastId) {
+        // nothing the first connection had is sent again, and together they hold the whole record
+        const all = [...seen, ...states].map((s) => s.data.seq);
+        expect(new Set(all).size).toBe(all.length);
+        for (const e of record.events) expect(all).toContain(e.seq);
+        expect([...seen, ...states].at(-1)!.data.status).toBe('succeeded'); // the end is never skipped
+        expect(states.every((s) => s.data.seq > n)).toBe(true);
+      }
+    }
   });
 
   it("a batch's stream: its states, each child's, the counts, then the record", async () => {

@@ -56,6 +56,11 @@ export const JobEvent = z.object({
   attempt: z.number().int(),
   agent: z.string().nullable(),
   message: z.string().optional(),
+  seq: z
+    .number()
+    .int()
+    .min(1)
+    .describe("its number in the job's history, from 1 (submitted): the id of its SSE state event. Never reused; the numbers of the events dropped when the job succeeded are missing"),
 });
 export type JobEvent = z.infer<typeof JobEvent>;
 

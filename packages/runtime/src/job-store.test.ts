@@ -155,6 +155,92 @@ describe('JobStore', () => {
     expect(await redis.ttl(keys.job(b.id))).toBeGreaterThan(RETENTION_S - 5);
   });
 
+  /** A job run as the agent writes it: placed, started, a stage report, its upload (no event). */
+  async function ranJob(): Promise<StoredJob> {
+    const job = await runningJob(); // 1 submitted, 2 placed
+    const g = { status: ['running' as const], attempt: 1 };
+    await store.update(job.id, g, { stage: 'running', started_at: new Date().toISOString() }, 'attempt 1 started on agent-1'); // 3
+    await store.setProgress(job.id, 1, { stage: 'running', progress: { stage: 'base', step: 1, total: 30 } });
+    await store.update(job.id, g, {}, 'stage base: 30 steps'); // 4
+    await store.setProgress(job.id, 1, { stage: 'uploading', progress: { stage: 'uploading', step: 0, total: 1 } });
+    return job;
+  }
+  const ended = (status: 'succeeded' | 'failed' | 'canceled') => ({ status, stage: 'done' as const, progress: null, finished_at: new Date().toISOString() });
+  const summary = (events: { seq: number; status: string; attempt: number; message?: string }[]) => events.map((e) => [e.seq, e.status, e.attempt, e.message ?? null]);
+
+  it("compacts a succeeded job as it ends: its last run's start goes, its placement, stage reports and end stay, every event keeps its number", async () => {
+    const job = await ranJob();
+    const bytes = async () => Number(await redis.call('MEMORY', 'USAGE', keys.jobEvents(job.id), 'SAMPLES', '0'));
+    const running = await store.history(job.id);
+    // nothing is dropped while it runs
+    expect(summary(running.events)).toEqual([
+      [1, 'queued', 0, 'submitted'],
+      [2, 'running', 1, null],
+      [3, 'running', 1, 'attempt 1 started on agent-1'],
+      [4, 'running', 1, 'stage base: 30 steps'],
+    ]);
+    const before = await bytes();
+    const done = await store.update(job.id, { status: ['running'], attempt: 1 }, ended('succeeded'));
+    expect(done?.progress).toBeNull();
+    const { events } = await store.history(job.id);
+    expect(summary(events)).toEqual([
+      [1, 'queued', 0, 'submitted'],
+      [2, 'running', 1, null],
+      [4, 'running', 1, 'stage base: 30 steps'],
+      [5, 'succeeded', 1, null],
+    ]);
+    // the kept events are exactly as they were written
+    expect(events.slice(0, 3)).toEqual([running.events[0], running.events[1], running.events[3]]);
+    expect(await bytes()).toBeLessThan(before);
+    // …and the list keeps the record's retention
+    expect(await redis.ttl(keys.jobEvents(job.id))).toBeGreaterThan(RETENTION_S - 5);
+  });
+
+  it('compacts only a succeeded end: a failed or canceled job keeps every event, and so does every earlier attempt of one that succeeded', async () => {
+    for (const status of ['failed', 'canceled'] as const) {
+      const job = await ranJob();
+      await store.update(job.id, { status: ['running'], attempt: 1 }, ended(status), 'worker crashed');
+      expect(summary((await store.history(job.id)).events).map(([seq]) => seq), status).toEqual([1, 2, 3, 4, 5]);
+    }
+    // attempt 1 fails and is queued again; attempt 2 succeeds
+    const job = await ranJob();
+    await store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'queued', stage: 'queued', agent: null, progress: null }, 'attempt 1 ended: worker_crashed: boom; queued again'); // 5
+    await store.update(job.id, { status: ['queued'], attempt: 1 }, { status: 'running', stage: 'dispatched', attempt: 2, agent: 'agent-2' }, 'placed on agent-2'); // 6
+    await store.update(job.id, { status: ['running'], attempt: 2 }, { stage: 'running' }, 'attempt 2 started on agent-2'); // 7
+    await store.update(job.id, { status: ['running'], attempt: 2 }, {}, 'stage base: 30 steps'); // 8
+    await store.update(job.id, { status: ['running'], attempt: 2 }, ended('succeeded')); // 9
+    expect(summary((await store.history(job.id)).events)).toEqual([
+      [1, 'queued', 0, 'submitted'],
+      [2, 'running', 1, null],
+      [3, 'running', 1, 'attempt 1 started on agent-1'],
+      [4, 'running', 1, 'stage base: 30 steps'],
+      [5, 'queued', 1, 'attempt 1 ended: worker_crashed: boom; queued again'],
+      [6, 'running', 2, 'placed on agent-2'],
+      [8, 'running', 2, 'stage base: 30 steps'],
+      [9, 'succeeded', 2, null],
+    ]);
+  });
+
+  it('a follower that saw events before the end gets exactly the ones after what it saw, none twice', async () => {
+    const job = await ranJob();
+    // followers that saw 0…4 events while it ran (a reconnect's Last-Event-ID)
+    const seen = await Promise.all([0, 1, 2, 3, 4].map(async (n) => (await store.eventsAfter(job.id, 0)).slice(0, n)));
+    expect(seen.map((s) => s.map((e) => e.seq))).toEqual([[], [1], [1, 2], [1, 2, 3], [1, 2, 3, 4]]);
+    await store.update(job.id, { status: ['running'], attempt: 1 }, ended('succeeded'));
+    for (const before of seen) {
+      const after = await store.eventsAfter(job.id, before.length);
+      const all = [...before, ...after].map((e) => e.seq);
+      expect(new Set(all).size, `after ${before.length}`).toBe(all.length); // nothing twice
+      expect(after.every((e) => e.seq > before.length)).toBe(true);
+      expect(after.at(-1)).toMatchObject({ seq: 5, status: 'succeeded' });
+    }
+    // from before the end, what is left of what it had not seen: the events kept, in order
+    expect((await store.eventsAfter(job.id, 1)).map((e) => e.seq)).toEqual([2, 4, 5]);
+    expect((await store.eventsAfter(job.id, 2)).map((e) => e.seq)).toEqual([4, 5]);
+    expect((await store.eventsAfter(job.id, 4)).map((e) => e.seq)).toEqual([5]);
+    expect(await store.eventsAfter(job.id, 5)).toEqual([]);
+  });
+
   it('keeps a non-terminal job without expiry and in the active set', async () => {
     const job = await runningJob();
     await store.update(job.id, { status: ['running'] }, { stage: 'running' });
@@ -196,7 +282,8 @@ describe('JobStore', () => {
     // the end too, with its announcement and retention in the same step
     const ended = await commandsDuring(() => store.update(job.id, { status: ['running'], attempt: 1 }, { status: 'succeeded', stage: 'done' }));
     expect(ended).toEqual(['evalsha']);
-    expect((await store.history(job.id)).events.map((e) => e.status)).toEqual(['queued', 'running', 'running', 'succeeded']);
+    // compacted as it ended: the stage-only step went, the others keep their numbers
+    expect((await store.history(job.id)).events.map((e) => [e.seq, e.status])).toEqual([[1, 'queued'], [2, 'running'], [4, 'succeeded']]);
     expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual([`job:${job.id}`]); // its webhook listens for completed
   });
 

@@ -81,6 +81,38 @@ local function notify(rec, job_channel, group_channel_prefix)
 end
 `;
 
+// A succeeded job's history, compacted as it ends (END_JOB, before its TTL is set): of its last
+// attempt, the events that changed neither the status nor the attempt and say nothing the record
+// does not keep are blanked — its start ("attempt <n> started on <agent>": started_at,
+// timings.queued_ms and the placement event say when and where) and any event without a message
+// (a bare stage step). Everything else stays: the first and the last event, every change of
+// status or attempt (placements, hand-backs, retries, the end), every event of an earlier
+// attempt, and every other message (stage reports — which stages ran, how many steps, when —,
+// a training's resumption, a cancellation asked too late). A blanked event stays in the list as ''
+// so that every event keeps its position: positions are the events' numbers (`seq`), the ids of
+// the SSE state events that Last-Event-ID resumes after. Rewritten (DEL, RPUSH) rather than LSET
+// in place, so the list is allocated to its new size.
+const COMPACT = `
+local function compact(final)
+  local evs = redis.call('LRANGE', KEYS[2], 0, -1)
+  local prev, blanked = nil, false
+  for k, e in ipairs(evs) do
+    local ok, ev = pcall(cjson.decode, e)
+    if ok and type(ev) == 'table' then
+      local routine = type(ev.message) ~= 'string' or string.match(ev.message, '^attempt %d+ started on ') ~= nil
+      if prev and k < #evs and routine and ev.attempt == final and ev.status == prev.status and ev.attempt == prev.attempt then
+        evs[k] = ''
+        blanked = true
+      end
+      prev = ev
+    end
+  end
+  if not blanked then return end
+  redis.call('DEL', KEYS[2])
+  for k = 1, #evs, 1000 do redis.call('RPUSH', KEYS[2], unpack(evs, k, math.min(k + 999, #evs))) end
+end
+`;
+
 const TERMINAL = `cur[1] == '"succeeded"' or cur[1] == '"failed"' or cur[1] == '"canceled"'`;
 
 /**
@@ -130,9 +162,9 @@ return rec
 /**
  * end-job (KEYS: job, events, deliveries, active, outbox) — the job's terminal transition, its
  * announcement and its group's count as one step, so no crash between them can lose a
- * `completed` webhook or leave a batch open: sets the fields, appends the event, starts
- * retention (the TTL for the record's kind: ttls is JSON, kind → seconds, '*' for any other), and
- * puts `job:<id>` (when its webhook listens for `completed`) and, for the child
+ * `completed` webhook or leave a batch open: sets the fields, appends the event, compacts a
+ * succeeded job's events (COMPACT), starts retention (the TTL for the record's kind: ttls is
+ * JSON, kind → seconds, '*' for any other), and puts `job:<id>` (when its webhook listens for `completed`) and, for the child
  * that ends its group, `group:<id>` in the outbox a drainer empties (WebhookOutbox). The
  * webhook and the group come from the record itself (both fixed at submission); the group's key
  * is the group key prefix and its id. A job ends once: a second end is refused like a failed
@@ -140,11 +172,12 @@ return rec
  * ARGV: guard…, at (JSON), message (JSON or ''), ttls (JSON), job id, group key prefix, job channel,
  * group channel prefix, field, value, …
  */
-const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}${NOTIFY}
+const END_JOB = new LuaScript('kilnEndJob', `${GUARD}${WRITE}${NOTIFY}${COMPACT}
 if ${TERMINAL} then return 0 end
 local ttls, id, group_prefix = cjson.decode(ARGV[i + 3]), ARGV[i + 4], ARGV[i + 5]
 write(i + 8, ARGV[i + 1], ARGV[i + 2])
-local meta = redis.call('HMGET', KEYS[1], 'request', 'group_id', 'kind')
+local meta = redis.call('HMGET', KEYS[1], 'request', 'group_id', 'kind', 'status', 'attempt')
+if meta[4] == '"succeeded"' then compact(tonumber(meta[5])) end
 redis.call('ZREM', KEYS[4], id)
 local okk, kind = pcall(cjson.decode, meta[3] or 'null')
 local ttl = tonumber((okk and ttls[kind]) or ttls['*'])
@@ -269,7 +302,7 @@ export class JobStore {
     for (const key of this.keys.recordIndexes('jobs', job.client, job.kind)) tx.zadd(key, created, job.id);
     await tx.hset(this.keys.recordOwners('jobs'), job.id, `${job.client} ${job.kind}`).exec();
     lifecycle.submitted(job);
-    return event;
+    return { ...event, seq: 1 };
   }
 
   /** The W3C traceparent the job's spans continue (tracing.ts), if it was created in a traced request. */
@@ -319,13 +352,22 @@ export class JobStore {
     return ((await pipe.exec()) ?? []).map(([, raw]) => (typeof raw === 'string' ? (JSON.parse(raw) as JobStatus) : null));
   }
 
+  /**
+   * The job's events after the `after`-th (its `seq`), those blanked by compaction left out: what
+   * a follower who has seen up to `after` has not. Events never move (see COMPACT), so this is
+   * one LRANGE from there.
+   */
+  async eventsAfter(id: string, after: number): Promise<JobEvent[]> {
+    return parseEvents(await this.redis.lrange(this.keys.jobEvents(id), after, -1), after);
+  }
+
   async history(id: string): Promise<{ events: JobEvent[]; deliveries: WebhookDelivery[] }> {
     const [events, deliveries] = await Promise.all([
       this.redis.lrange(this.keys.jobEvents(id), 0, -1),
       this.redis.lrange(this.keys.jobDeliveries(id), 0, -1),
     ]);
     return {
-      events: events.map((e) => JobEvent.parse(JSON.parse(e))),
+      events: parseEvents(events, 0),
       deliveries: deliveries.map((d) => WebhookDelivery.parse(JSON.parse(d))),
     };
   }
@@ -443,7 +485,7 @@ export class JobStore {
     await this.redis.rpush(this.keys.jobDeliveries(id), JSON.stringify(delivery));
   }
 
-  private event(job: StoredJob, message?: string): JobEvent {
+  private event(job: StoredJob, message?: string): Omit<JobEvent, 'seq'> {
     return {
       at: new Date().toISOString(),
       status: job.status,
@@ -453,6 +495,17 @@ export class JobStore {
       ...(message ? { message } : {}),
     };
   }
+}
+
+/**
+ * Stored events (LRANGE from position `from`) as JobEvents: each numbered by its position (`seq`,
+ * from 1), the blanked ones ('', see COMPACT) left out. The number is not stored: an event never
+ * moves, so its position is its number.
+ */
+function parseEvents(raw: string[], from: number): JobEvent[] {
+  const out: JobEvent[] = [];
+  for (const [i, e] of raw.entries()) if (e !== '') out.push(JobEvent.parse({ ...JSON.parse(e), seq: from + i + 1 }));
+  return out;
 }
 
 function traceField(): Record<string, string> {

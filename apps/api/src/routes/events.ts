@@ -1,4 +1,4 @@
-import { GroupEvent, isTerminal, JobEvent, type JobStatus, type StoredGroup } from '@kiln/contracts';
+import { GroupEvent, isTerminal, type JobStatus, type StoredGroup } from '@kiln/contracts';
 import { groupEnded, groupRecord, jobRecord, latestPreviews, parsePreview } from '@kiln/runtime';
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
@@ -10,8 +10,9 @@ import { IdParams, loadVisible } from '../tenancy.js';
 const POLL_MS = 1_000;
 
 /**
- * `Last-Event-ID` as these streams write ids: `<n>` after the n-th state event, `<n>:<marker>`
- * after a progress event (the marker says which). Anything else starts from the beginning.
+ * `Last-Event-ID` as these streams write ids: `<n>` after the state event numbered n (a job
+ * event's `seq`, a batch's n-th), `<n>:<marker>` after a progress event (the marker says which).
+ * Anything else starts from the beginning.
  */
 function resumeFrom(header: unknown): { states: number; marker: string } {
   const m = typeof header === 'string' ? /^(\d{1,6})(?::([\w.-]{1,64}))?$/.exec(header) : null;
@@ -25,7 +26,7 @@ const stream = (what: string) => ({
 
 const JOB_EVENTS = `Server-sent events, as the job changes:
 
-- \`state\` — every state change, from the first (\`submitted\`) on: a JobEvent (\`at\`, \`status\`, \`stage\`, \`attempt\`, \`agent\`, \`message\`). Id \`<n>\`: the n-th.
+- \`state\` — every state change, from the first (\`submitted\`) on: a JobEvent (\`at\`, \`status\`, \`stage\`, \`attempt\`, \`agent\`, \`message\`, \`seq\`). Id \`<seq>\`: its number, 1, 2, 3… (a succeeded job's record keeps fewer events than a live follower saw; their numbers never change, so a stream read after the end skips the numbers of those dropped).
 - \`progress\` — while it runs, each step: \`{ stage, step, total, loss? }\`. Id \`<n>:<stage>.<step>\`.
 - \`preview\` — when the request asked for \`output.previews\`: a small image of the first image as it forms, after every n-th base and refiner step: \`{ job_id, attempt, stage, step, total, width, height, content_type, data }\` (\`data\`: the image file, base64; WebP). No id: previews are live only, never stored on the record and never replayed; a follower who connects mid-run gets the latest one first (kept for 30 s).
 - \`end\` — once, after the terminal state: the whole job record (outputs with presigned URLs). The stream then closes.
@@ -87,7 +88,11 @@ export function eventRoutes(ctx: ApiContext): FastifyPluginAsyncZod {
             // the record first: if it has ended, the events read after it include its last
             const job = await ctx.store.get(id);
             if (!job) break; // expired meanwhile
-            for (const raw of await ctx.redis.lrange(ctx.keys.jobEvents(id), states, -1)) sse.send('state', String(++states), JobEvent.parse(JSON.parse(raw)));
+            // by number (seq): a succeeded job's compaction blanks events but never moves one
+            for (const ev of await ctx.store.eventsAfter(id, states)) {
+              sse.send('state', String(ev.seq), ev);
+              states = ev.seq;
+            }
             const p = job.status === 'running' ? job.progress : null;
             const now = p ? `${p.stage}.${p.step}` : marker;
             if (p && now !== marker) sse.send('progress', `${states}:${now}`, p);
