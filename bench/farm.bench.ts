@@ -17,6 +17,7 @@ import { execa } from 'execa';
 import { Redis } from 'ioredis';
 import { ENTRY, REPO_ROOT, startEmbeddedS3, startProcess } from '../scripts/farm-lib.js';
 import { freePort, RedisServer } from '../tests/support/redis-server.js';
+import { heartbeat } from '../tests/support/heartbeat.js';
 
 const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100,500').split(',').map(Number);
 const FARM_JOBS = Number(process.env.BENCH_FARM_JOBS ?? 1_000);
@@ -132,37 +133,22 @@ function simulatedAgents(services: JobServices, url: string, prefix: string, n: 
   const now = () => new Date().toISOString();
   const ids = Array.from({ length: n }, (_, i) => `sim-${String(i).padStart(3, '0')}`);
   const busy = new Map<string, string | null>();
-  const heartbeat = (id: string): AgentHeartbeat => ({
-    agent_id: id,
-    host: 'bench',
-    gpu_id: id,
-    gpu: { name: 'simulated', vram_total_mb: 24_576, vram_free_mb: 16_000 },
-    state: busy.get(id) ? 'busy' : 'ready',
-    maintenance: false,
-    resident: [{ name: MODEL, location: 'vram', vram_mb: 7_000, last_used_at: null, pinned: false }],
-    current_job: busy.get(id) ?? null,
-    capabilities: {
-      backend: 'synthetic',
-      models: [{ name: MODEL, kind: 'base', vram_mb: 7_000, load_ms: 3_000 }],
-      schedulers: ['EulerDiscreteScheduler'],
-      output_formats: ['png'],
-      max_side: 2048,
-      max_images: 8,
-      features: [],
-      controlnet_types: [],
-      controlnet_preprocessors: [],
-      upscalers: [],
-      dtypes: ['fp16'],
-      performance: [],
-    },
-    worker: { pid: null, restarts: 0 },
-    jobs_done: 0,
-    avg_job_ms: 1,
-    step_ms: {},
-    started_at: now(),
-    heartbeat_at: now(),
-  });
-  const beat = () => Promise.all(ids.map((id) => services.registry.publish(heartbeat(id), 5_000)));
+  const beatOf = (id: string): AgentHeartbeat =>
+    heartbeat(
+      id,
+      {
+        host: 'bench',
+        gpu_id: id,
+        gpu: { name: 'simulated', vram_total_mb: 24_576, vram_free_mb: 16_000 },
+        state: busy.get(id) ? 'busy' : 'ready',
+        resident: [{ name: MODEL, location: 'vram', vram_mb: 7_000, last_used_at: null, pinned: false }],
+        current_job: busy.get(id) ?? null,
+        worker: { pid: null, restarts: 0 },
+        avg_job_ms: 1,
+      },
+      { [MODEL]: 7_000 },
+    );
+  const beat = () => Promise.all(ids.map((id) => services.registry.publish(beatOf(id), 5_000)));
   const timer = setInterval(() => void beat(), 1_000);
   const workers = ids.map(
     (id) =>

@@ -1,5 +1,5 @@
 import type { AgentHeartbeat, JobRecord, QueueInfo, QueueSummary, StoredJob } from '@kiln/contracts';
-import { intakeJobId, type IntakeData, jobRecord, type KnownHistory } from '@kiln/runtime';
+import { intakeJobId, type IntakeData, jobRecord, type KnownHistory, REGISTRY_MAX_AGE_MS } from '@kiln/runtime';
 import type { ApiContext } from './context.js';
 import type { Principal } from './keys.js';
 
@@ -78,10 +78,14 @@ export async function queueInfo(ctx: ApiContext, job: StoredJob, live: AgentHear
   return null;
 }
 
-/** Adds `queue` to records (one registry read for all). */
+/**
+ * Adds `queue` to records. The estimates come from the registry as this API last read it (at
+ * most REGISTRY_MAX_AGE_MS ago, like feasibility), not a read per answer: with a hundred agents
+ * a fresh read is every heartbeat over the wire on every submit and every poll.
+ */
 export async function withQueue<R extends JobRecord>(ctx: ApiContext, records: R[]): Promise<R[]> {
   if (!records.some((r) => r.status === 'queued' || r.status === 'running')) return records.map((r) => ({ ...r, queue: null }));
-  const live = await ctx.registry.live();
+  const live = await ctx.registry.live({ maxAgeMs: REGISTRY_MAX_AGE_MS });
   return Promise.all(records.map(async (r) => ({ ...r, queue: await queueInfo(ctx, r as unknown as StoredJob, live) })));
 }
 

@@ -3,6 +3,7 @@ import { Queue } from 'bullmq';
 import { expect, it } from 'vitest';
 import { AgentQueues } from './agent-queues.js';
 import { AgentViews, HeldView } from './agent-views.js';
+import { heartbeat, resident, SDXL_BASE } from '../../../tests/support/heartbeat.js';
 import { commandsDuring as commandsOn, intakeFixture, queuedJob } from '../../../tests/support/redis-fixture.js';
 
 const f = intakeFixture('agent-views-test');
@@ -83,27 +84,8 @@ it('keeps counting the model a finished job loaded until the agent beats again, 
   const queues = new AgentQueues(f.redis, env);
   try {
     const views = new AgentViews(env, new LoraRegistry(f.redis, f.keys), queues, f.redis, f.keys);
-    const BASE = 'stabilityai/stable-diffusion-xl-base-1.0';
-    const caps = {
-      backend: 'synthetic' as const,
-      models: [{ name: BASE, kind: 'base' as const, vram_mb: 7_000, load_ms: 700 }],
-      schedulers: [],
-      output_formats: ['png'],
-      max_side: 2048,
-      max_images: 8,
-      features: [],
-      controlnet_types: [],
-      controlnet_preprocessors: [],
-      upscalers: [],
-      dtypes: ['fp16' as const],
-      performance: [],
-    };
-    const now = new Date().toISOString();
-    const beat = (resident: string[]) => ({
-      agent_id: 'a1', host: 'h', gpu_id: '0', gpu: { name: 'g', vram_total_mb: 10_240, vram_free_mb: 10_240 }, state: 'ready' as const, maintenance: false,
-      resident: resident.map((name) => ({ name, location: 'vram' as const, vram_mb: 7_000, last_used_at: now, pinned: false })),
-      current_job: null, capabilities: caps, worker: { pid: 1, restarts: 0 }, jobs_done: 0, avg_job_ms: null, step_ms: {}, started_at: now, heartbeat_at: now,
-    });
+    const BASE = SDXL_BASE;
+    const beat = (models: string[]) => heartbeat('a1', { gpu: { name: 'g', vram_total_mb: 10_240, vram_free_mb: 10_240 }, resident: models.map((m) => resident(m)) }, { [BASE]: 7_000 });
     const hbBefore = beat([]); // the beat the dispatcher holds: from before the job loaded its model
     const q = queues.get('a1');
     const job = await queued(5);
