@@ -14,11 +14,12 @@ import {
   type ResultMessage,
   type SelfTestMessage,
   type SelfTestResultMessage,
-  WorkerToAgent,
+  type WorkerToAgent,
   type WorkerState,
 } from '@kiln/contracts';
 import { KilnError, type Logger } from '@kiln/runtime';
 import { execa, type ResultPromise } from 'execa';
+import { workerMessages } from './worker-messages.js';
 
 /**
  * One Python worker process and its protocol. States:
@@ -62,6 +63,7 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
   private byeWaiter: (() => void) | null = null;
   private intent: 'stop' | 'kill' | null = null;
   private readonly stderrTail: string[] = [];
+  private readonly messages = workerMessages();
   private seq = 0;
 
   constructor(
@@ -196,7 +198,7 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     if (line.trim() === '') return;
     let msg: WorkerToAgent;
     try {
-      msg = WorkerToAgent.parse(JSON.parse(line));
+      msg = this.messages.parse(JSON.parse(line));
     } catch (err) {
       // the worker guards its stdout, so anything unparseable is a broken worker
       this.log.error({ line: line.slice(0, 500) }, 'worker broke the protocol; killing it');
