@@ -23,6 +23,8 @@ const AGENT_COUNTS = (process.env.BENCH_AGENTS ?? '10,100,500').split(',').map(N
 const FARM_JOBS = Number(process.env.BENCH_FARM_JOBS ?? 1_000);
 const RAW_JOBS = Number(process.env.BENCH_RAW_JOBS ?? 5_000);
 const CLIENTS = Number(process.env.BENCH_CLIENTS ?? 32);
+/** jobs waiting when the most agents come back at once (0: no backlog run) */
+const BACKLOG = Number(process.env.BENCH_BACKLOG ?? 5_000);
 const MODEL = 'bench/zero';
 const TICK_S = 100; // Linux clock ticks per second (/proc/<pid>/stat)
 
@@ -169,6 +171,7 @@ function simulatedAgents(services: JobServices, url: string, prefix: string, n: 
       ).on('completed', (entry) => void services.jobs.wake(id, entry.id)), // as a real agent: the entry left the queue, a slot is free
   );
   return {
+    ids,
     ready: beat(),
     close: async () => {
       clearInterval(timer);
@@ -193,6 +196,17 @@ interface FarmRow {
   redis_cpu_ms_per_job: number;
   api_cpu_ms_per_job: number;
   this_process_cpu_ms_per_job: number;
+  /** with the most agents: a backlog meeting every slot free at once (see backlog()) */
+  backlog?: BacklogRow;
+}
+
+interface BacklogRow {
+  agents: number;
+  waiting: number;
+  drain_jobs_per_s: number;
+  longest_tick_ms: number;
+  longest_block_ms: number;
+  dispatcher_cpu_ms_per_placement: number;
 }
 
 /** The dispatcher's longest tick and longest event-loop block since the previous call (its metrics; each scrape resets them). */
@@ -234,10 +248,11 @@ async function farm(url: string, agents: number, redisPid: number): Promise<Farm
   const services = createJobServices(parseEnvOrThrow(CommonEnv.extend(StorageEnv.shape).extend(WebhookEnv.shape).extend(JobEnv.shape), env), 'kiln-bench');
   const base = `http://127.0.0.1:${port}`;
   let done = 0;
+  let target = FARM_JOBS;
   let finish!: () => void;
-  const finished = new Promise<void>((r) => (finish = r));
+  let finished = new Promise<void>((r) => (finish = r));
   const sim = simulatedAgents(services, url, prefix, agents, () => {
-    if (++done === FARM_JOBS) finish();
+    if (++done === target) finish();
   });
   try {
     await sim.ready;
@@ -283,7 +298,38 @@ async function farm(url: string, agents: number, redisPid: number): Promise<Farm
         if (at) placed.push(Date.parse(at) - Date.parse(events[0]!.at));
       }
     }
+    // a backlog meeting a whole fleet's free slots at once (a fleet coming up, or after a failover):
+    // every agent out of rotation while BENCH_BACKLOG jobs are submitted, then all back at once
+    let backlog: BacklogRow | undefined;
+    if (agents === Math.max(...AGENT_COUNTS) && BACKLOG > 0) {
+      await Promise.all(sim.ids.map((id) => services.registry.setMaintenance(id, true)));
+      await services.jobs.wake();
+      done = 0;
+      target = BACKLOG;
+      finished = new Promise<void>((r) => (finish = r));
+      let n = 0;
+      await Promise.all(
+        Array.from({ length: CLIENTS }, async () => {
+          while (n < BACKLOG) await submit(FARM_JOBS + 1 + n++);
+        }),
+      );
+      await dispatcherMaxima(metricsPort);
+      const [bd0, bt0] = [cpuMs(dispatcher.pid!), performance.now()];
+      await Promise.all(sim.ids.map((id) => services.registry.setMaintenance(id, false)));
+      await services.jobs.wake();
+      await finished;
+      const [bms, bmax, bd1] = [performance.now() - bt0, await dispatcherMaxima(metricsPort), cpuMs(dispatcher.pid!)];
+      backlog = {
+        agents,
+        waiting: BACKLOG,
+        drain_jobs_per_s: round((BACKLOG * 1000) / bms, 0),
+        longest_tick_ms: round(bmax.tickMs, 1),
+        longest_block_ms: round(bmax.blockMs, 1),
+        dispatcher_cpu_ms_per_placement: round((bd1 - bd0) / BACKLOG, 3),
+      };
+    }
     return {
+      ...(backlog ? { backlog } : {}),
       agents,
       jobs: FARM_JOBS,
       jobs_per_s: round((FARM_JOBS * 1000) / ms, 0),
@@ -320,6 +366,11 @@ try {
   for (const r of rows) {
     console.log(
       `${String(r.agents).padStart(6)}  ${String(r.jobs_per_s).padStart(7)}  ${`${((100 * r.jobs_per_s) / raw.jobs_per_s).toFixed(1)}%`.padStart(7)}  ${`${r.placed_p50_ms}/${r.placed_p95_ms}`.padStart(18)}  ${String(r.commands_per_job).padStart(9)}  ${String(r.dispatcher_cpu_ms_per_placement).padStart(24)}  ${String(r.ticks_per_job).padStart(10)}  ${`${r.longest_tick_ms}/${r.longest_block_ms}`.padStart(22)}  ${String(r.api_cpu_ms_per_job).padStart(11)}  ${String(r.this_process_cpu_ms_per_job).padStart(13)}  ${String(r.redis_cpu_ms_per_job).padStart(13)}`,
+    );
+  }
+  for (const b of rows.flatMap((r) => (r.backlog ? [r.backlog] : []))) {
+    console.log(
+      `backlog: ${b.waiting} jobs waiting meet ${b.agents} agents' free slots at once: drained at ${b.drain_jobs_per_s} jobs/s, longest tick ${b.longest_tick_ms} ms, longest event-loop block ${b.longest_block_ms} ms, dispatcher ${b.dispatcher_cpu_ms_per_placement} ms CPU per placement`,
     );
   }
   console.log(JSON.stringify({ bench: 'farm', raw_bullmq: raw, farm: rows.map((r) => ({ ...r, of_raw: round(r.jobs_per_s / raw.jobs_per_s, 3) })) }));

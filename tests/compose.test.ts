@@ -155,7 +155,7 @@ describe('the observability profile', () => {
     await import('../apps/api/src/plugins/metrics.js');
     await import('../apps/gpu-agent/src/metrics.js');
     const { registerQueueGauges } = await import('../apps/dispatcher/src/metrics.js');
-    registerQueueGauges({} as never, {} as never, {} as never); // defines its gauges; nothing is read until a scrape
+    registerQueueGauges({} as never, {} as never, {} as never, {} as never); // defines its gauges; nothing is read until a scrape
     const families = registry.getMetricsAsArray().map((m) => m.name).filter((n) => n.startsWith('kiln_'));
     expect(families.length).toBeGreaterThanOrEqual(24);
     const uncovered = families.filter((f) => !exprs.some((e) => new RegExp(`\\b${f}(_bucket|_sum|_count)?\\b`).test(e)));

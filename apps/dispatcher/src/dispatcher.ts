@@ -13,6 +13,9 @@ import { type AgentView, type Candidate, planInSlices } from './placement.js';
 import { placementReason } from './placement-reason.js';
 import { Sweep } from './sweep.js';
 
+/** Claims sent in one round trip (a fleet coming up can have a thousand slots free at once). */
+const CLAIM_CHUNK = 100;
+
 /** How old a registry snapshot a tick accepts (ms). */
 const REGISTRY_SNAPSHOT_MS = 100;
 
@@ -187,13 +190,18 @@ export class Dispatcher {
   }
 
   /**
-   * Claims the tick's placements on their records (guarded writes that also take each entry out
-   * of intake), all in one round trip, then hands each agent its claimed jobs in one write per
-   * agent, in the order placed, which is the order it runs them. A refused claim
-   * (the job moved on since it was read) drops its entry; a claimed job whose agent entry is
-   * lost with a crash here is put back by the sweep.
+   * Claims the tick's placements, CLAIM_CHUNK at a time: each chunk's claims on their records
+   * (guarded writes that also take each entry out of intake) in one round trip, then each agent's
+   * claimed jobs on its queue, in the order placed, which is the order it runs them. Chunks keep
+   * what one turn of the event loop builds and decodes small when a whole fleet's slots are free
+   * at once. A refused claim (the job moved on since it was read) drops its entry; a claimed job
+   * whose agent entry is lost with a crash here is put back by the sweep.
    */
   private async claim(placements: Placement[], now: number): Promise<void> {
+    for (let i = 0; i < placements.length; i += CLAIM_CHUNK) await this.claimChunk(placements.slice(i, i + CLAIM_CHUNK), now);
+  }
+
+  private async claimChunk(placements: Placement[], now: number): Promise<void> {
     if (placements.length === 0) return;
     // a span per placement in the job's trace (tracing.ts), under the API request that submitted it
     const spans = tracingOn()

@@ -24,6 +24,7 @@ describe('dispatcher env', () => {
       AGING_MS: 60_000,
       INTAKE_WINDOW: 500,
       PLAN_SLICE_MS: 10,
+      TICK_COALESCE_MAX_MS: 25,
       AGENT_SLOTS: 2,
       WEBHOOK_CONCURRENCY: 16,
       WEBHOOK_ALLOW_PRIVATE: false,

@@ -123,22 +123,52 @@ export class IntakeView {
     return { waiting, stale };
   }
 
-  /** Reads new entries and their jobs' placement fields in one round trip. */
+  /** Reads new entries and their jobs' placement fields (readWaiting). */
   private async read(fresh: string[], stale: string[]): Promise<void> {
-    const pipe = this.redis.pipeline();
-    for (const id of fresh) {
-      pipe.hmget(this.intake.toKey(id), 'data', 'timestamp', 'priority');
-      pipe.hmget(this.keys.job(id.replace(/-q\d+$/, '')), ...PLACEMENT_FIELDS);
+    const read = await readWaiting(this.redis, this.keys, this.intake, fresh);
+    for (const [id, w] of read.waiting) this.known.set(id, w);
+    stale.push(...read.stale);
+  }
+
+  /** The entry left intake (placed, failed, or stale). */
+  forget(entryId: string): void {
+    if (this.known.delete(entryId)) this.taken++;
+  }
+
+  get size(): number {
+    return this.known.size;
+  }
+}
+
+/** Entries read per round trip by readWaiting: a chunk is decoded in one turn of the event loop. */
+const READ_CHUNK = 200;
+
+/**
+ * Intake entries and their jobs' placement fields (HMGET of the entry and of the record, in
+ * one round trip per READ_CHUNK entries, giving the event loop back between chunks): what
+ * placement and the queue gauges need of a waiting job. An entry whose job is gone, moved on or
+ * re-queued since is `stale`; one removed meanwhile is neither.
+ */
+export async function readWaiting(redis: Redis, keys: Keys, intake: Queue<IntakeData>, ids: string[]): Promise<{ waiting: Map<string, Waiting>; stale: string[] }> {
+  const waiting = new Map<string, Waiting>();
+  const stale: string[] = [];
+  for (let at = 0; at < ids.length; at += READ_CHUNK) {
+    if (at > 0) await new Promise((r) => setImmediate(r));
+    const chunk = ids.slice(at, at + READ_CHUNK);
+    const pipe = redis.pipeline();
+    for (const id of chunk) {
+      pipe.hmget(intake.toKey(id), 'data', 'timestamp', 'priority');
+      pipe.hmget(keys.job(id.replace(/-q\d+$/, '')), ...PLACEMENT_FIELDS);
     }
     const res = ((await pipe.exec()) ?? []).map(([, v]) => v as (string | null)[]);
-    fresh.forEach((id, i) => {
+    chunk.forEach((id, i) => {
       const entry = res[2 * i];
       if (!entry?.[0]) return; // removed between the two reads
       const d = JSON.parse(entry[0]) as IntakeData;
       const raw = res[2 * i + 1];
       const job = raw?.[1] && raw[0] ? (Object.fromEntries(PLACEMENT_FIELDS.map((f, k) => [f, JSON.parse(raw[k] ?? 'null') as unknown])) as unknown as StoredJob) : null;
       if (!job || job.id !== d.job_id || job.status !== 'queued' || job.attempt !== d.attempt) return void stale.push(id);
-      this.known.set(id, {
+      waiting.set(id, {
         entryId: id,
         job: { id: job.id, client: job.client, attempt: job.attempt, created_at: job.created_at, kind: job.kind },
         demand: demandOf(job),
@@ -150,13 +180,5 @@ export class IntakeView {
       });
     });
   }
-
-  /** The entry left intake (placed, failed, or stale). */
-  forget(entryId: string): void {
-    if (this.known.delete(entryId)) this.taken++;
-  }
-
-  get size(): number {
-    return this.known.size;
-  }
+  return { waiting, stale };
 }

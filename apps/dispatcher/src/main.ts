@@ -74,7 +74,11 @@ if (env.WEBHOOK_SECRET) {
   log.warn('WEBHOOK_SECRET is not set: webhooks will not be delivered (the API refuses jobs that ask for one)');
 }
 
-// One tick at a time; a wake-up during a tick schedules exactly one more.
+// One tick at a time; a wake-up during a tick schedules exactly one more. Under load that one
+// waits as long as the tick took (at most TICK_COALESCE_MAX_MS), so the wakes of many job ends
+// gather into one tick that places them all, rather than a tick per wake each paying for the
+// whole fleet's view: the dispatcher ticks at most about half the time. An idle farm's first
+// wake is served at once.
 let running = false;
 let again = false;
 let stopped = false;
@@ -88,7 +92,10 @@ async function tick(): Promise<void> {
   try {
     do {
       again = false;
+      const began = performance.now();
       await dispatcher.tick();
+      const gap = Math.min(performance.now() - began, env.TICK_COALESCE_MAX_MS);
+      if (again && gap >= 1 && !stopped) await new Promise((r) => setTimeout(r, gap));
     } while (again && !stopped);
   } catch (err) {
     // an outage is reported once by redisHealth; the next tick after it retries
@@ -116,7 +123,7 @@ sub.on('message', (_channel: string, message: string) => {
   }
   void tick();
 });
-registerQueueGauges(intake, store, services.registry);
+registerQueueGauges(intake, redis, keys, services.registry);
 const metrics = await serveMetrics(env, log);
 log.info({ prefix: env.KILN_PREFIX, owner: lease.owner, metrics_port: metrics.port ?? undefined }, 'dispatcher started');
 void tick();

@@ -1,7 +1,9 @@
-import { AgentState, type Priority, type StoredJob } from '@kiln/contracts';
-import { type AgentRegistry, Counter, Gauge, Histogram, type IntakeData, type JobStore, type PlacementReason, PRIORITY_RANK, registry } from '@kiln/runtime';
+import { AgentState, type Priority } from '@kiln/contracts';
+import { type AgentRegistry, Counter, Gauge, Histogram, type IntakeData, type Keys, type PlacementReason, PRIORITY_RANK, registry } from '@kiln/runtime';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import type { Queue } from 'bullmq';
+import type { Redis } from 'ioredis';
+import { readWaiting } from './intake-view.js';
 
 /**
  * The dispatcher's metrics: placement (tick time, decisions and why), the queue depth meant for
@@ -79,14 +81,11 @@ function priorityOf(rank: number | undefined): Priority {
   return 'low';
 }
 
-const modelOf = (job: StoredJob): string =>
-  job.kind === 'generation' ? job.request.model.base : job.kind === 'training' ? job.request.base_model : 'cache';
-
 /** Jobs read per scrape for the breakdown; the total is exact whatever the depth. */
 const BREAKDOWN_LIMIT = 5_000;
 
 /** Queue-depth and fleet gauges, read from Redis when Prometheus scrapes. */
-export function registerQueueGauges(intake: Queue<IntakeData>, store: JobStore, agents: AgentRegistry): void {
+export function registerQueueGauges(intake: Queue<IntakeData>, redis: Redis, keys: Keys, agents: AgentRegistry): void {
   new Gauge({
     name: 'kiln_queue_depth',
     help: 'Jobs waiting for a GPU (queued, not yet placed on an agent): the series to autoscale agents on',
@@ -102,14 +101,12 @@ export function registerQueueGauges(intake: Queue<IntakeData>, store: JobStore, 
     labelNames: ['priority', 'model', 'tenant'] as const,
     registers: [registry],
     async collect() {
-      const entries = (await intake.getJobs(['prioritized', 'waiting', 'delayed'], 0, BREAKDOWN_LIMIT - 1, true)).filter((e) => e?.data);
-      const records = await store.getMany(entries.map((e) => e.data.job_id));
+      // the placement fields only, a chunk at a time (readWaiting): a scrape of a deep backlog
+      // must not hold the lease holder's event loop
+      const ids = [...new Set(await intake.getRanges(['prioritized', 'waiting', 'delayed'], 0, BREAKDOWN_LIMIT - 1, true))];
+      const { waiting } = await readWaiting(redis, keys, intake, ids); // a stale entry is placement's to drop
       this.reset();
-      entries.forEach((entry, i) => {
-        const job = records[i];
-        if (!job || job.status !== 'queued' || job.attempt !== entry.data.attempt) return; // stale: placement drops it
-        this.inc({ priority: priorityOf(entry.opts.priority), model: modelOf(job), tenant: job.client });
-      });
+      for (const w of waiting.values()) this.inc({ priority: priorityOf(w.rank), model: w.model ?? 'cache', tenant: w.job.client });
     },
   });
   new Gauge({

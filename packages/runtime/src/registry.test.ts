@@ -4,6 +4,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { Keys } from './keys.js';
 import { createRedis, type Redis } from './redis.js';
 import { AgentRegistry } from './registry.js';
+import { heartbeat as beat } from '../../../tests/support/heartbeat.js';
 import { commandsDuring as commandsOn } from '../../../tests/support/redis-fixture.js';
 
 const REDIS_URL = process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
@@ -27,27 +28,8 @@ afterEach(async () => {
   if (left.length) await redis.del(...left);
 });
 
-function heartbeat(id: string, over: Partial<AgentHeartbeat> = {}): AgentHeartbeat {
-  const now = new Date().toISOString();
-  return {
-    agent_id: id,
-    host: 'test',
-    gpu_id: '0',
-    gpu: { name: 'test', vram_total_mb: 24_000, vram_free_mb: 24_000 },
-    state: 'ready',
-    maintenance: false,
-    resident: [],
-    current_job: null,
-    capabilities: null,
-    worker: { pid: null, restarts: 0 },
-    jobs_done: 0,
-    avg_job_ms: null,
-    step_ms: {},
-    started_at: now,
-    heartbeat_at: now,
-    ...over,
-  };
-}
+/** A heartbeat of an agent whose worker has not said what it can do yet (`over` replaces any field). */
+const heartbeat = (id: string, over: Partial<AgentHeartbeat> = {}): AgentHeartbeat => beat(id, { capabilities: null, worker: { pid: null, restarts: 0 }, ...over });
 
 /** Counts the commands this test's connection sends while `fn` runs. */
 const commandsDuring = async (fn: () => Promise<unknown>) => (await commandsOn(redis, fn)).length;
@@ -93,5 +75,24 @@ describe('AgentRegistry snapshot', () => {
     expect(await registry.snapshot()).toMatchObject({ live: [{ agent_id: 'a1', state: 'ready' }], lapsed: ['a2'] });
     await registry.publish(heartbeat('a1', { state: 'busy', current_job: 'j1' }), 10_000);
     expect((await registry.live())[0]).toMatchObject({ state: 'busy', current_job: 'j1' });
+  });
+
+  it("validates a heartbeat's capabilities again only when they change (they are most of it), and every other field on every beat", async () => {
+    await registry.publish(beat('a1'), 10_000);
+    const first = (await registry.live())[0]!;
+    await registry.publish(beat('a1', { jobs_done: 7, state: 'busy', current_job: 'j1' }), 10_000);
+    const second = (await registry.live())[0]!;
+    expect(second).toMatchObject({ jobs_done: 7, state: 'busy', current_job: 'j1' });
+    expect(second.capabilities).toBe(first.capabilities); // the same parse, kept
+    expect(Object.keys(second)).toEqual(Object.keys(first)); // the record reads as before, field for field
+    // a restarted worker with other models: read and validated afresh
+    const caps = { ...first.capabilities!, models: [{ name: 'other/model', kind: 'base' as const, vram_mb: 5_000, load_ms: 100 }] };
+    await registry.publish(beat('a1', { capabilities: caps }), 10_000);
+    const third = (await registry.live())[0]!;
+    expect(third.capabilities).not.toBe(first.capabilities);
+    expect(third.capabilities!.models.map((m) => m.name)).toEqual(['other/model']);
+    // and capabilities that break the contract are refused, as before
+    await redis.set(keys.agent('a1'), JSON.stringify({ ...beat('a1'), capabilities: { ...caps, max_side: 'big' } }));
+    await expect(registry.live()).rejects.toThrow();
   });
 });

@@ -1,4 +1,4 @@
-import { AgentHeartbeat } from '@kiln/contracts';
+import { AgentHeartbeat, WorkerCapabilities } from '@kiln/contracts';
 import type { Redis } from 'ioredis';
 import type { Keys } from './keys.js';
 
@@ -83,7 +83,7 @@ export class AgentRegistry {
   /** when this process last changed the registry itself (a drain): older snapshots are not served */
   private changedAt: number | null = null;
   /** each agent's last heartbeat text and its parse, so an unchanged heartbeat is not parsed again */
-  private readonly parsed = new Map<string, { raw: string; hb: AgentHeartbeat }>();
+  private readonly parsed = new Map<string, ParsedHeartbeat>();
 
   private changed(): void {
     this.last = null;
@@ -106,21 +106,56 @@ export class AgentRegistry {
     const live: AgentHeartbeat[] = [];
     const lapsed: string[] = [];
     const seen = new Set<string>();
-    raws.forEach((raw, i) => {
+    let parses = 0;
+    for (const [i, raw] of raws.entries()) {
       const id = ids[i]!;
-      if (!raw) return void lapsed.push(id);
+      if (!raw) {
+        lapsed.push(id);
+        continue;
+      }
       seen.add(id);
       let entry = this.parsed.get(id);
       if (entry?.raw !== raw) {
-        entry = { raw, hb: AgentHeartbeat.parse(JSON.parse(raw)) };
+        // a fleet's first read (or one after every agent changed) gives the event loop back as it goes
+        if (++parses % PARSE_CHUNK === 0) await new Promise((r) => setImmediate(r));
+        entry = parseHeartbeat(raw, entry);
         this.parsed.set(id, entry);
       }
       const hb = entry.hb;
       live.push(drained.has(hb.agent_id) && hb.state !== 'defunct' ? { ...hb, state: 'draining', maintenance: true } : hb);
-    });
+    }
     for (const id of this.parsed.keys()) if (!seen.has(id)) this.parsed.delete(id);
     return { live, lapsed };
   }
+}
+
+interface ParsedHeartbeat {
+  raw: string;
+  /** its capabilities as JSON: they change only when the worker restarts */
+  capabilities: string;
+  hb: AgentHeartbeat;
+}
+
+/** Heartbeats validated in one turn of the event loop. */
+const PARSE_CHUNK = 100;
+
+const HeartbeatWithoutCapabilities = AgentHeartbeat.omit({ capabilities: true });
+const Capabilities = WorkerCapabilities.nullable();
+const HEARTBEAT_FIELDS = Object.keys(AgentHeartbeat.shape) as (keyof AgentHeartbeat)[];
+
+/**
+ * A heartbeat, validated. Every beat differs (its time, at least) but its capabilities — most
+ * of it: every model, scheduler and feature the worker has — change only when the worker
+ * restarts, so an agent's previous parse of them is kept when they are the same: a registry
+ * read of five hundred agents validates five hundred small objects, not five hundred model lists.
+ */
+function parseHeartbeat(raw: string, previous: ParsedHeartbeat | undefined): ParsedHeartbeat {
+  const obj = JSON.parse(raw) as Record<string, unknown>;
+  const capabilitiesJson = JSON.stringify(obj.capabilities ?? null);
+  const capabilities = previous?.capabilities === capabilitiesJson ? previous.hb.capabilities : Capabilities.parse(obj.capabilities ?? null);
+  const rest = HeartbeatWithoutCapabilities.parse(obj);
+  const hb = Object.fromEntries(HEARTBEAT_FIELDS.map((k) => [k, k === 'capabilities' ? capabilities : rest[k as keyof typeof rest]])) as AgentHeartbeat;
+  return { raw, capabilities: capabilitiesJson, hb };
 }
 
 export interface RegistrySnapshot {
