@@ -77,7 +77,10 @@ export class AgentViews {
     // added without a wake); in between only the queues whose agent named itself
     const full = Date.now() - this.lastFullRead >= this.env.SWEEP_INTERVAL_MS;
     if (full) this.lastFullRead = Date.now();
-    const heldBy = await this.held.read(new Map(usable.map((a) => [a.agent_id, this.queues.get(a.agent_id)])), full);
+    // each agent's queue handle is made when its queue is first read (a fleet's first read makes
+    // hundreds: HeldView reads them a chunk at a time)
+    const ids = new Set(usable.map((a) => a.agent_id));
+    const heldBy = await this.held.read({ keys: () => ids.values(), get: (id) => this.queues.get(id), has: (id) => ids.has(id) }, full);
     const now = Date.now();
     const agents = usable.map((a): AgentView => {
       // held jobs, oldest first: the running one, then the next
@@ -165,6 +168,16 @@ export class AgentViews {
   }
 }
 
+/** Agents' queues read in one turn of the event loop. */
+const READ_AGENTS = 50;
+
+/** The agents to read and each one's queue (a Map will do; AgentViews makes each handle when first asked). */
+export interface AgentQueueMap {
+  keys(): Iterable<string>;
+  get(agentId: string): Queue<AgentJobData> | undefined;
+  has(agentId: string): boolean;
+}
+
 /** An entry on an agent's queue, as placement needs it (read once per entry). */
 export interface Held {
   id: string;
@@ -215,9 +228,16 @@ export class HeldView {
     this.byAgent.set(agentId, rest);
   }
 
-  async read(queues: Map<string, Queue<AgentJobData>>, full: boolean): Promise<Map<string, Held[]>> {
-    const stale = [...queues.keys()].filter((a) => full || this.dirty.has(a) || !this.byAgent.has(a));
-    for (const a of stale) this.dirty.delete(a);
+  async read(queues: AgentQueueMap, full: boolean): Promise<Map<string, Held[]>> {
+    const all = [...queues.keys()].filter((a) => full || this.dirty.has(a) || !this.byAgent.has(a));
+    for (const a of all) this.dirty.delete(a);
+    // a chunk of agents at a time: a fleet's first (or full) read gives the event loop back as it goes
+    for (let at = 0; at < all.length; at += READ_AGENTS) await this.readAgents(queues, all.slice(at, at + READ_AGENTS));
+    for (const a of this.byAgent.keys()) if (!queues.has(a)) this.byAgent.delete(a);
+    return new Map([...queues.keys()].map((a) => [a, this.byAgent.get(a) ?? []]));
+  }
+
+  private async readAgents(queues: AgentQueueMap, stale: string[]): Promise<void> {
     const ids = await Promise.all(stale.map((a) => queues.get(a)!.getRanges(['active', 'waiting', 'prioritized', 'delayed'], 0, -1, true)));
     await Promise.all(
       stale.map(async (agent, i) => {
@@ -255,7 +275,5 @@ export class HeldView {
       });
       if (ended.size) for (const a of stale) this.byAgent.set(a, this.byAgent.get(a)!.filter((h) => !ended.has(h)));
     }
-    for (const a of this.byAgent.keys()) if (!queues.has(a)) this.byAgent.delete(a);
-    return new Map([...queues.keys()].map((a) => [a, this.byAgent.get(a) ?? []]));
   }
 }
