@@ -1,5 +1,5 @@
 import type { AgentHeartbeat, JobRecord, QueueInfo, QueueSummary, StoredJob } from '@kiln/contracts';
-import { intakeJobId, type IntakeData, jobRecord, type KnownHistory, REGISTRY_MAX_AGE_MS } from '@kiln/runtime';
+import { intakeJobId, type IntakeData, jobRecord, type KnownHistory, REGISTRY_MAX_AGE_MS, runMsOf as estimateRunMs, workOf } from '@kiln/runtime';
 import type { ApiContext } from './context.js';
 import type { Principal } from './keys.js';
 
@@ -33,20 +33,15 @@ export function generationRunMs(r: Generation, live: AgentHeartbeat[]): number |
   return runMsOf({ kind: 'generation', request: r } as StoredJob, live);
 }
 
-/** How long a job should run on an agent of this farm, ms (null: nothing to go on yet). */
+/**
+ * How long a job should run on an agent of this farm, ms (null: nothing to go on yet): its work
+ * at the fleet's mean measured step time for it (the estimate placement makes per agent), else
+ * the fleet's average job.
+ */
 export function runMsOf(job: StoredJob, live: AgentHeartbeat[]): number | null {
-  let work: { key: string; steps: number; pixels: number } | null = null;
-  if (job.kind === 'generation') {
-    const r: Generation = job.request;
-    const h = r.hyperparameters;
-    work = { key: `generation ${r.model.base}`, steps: r.scheduler.steps + (r.model.refiner ? (r.refiner?.steps ?? r.scheduler.steps) : 0), pixels: h.width * h.height * h.num_images };
-  } else if (job.kind === 'training') {
-    const h = job.request.hyperparameters;
-    work = { key: `training ${job.request.base_model}`, steps: h.steps, pixels: h.resolution * h.resolution * h.batch_size };
-  }
+  const work = workOf(job);
   const perStep = work ? stepMsFor(live, work.key) : null;
-  if (work && perStep !== null) return work.steps * perStep * (work.pixels / 1_000_000);
-  return fleetJobMs(live);
+  return estimateRunMs(work, work && perStep !== null ? { [work.key]: perStep } : {}, fleetJobMs(live));
 }
 
 /** A job's place in intake: how many entries come before it (0: next), or null when it is not there. */

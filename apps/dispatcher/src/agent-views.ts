@@ -1,10 +1,9 @@
 import type { AgentHeartbeat, ModelInfo } from '@kiln/contracts';
-import type { AgentJobData, Keys, LoraRegistry } from '@kiln/runtime';
+import { type AgentJobData, type Keys, type LoraRegistry, runMsOf } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { AgentQueues } from './agent-queues.js';
 import type { DispatcherEnv } from './env.js';
-import { runMsOf } from './intake-view.js';
 import { type AgentView, projectResidency } from './placement.js';
 
 /** How often the list of trained LoRAs is read (ms); a new one is usable on agents within this. */

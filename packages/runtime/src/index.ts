@@ -21,3 +21,4 @@ export * from './tracing.js';
 export * from './retention.js';
 export * from './singleton-sweep.js';
 export * from './previews.js';
+export * from './work.js';
