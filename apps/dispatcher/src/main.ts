@@ -33,6 +33,7 @@ import { Worker } from 'bullmq';
 import { Dispatcher } from './dispatcher.js';
 import { DispatcherEnv } from './env.js';
 import { Lease } from './lease.js';
+import { TickLoop } from './tick-loop.js';
 import { registerQueueGauges, webhookMessagesFailed } from './metrics.js';
 
 const env = parseEnv(DispatcherEnv, 'dispatcher');
@@ -74,41 +75,16 @@ if (env.WEBHOOK_SECRET) {
   log.warn('WEBHOOK_SECRET is not set: webhooks will not be delivered (the API refuses jobs that ask for one)');
 }
 
-// One tick at a time; a wake-up during a tick schedules exactly one more. Under load that one
-// waits as long as the tick took (at most TICK_COALESCE_MAX_MS), so the wakes of many job ends
-// gather into one tick that places them all, rather than a tick per wake each paying for the
-// whole fleet's view: the dispatcher ticks at most about half the time. An idle farm's first
-// wake is served at once.
-let running = false;
-let again = false;
-let stopped = false;
-async function tick(): Promise<void> {
-  if (stopped) return;
-  if (running) {
-    again = true;
-    return;
-  }
-  running = true;
-  try {
-    do {
-      again = false;
-      const began = performance.now();
-      await dispatcher.tick();
-      const gap = Math.min(performance.now() - began, env.TICK_COALESCE_MAX_MS);
-      if (again && gap >= 1 && !stopped) await new Promise((r) => setTimeout(r, gap));
-    } while (again && !stopped);
-  } catch (err) {
-    // an outage is reported once by redisHealth; the next tick after it retries
-    if (!isConnectionError(err)) log.error({ err }, 'dispatch tick failed');
-  } finally {
-    running = false;
-  }
-}
+// one tick at a time, wakes under load gathered (tick-loop.ts); an outage is reported once by
+// redisHealth, and the next tick after it retries
+const ticks = new TickLoop(() => dispatcher.tick(), env.TICK_COALESCE_MAX_MS, (err) => {
+  if (!isConnectionError(err)) log.error({ err }, 'dispatch tick failed');
+});
 redisHealth.on('lost', () => dispatcher.redisLost());
 redisHealth.on('restored', (downMs) => dispatcher.redisRestored(downMs));
 const interval = setInterval(() => {
   dispatcher.intakeChanged(); // catches what no wake announced (a lost message, a cancel)
-  void tick();
+  ticks.wake();
 }, env.DISPATCH_INTERVAL_MS);
 await sub.subscribe(keys.wakeChannel());
 sub.on('message', (_channel: string, message: string) => {
@@ -121,17 +97,16 @@ sub.on('message', (_channel: string, message: string) => {
     if (space > 0) dispatcher.agentEntryLeft(message.slice(0, space), message.slice(space + 1));
     else dispatcher.agentChanged(message);
   }
-  void tick();
+  ticks.wake();
 });
 registerQueueGauges(intake, redis, keys, services.registry);
 const metrics = await serveMetrics(env, log);
 log.info({ prefix: env.KILN_PREFIX, owner: lease.owner, metrics_port: metrics.port ?? undefined }, 'dispatcher started');
-void tick();
+ticks.wake();
 
 onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
-  stopped = true;
   clearInterval(interval);
-  while (running) await new Promise((r) => setTimeout(r, 20));
+  await ticks.stop();
   await runAll([
     () => lease.release(),
     () => deliverer?.close(),
