@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { Redis } from 'ioredis';
 import { Client } from 'minio';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ENTRY } from '../scripts/farm-lib.js';
 import { basicRequest, Farm, sleep } from './support/farm.js';
 import { gradientPng, shapesPng } from './support/images.js';
 
@@ -200,6 +201,22 @@ describe('an agent restarted under the same id', () => {
     expect(job.charged_attempts).toBe(0);
     expect(messages(job)).toMatch(/agent_lost: agent agent-0 restarted while running it/);
     console.log(`restart: job done ${tookMs} ms after its agent was SIGKILLed and restarted`);
+  }, 90_000);
+
+  it('a second agent started under a live agent\'s id refuses to start, naming AGENT_ID, and takes nothing from it', async () => {
+    const { id } = await farm.submit(slow(4));
+    await farm.waitForJob(id, (j) => j.stage === 'running' && (j.progress?.step ?? 0) >= 1);
+    const twin = farm.spawn('agent-0-twin', ENTRY.agent, { GPU_ID: '1', AGENT_ID: 'agent-0' });
+    const ended = await twin;
+    expect(ended.exitCode).toBe(1);
+    const said = readFileSync(join(farm.logDir, 'agent-0-twin.log'), 'utf8');
+    expect(said).toMatch(/AGENT_ID agent-0 is held by a live agent/);
+    // the live agent's job ran on as if nothing happened: its first attempt, no hand-back
+    const job = await farm.waitForDone(id, 60_000);
+    expect(job.status).toBe('succeeded');
+    expect(job.attempt).toBe(1);
+    expect(messages(job)).not.toMatch(/restarted|agent_lost/);
+    expect((await farm.agents()).map((a) => a.agent_id)).toEqual(['agent-0']);
   }, 90_000);
 });
 

@@ -61,12 +61,40 @@ export class Agent {
   }
 
   async start(): Promise<void> {
+    await this.ensureIdFree();
     await this.heartbeat();
     this.heartbeatTimer = setInterval(() => void this.heartbeat().catch((err) => this.log.warn({ err: coerceError(err).message }, 'heartbeat failed')), this.env.HEARTBEAT_MS);
     await this.reclaim();
     this.supervisor.ensure();
     await this.supervisor.started();
     this.pipeline.start();
+  }
+
+  /**
+   * Refuses to run under an id a live agent holds: two agents with one id would share a queue
+   * and a heartbeat, and this one's start (reclaim, below) would take back the jobs the other is
+   * running. A heartbeat found at start is watched for one and a half beats: a previous run of
+   * this agent that died leaves its last one as it was until it lapses (or SIGSTOPped, frozen),
+   * a live agent — another process given the same AGENT_ID, or the previous run still draining —
+   * writes a new one every HEARTBEAT_MS.
+   */
+  private async ensureIdFree(): Promise<void> {
+    const seen = await this.registry.heartbeatText(this.id);
+    if (seen === null) return;
+    this.log.info('a heartbeat under this agent id is still there: making sure no live agent holds the id');
+    await new Promise((r) => setTimeout(r, Math.max(1_500, this.env.HEARTBEAT_MS * 1.5)));
+    const now = await this.registry.heartbeatText(this.id);
+    if (now === null || now === seen) return;
+    let who = '';
+    try {
+      const hb = JSON.parse(now) as Partial<AgentHeartbeat>;
+      who = ` (host ${hb.host}, GPU ${hb.gpu_id}, up since ${hb.started_at}, ${hb.state})`;
+    } catch {
+      // the id alone says enough
+    }
+    throw new KilnError('validation_failed', `AGENT_ID ${this.id} is held by a live agent${who}: give each agent its own AGENT_ID, or stop that one first`, {
+      details: [{ field: 'AGENT_ID', rule: 'unique', message: `another live agent heartbeats as ${this.id}` }],
+    });
   }
 
   /**

@@ -9,7 +9,7 @@
 //     which prepares meanwhile and is sent to the worker the moment the first one's result is in.
 //  5. Serve /metrics on METRICS_PORT (state, GPU busy time, model loads and evictions, restarts).
 //  6. On SIGTERM: drain (stop taking work, finish or hand back), stop the worker, leave.
-import { createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics, startTracing } from '@kiln/runtime';
+import { coerceError, createJobServices, createLogger, createRedis, onShutdown, parseEnv, runAll, serveMetrics, startTracing } from '@kiln/runtime';
 import { join } from 'node:path';
 import { Agent } from './agent.js';
 import { listenForCancels } from './cancels.js';
@@ -46,6 +46,13 @@ onShutdown(log, env.SHUTDOWN_TIMEOUT_MS, async () => {
 const metrics = await serveMetrics(env, log);
 log.info({ agent: env.AGENT_ID, gpu: env.GPU_ID, backend: env.WORKER_BACKEND, metrics_port: metrics.port ?? undefined }, 'agent starting');
 await listenForCancels(sub, keys.cancelChannel(), (jobId) => agent.onCancel(jobId), log);
-await agent.start();
+try {
+  await agent.start();
+} catch (err) {
+  // nothing was taken yet: say why and stop, leaving the other agent's jobs alone
+  log.fatal({ err: coerceError(err).message }, 'cannot start');
+  await Promise.allSettled([sub.quit(), metrics.close(), services.close()]);
+  process.exit(1);
+}
 services.redis.on('ready', () => agent.announce());
 log.info('agent taking work');

@@ -25,6 +25,11 @@ export class AgentRegistry {
       .exec();
   }
 
+  /** An agent's last heartbeat as written (null once it lapsed): its text changes with every beat. */
+  async heartbeatText(agentId: string): Promise<string | null> {
+    return this.redis.get(this.keys.agent(agentId));
+  }
+
   /** Removes an agent for good (clean shutdown, or after its jobs were handed back). */
   async remove(agentId: string): Promise<void> {
     await this.redis.multi().del(this.keys.agent(agentId)).srem(this.keys.agents(), agentId).exec();
