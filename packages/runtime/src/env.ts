@@ -34,6 +34,12 @@ export const StorageEnv = z.object({
     .default('kiln'),
   S3_REGION: z.string().min(1).default('us-east-1'),
   S3_PRESIGN_EXPIRY_S: z.coerce.number().int().min(1).max(7 * 24 * 3600).default(3600),
+  S3_STALL_TIMEOUT_MS: z.coerce
+    .number()
+    .int()
+    .min(100)
+    .default(30_000)
+    .describe('an S3 connection that moves no byte this long is cut and the call fails (then retried like an outage); a slow transfer that keeps moving is never cut'),
 });
 export type StorageEnv = z.infer<typeof StorageEnv>;
 

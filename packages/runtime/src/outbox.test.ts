@@ -37,7 +37,7 @@ beforeEach(() => {
   store = new JobStore(redis, keys, 3_600);
   groups = new GroupStore(redis, keys, 3_600);
   queue = new Queue<DeliveryData>('webhooks', { connection: redis, prefix: keys.prefix });
-  const storage = new Storage({ S3_ENDPOINT: 'http://127.0.0.1:9', S3_ACCESS_KEY: 'k', S3_SECRET_KEY: 'secret-key', S3_BUCKET: 'kiln', S3_REGION: 'us-east-1', S3_PRESIGN_EXPIRY_S: 60 });
+  const storage = new Storage({ S3_ENDPOINT: 'http://127.0.0.1:9', S3_ACCESS_KEY: 'k', S3_SECRET_KEY: 'secret-key', S3_BUCKET: 'kiln', S3_REGION: 'us-east-1', S3_PRESIGN_EXPIRY_S: 60, S3_STALL_TIMEOUT_MS: 30_000 });
   outbox = new WebhookOutbox(queue, store, groups, storage, 'http://127.0.0.1:8080', { WEBHOOK_ALLOW_PRIVATE: false, WEBHOOK_MAX_ATTEMPTS: 3, WEBHOOK_BACKOFF_MS: 100, WEBHOOK_TIMEOUT_MS: 1_000 });
 });
 afterEach(async () => {

@@ -1,3 +1,6 @@
+import http from 'node:http';
+import https from 'node:https';
+import type { Socket } from 'node:net';
 import { Client } from 'minio';
 import type { StorageEnv } from './env.js';
 import { KilnError } from './errors.js';
@@ -123,10 +126,30 @@ async function counted<T>(operation: string, op: () => Promise<T>): Promise<T> {
   }
 }
 
+/**
+ * Connections to S3 that are cut when they stall: the minio client sets no timeout, so a server
+ * that accepts a connection and then goes silent (a hung gateway, a network partition) would
+ * hold an upload — and the job — forever. A socket that moves no byte for S3_STALL_TIMEOUT_MS is
+ * destroyed, which fails the call in flight like any outage (the agent's transfers retry it); a
+ * large transfer that keeps moving is never cut.
+ */
+function stallingAgent(useSSL: boolean, stallMs: number): http.Agent {
+  const Base = useSSL ? https.Agent : http.Agent;
+  const agent = new Base({ keepAlive: true });
+  const create = agent.createConnection.bind(agent) as (...args: unknown[]) => Socket;
+  agent.createConnection = ((...args: unknown[]) => {
+    const socket = create(...args);
+    socket.setTimeout(stallMs, () => socket.destroy(Object.assign(new Error(`S3 moved no byte for ${stallMs} ms (S3_STALL_TIMEOUT_MS)`), { code: 'ETIMEDOUT' })));
+    return socket;
+  }) as typeof agent.createConnection;
+  return agent;
+}
+
 function clientFor(endpoint: string, env: StorageEnv): Client {
   const u = new URL(endpoint);
   const useSSL = u.protocol === 'https:';
   return new Client({
+    transportAgent: stallingAgent(useSSL, env.S3_STALL_TIMEOUT_MS),
     endPoint: u.hostname,
     port: u.port ? Number(u.port) : useSSL ? 443 : 80,
     useSSL,
