@@ -2,8 +2,8 @@ import type { Attempt } from './attempt.js';
 
 /** A place in line for the GPU, taken when an entry is taken from the queue. */
 export interface Ticket {
-  /** set while its attempt asks for the GPU */
-  grant: ((ok: boolean) => void) | null;
+  /** set while its attempt asks for the GPU; called in the call that hands it over */
+  grant: (() => void) | null;
   attempt: Attempt | null;
 }
 
@@ -12,9 +12,10 @@ export interface Ticket {
  * Attempts get it in the order their entries were taken (the order the dispatcher placed them:
  * a later job whose bookkeeping happens to finish first does not overtake). An attempt asks for
  * it once its inputs are in hand and releases it the moment the worker's answer (result or
- * error) arrives; the next in line, if it is asking, gets it in the same tick, so its request
- * reaches the worker before any bookkeeping of the previous job. An attempt that is stopped, or
- * ends before its turn, leaves the line.
+ * error) has been read; the next in line, if it is asking, gets it inside that call: its
+ * `start` runs there and writes its request before any promise continuation, I/O callback or
+ * bookkeeping of the previous job. An attempt that is stopped, or ends before its turn, leaves
+ * the line.
  */
 export class GpuSlot {
   private holder: Attempt | null = null;
@@ -32,22 +33,26 @@ export class GpuSlot {
     return t;
   }
 
-  /** Resolves true once `a` holds the GPU (its turn came), or false if `a` was stopped first. */
-  acquire(t: Ticket, a: Attempt): Promise<boolean> {
+  /**
+   * Once `a` holds the GPU (its turn came), runs `start` at once, in the call that hands it over,
+   * and resolves with what it returned; resolves null if `a` was stopped first. `start` must not
+   * throw (return a rejected promise instead).
+   */
+  acquire<T>(t: Ticket, a: Attempt, start: () => T): Promise<{ started: T } | null> {
     if (a.cancel || !this.line.includes(t)) {
       this.leave(t);
-      return Promise.resolve(false);
+      return Promise.resolve(null);
     }
     t.attempt = a;
     return new Promise((resolve) => {
       const forget = a.onStop(() => {
         t.grant = null;
         this.leave(t);
-        resolve(false);
+        resolve(null);
       });
-      t.grant = (ok) => {
+      t.grant = () => {
         forget();
-        resolve(ok);
+        resolve({ started: start() });
       };
       this.next();
     });
@@ -76,6 +81,6 @@ export class GpuSlot {
     this.holder = head.attempt;
     const grant = head.grant;
     head.grant = null;
-    grant(true);
+    grant();
   }
 }

@@ -9,6 +9,7 @@ import type { AgentEnv } from './env.js';
 import { GpuSlot, type Ticket } from './gpu-slot.js';
 import { agentMetrics } from './metrics.js';
 import type { JobKind, Run, Runner, Runners } from './runners/index.js';
+import type { WorkerRequest } from './worker-process.js';
 import type { WorkerSupervisor } from './worker-supervisor.js';
 
 /** How often progress is mirrored onto the queue entry (besides each stage's first and last step). */
@@ -39,7 +40,7 @@ export interface PipelineHost {
  *  2. `started` (a guarded write), then the runner's prepare: inputs, LoRAs, a dataset —
  *     while the previous job is still on the GPU;
  *  3. the GPU slot (gpu-slot.ts): one request on the worker at a time, released the moment
- *     the worker answers, so the next job's request goes out in the same tick;
+ *     the worker's answer is read, and the next job's request written inside that same call;
  *  4. the runner's finish: uploads and the guarded result write, alongside the next inference;
  *  5. clean-up, heartbeat, and once BullMQ has recorded the entry's outcome, a wake naming
  *     this agent, so the dispatcher's re-read of its queue sees the slot free.
@@ -177,20 +178,34 @@ export class JobPipeline {
       const run = this.runOf(a, begun);
       const prepared = await runner.prepare(run);
       a.phase = 'waiting';
-      if (!(await this.gpu.acquire(ticket, a))) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
-      const held = Date.now();
+      let held = 0;
+      // runs in the call that hands this attempt the GPU, which (after the first job) is the
+      // worker's reading of the previous answer: the request is written in that tick, before
+      // any continuation, I/O callback or bookkeeping of the job that just ended
+      const start = (): Promise<unknown> => {
+        held = Date.now();
+        a.phase = 'inferring';
+        try {
+          if (a.cancel) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
+          const w = this.supervisor.worker;
+          return w?.state === 'ready' ? runner.infer(run, w, prepared) : this.supervisor.ready().then((ready) => runner.infer(run, ready, prepared));
+        } catch (err) {
+          return Promise.reject(err);
+        }
+      };
+      const granted = await this.gpu.acquire(ticket, a, start);
+      if (!granted) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
       let result: unknown;
       try {
-        a.phase = 'inferring';
-        if (a.cancel) throw new KilnError('canceled', `stopped (${a.cancel}) before it reached the GPU`);
-        const w = this.supervisor.worker;
-        result = await runner.infer(run, w?.state === 'ready' ? w : await this.supervisor.ready(), prepared);
+        result = await granted.started;
       } finally {
         a.gpuMs = Date.now() - held;
-        this.gpu.release(a); // the next job's request goes to the worker now, before our bookkeeping
+        // the worker's answer released it already (request(), below); this covers a request
+        // that never went out or a worker that died under it
+        this.gpu.release(a);
       }
-      // our bookkeeping waits for the next turn of the event loop: the next job's request is
-      // written first (its continuation is queued ahead of ours, but it awaits on the way)
+      // our bookkeeping waits for the next turn of the event loop, behind whatever the next
+      // job's request set going
       await new Promise((r) => setImmediate(r));
       a.phase = 'finishing';
       // the residency the worker reported with its answer is in the registry before the result
@@ -252,8 +267,16 @@ export class JobPipeline {
    * applies now. The job's timeout_s runs while the worker works on it, not while storage is
    * retried.
    */
-  private request<T>(a: Attempt, run: { id: string; done: Promise<T> }): Promise<T> {
+  private request<T>(a: Attempt, run: WorkerRequest<T>): Promise<T> {
     a.requestId = run.id;
+    // one request per run holds the GPU: its answer frees it for the next job, in the same call
+    // (the busy clock stops first: the next request starts it again)
+    let answered = false;
+    run.onAnswer(() => {
+      answered = true;
+      agentMetrics.idle();
+      this.gpu.release(a);
+    });
     const early = a.cancel;
     if (early) {
       a.cancel = null;
@@ -264,7 +287,7 @@ export class JobPipeline {
     const span = a.childSpan('worker request', { 'kiln.request': run.id });
     return run.done.finally(() => {
       span?.end();
-      agentMetrics.idle();
+      if (!answered) agentMetrics.idle(); // the worker died under it
       clearTimeout(timeout);
       if (a.requestId === run.id) a.requestId = null; // nothing left for a stop to kill
     });

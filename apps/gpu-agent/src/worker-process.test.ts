@@ -211,6 +211,35 @@ describe('WorkerProcess with the real synthetic worker', () => {
     expect(await exited).toBeNull();
   });
 
+  it('onAnswer runs before the request settles, with the worker ready: a request sent from it (the next job) is answered', async () => {
+    const { worker, exited } = spawnWorker(realWorker);
+    await worker.start('agent-test', '0', START_TIMEOUT_MS);
+    const order: string[] = [];
+    const first = worker.generate(generateMsg({ steps: 2 }), () => {});
+    let second: ReturnType<WorkerProcess['generate']> | null = null;
+    first.onAnswer(() => {
+      order.push(`answered (worker ${worker.state})`);
+      second = worker.generate({ ...generateMsg({ steps: 2 }), job_id: 'job-2' }, () => {});
+      expect(worker.state).toBe('busy');
+    });
+    const result = await first.done.then((r) => (order.push('settled'), r));
+    expect(order).toEqual(['answered (worker ready)', 'settled']);
+    expect(result.outputs).toHaveLength(1);
+    expect(second).not.toBeNull();
+    expect((await second!.done).outputs).toHaveLength(1);
+
+    // an error answer frees the worker the same way; the request still rejects with it
+    const canceled = worker.generate(generateMsg({ steps: 150 }), () => {});
+    let answered = 0;
+    canceled.onAnswer(() => void (answered += 1));
+    worker.cancel(canceled.id);
+    expect((await rejection(canceled.done)).code).toBe('canceled');
+    expect(answered).toBe(1);
+
+    await worker.stop();
+    expect(await exited).toBeNull();
+  });
+
   it("kill('SIGKILL', 'kill') during a request is reported as canceled, not as a crash", async () => {
     const { worker, exited } = spawnWorker(realWorker);
     await worker.start('agent-test', '0', START_TIMEOUT_MS);
@@ -356,9 +385,13 @@ describe('WorkerProcess with a misbehaving worker', () => {
   it('a worker that is SIGKILLed mid-request fails it as worker_crashed naming the signal', async () => {
     const { worker, exited } = spawnWorker(fixture('kills_itself'));
     await worker.start('agent-test', '0', START_TIMEOUT_MS);
-    const err = await rejection(worker.generate(generateMsg(), () => {}).done);
+    const req = worker.generate(generateMsg(), () => {});
+    let answered = false;
+    req.onAnswer(() => (answered = true)); // a death is no answer: the pipeline frees the GPU itself
+    const err = await rejection(req.done);
     expect(err.code).toBe('worker_crashed');
     expect(err.message).toBe('worker died (signal SIGKILL)');
+    expect(answered).toBe(false);
     expect((await exited)?.code).toBe('worker_crashed');
   });
 

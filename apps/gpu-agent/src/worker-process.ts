@@ -42,8 +42,23 @@ export interface WorkerCommand {
 
 type FinalMessage = ResultMessage | LoadedMessage | TrainedMessage | SelfTestResultMessage;
 
+/** One request on the worker: its id, its outcome, and a hook for the moment it is answered. */
+export interface WorkerRequest<T> {
+  id: string;
+  /** settles with the final message, or a classified KilnError */
+  done: Promise<T>;
+  /**
+   * `fn` runs the moment the worker's final frame for this request has been read and checked
+   * (result or error), inside that call, before `done` settles: the worker is `ready` again and
+   * a request sent from `fn` is written before anything queued behind it runs. Not called when
+   * the worker dies instead.
+   */
+  onAnswer(fn: () => void): void;
+}
+
 interface Pending {
   id: string;
+  answered: (() => void) | null;
   resolve: (m: FinalMessage) => void;
   reject: (e: KilnError) => void;
   onProgress: (m: ProgressMessage) => void;
@@ -124,39 +139,41 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
     kind: string,
     build: (id: string) => AgentToWorker,
     handlers: { onProgress?: (m: ProgressMessage) => void; onPreview?: (m: PreviewMessage) => void; onCheckpoint?: (m: CheckpointMessage) => void } = {},
-  ): { id: string; done: Promise<T> } {
+  ): WorkerRequest<T> {
     this.assertState('ready');
     const id = this.nextId(kind);
     this.state = 'busy';
+    let pending!: Pending;
     const done = new Promise<T>((resolve, reject) => {
-      this.pending = { id, resolve: resolve as (m: FinalMessage) => void, reject, onProgress: handlers.onProgress ?? (() => {}), onPreview: handlers.onPreview ?? (() => {}), onCheckpoint: handlers.onCheckpoint ?? (() => {}) };
+      pending = { id, answered: null, resolve: resolve as (m: FinalMessage) => void, reject, onProgress: handlers.onProgress ?? (() => {}), onPreview: handlers.onPreview ?? (() => {}), onCheckpoint: handlers.onCheckpoint ?? (() => {}) };
     });
+    this.pending = pending;
     this.send(build(id));
-    return { id, done };
+    return { id, done, onAnswer: (fn) => void (pending.answered = fn) };
   }
 
   /** Runs one generation; previews arrive when the request asks for them. */
-  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onPreview?: (m: PreviewMessage) => void): { id: string; done: Promise<ResultMessage> } {
+  generate(msg: Omit<GenerateMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onPreview?: (m: PreviewMessage) => void): WorkerRequest<ResultMessage> {
     return this.request(`gen-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'generate', id, ...msg }), { onProgress, onPreview });
   }
 
   /** Runs a LoRA fine-tune; checkpoints arrive as it goes. */
-  train(msg: Omit<TrainMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onCheckpoint: (m: CheckpointMessage) => void): { id: string; done: Promise<TrainedMessage> } {
+  train(msg: Omit<TrainMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void, onCheckpoint: (m: CheckpointMessage) => void): WorkerRequest<TrainedMessage> {
     return this.request(`train-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'train', id, ...msg }), { onProgress, onCheckpoint });
   }
 
   /** Makes models resident (hot in VRAM or warm in RAM), optionally pinned. */
-  load(models: string[], location: 'vram' | 'ram', pin: boolean): { id: string; done: Promise<LoadedMessage> } {
+  load(models: string[], location: 'vram' | 'ram', pin: boolean): WorkerRequest<LoadedMessage> {
     return this.request('load', (id) => ({ v: PROTOCOL_VERSION, type: 'load', id, models, location, pin }));
   }
 
   /** Frees (and unpins) models. */
-  unload(models: string[]): { id: string; done: Promise<LoadedMessage> } {
+  unload(models: string[]): WorkerRequest<LoadedMessage> {
     return this.request('unload', (id) => ({ v: PROTOCOL_VERSION, type: 'unload', id, models }));
   }
 
   /** Runs the GPU check (a self-test task) with the models the worker has; progress per case. */
-  selfTest(msg: Omit<SelfTestMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): { id: string; done: Promise<SelfTestResultMessage> } {
+  selfTest(msg: Omit<SelfTestMessage, 'v' | 'type' | 'id'>, onProgress: (m: ProgressMessage) => void): WorkerRequest<SelfTestResultMessage> {
     return this.request(`selftest-${msg.job_id}`, (id) => ({ v: PROTOCOL_VERSION, type: 'self_test', id, ...msg }), { onProgress });
   }
 
@@ -238,6 +255,11 @@ export class WorkerProcess extends EventEmitter<{ exit: [KilnError | null]; stat
         }
         this.pending = null;
         if (this.state === 'busy') this.state = 'ready';
+        try {
+          p.answered?.(); // the GPU slot hands the worker to the next job here, in this call
+        } catch (err) {
+          this.log.error({ id: msg.id, err: (err as Error).message }, 'a request-answered hook threw');
+        }
         if (msg.type === 'error') p.reject(new KilnError(msg.error.code, msg.error.message));
         else p.resolve(msg);
         return;

@@ -4,7 +4,7 @@ import type { Attempt } from '../attempt.js';
 import type { JobStats } from '../stats.js';
 import type { TrainedLoras } from '../trained-loras.js';
 import type { Transfers } from '../transfers.js';
-import type { WorkerProcess } from '../worker-process.js';
+import type { WorkerProcess, WorkerRequest } from '../worker-process.js';
 
 export type JobKind = StoredJob['kind'];
 export type JobOf<K extends JobKind> = Extract<StoredJob, { kind: K }>;
@@ -23,9 +23,10 @@ export interface Run<J extends StoredJob> {
   state: Attempt;
   /**
    * Sends a request to the worker as this job's current one: a cancel that came early applies
-   * now, the job's timeout runs while the worker works on it.
+   * now, the job's timeout runs while the worker works on it, and the GPU goes to the next job
+   * the moment the worker answers it.
    */
-  request<T>(run: { id: string; done: Promise<T> }): Promise<T>;
+  request<T>(run: WorkerRequest<T>): Promise<T>;
   /** Progress from the worker onto the record, the queue entry and webhooks. */
   onProgress: (p: ProgressMessage) => void;
 }
