@@ -5,7 +5,7 @@
 //  1. For each output size (small: 64×64 × 1, large: 1024×1024 × 4) and each PIPELINE_DEPTH
 //     (1: each job start to end before the next, the baseline; 2: the pipelined agent), start a
 //     farm with one agent whose worker traces its idle time (KILN_IDLE_TRACE, idle_trace.py):
-//     for each request, the ms from writing the previous result to reading this request.
+//     for each request, the ms from writing the previous result to starting this request's work.
 //  2. With the agent out of rotation (maintenance), submit a backlog of jobs that each run about
 //     200 ms on the worker, so the submissions' own CPU is out of the measurement; put it back
 //     in rotation, wait for the last job, read every record once.
@@ -95,7 +95,7 @@ async function run(size: keyof typeof SIZES, depth: number): Promise<Row> {
 const rows: Row[] = [];
 for (const size of ['small', 'large'] as const) for (const depth of DEPTHS) rows.push(await run(size, depth));
 
-console.log('GPU idle gap between consecutive jobs, one agent + worker (worker-side: previous result written → next request read)');
+console.log('GPU idle gap between consecutive jobs, one agent + worker (worker-side: previous result written → start of the next request)');
 console.log('outputs       depth  jobs  gap p50 ms  gap p95 ms  gap max ms  worker ms/job  p50 share  jobs/s');
 for (const r of rows) {
   console.log(

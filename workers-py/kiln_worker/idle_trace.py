@@ -2,9 +2,9 @@
 
 With KILN_IDLE_TRACE=<file>, the worker appends one line per work request it takes after the
 first: `<type> <ms>`, the milliseconds from starting to write the previous request's final frame
-(result or error; the write itself is counted) to reading this request off stdin (0 when it was
-already waiting). Measured here, on the worker's side of the pipe, so it is the gap the GPU sees,
-whatever the agent believes.
+(result or error; the write itself is counted) to starting this request's work: read off stdin,
+parsed, checked against the protocol and handed to the main thread. Measured here, on the
+worker's side of the pipe, so it is the gap the GPU sees, whatever the agent believes.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ class IdleTrace:
         with self._lock:
             self._last_final = at
 
-    def taken(self, request_type: str, read_at: float) -> None:
-        """A work request read at `read_at` (perf_counter) starts now."""
+    def taken(self, request_type: str, start_at: float) -> None:
+        """A work request starts at `start_at` (perf_counter)."""
         with self._lock:
             last = self._last_final
         if last is not None:
-            self._file.write(f"{request_type} {max(0.0, (read_at - last) * 1000):.3f}\n")
+            self._file.write(f"{request_type} {max(0.0, (start_at - last) * 1000):.3f}\n")
 
 
 FINAL_TYPES = frozenset({"result", "loaded", "trained", "self_test_result", "error"})

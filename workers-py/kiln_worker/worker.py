@@ -34,7 +34,6 @@ class _Request:
     message: dict
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "canceled by the agent"
-    read_at: float = 0.0  # perf_counter when its line came off stdin (idle_trace.py)
 
     @property
     def id(self) -> str:
@@ -58,7 +57,6 @@ class Worker:
         self._idle = IdleTrace.from_env()
         if self._idle:
             self._writer = self._idle.wrap(writer)
-        self._read_at = 0.0
 
     def run(self) -> int:
         """Serve until shutdown or stdin EOF; return the exit code."""
@@ -81,7 +79,7 @@ class Worker:
                     log.info("shutdown requested; exiting")
                     return 0
                 if self._idle and item.type in WORK_TYPES:
-                    self._idle.taken(item.type, item.read_at)
+                    self._idle.taken(item.type, IdleTrace.now())  # the work starts now: read, parsed, checked, handed over
                 self._execute(item)
             finally:
                 with self._lock:
@@ -224,7 +222,6 @@ class Worker:
                 chunk = os.read(self._stdin_fd, 65536)
                 if not chunk:
                     break
-                self._read_at = IdleTrace.now()
                 buffer += chunk
                 while b"\n" in buffer:
                     line, buffer = buffer.split(b"\n", 1)
@@ -275,7 +272,7 @@ class Worker:
             self._close("worker shutting down")
             self._queue.put(_Request(msg))
             return
-        req = _Request(msg, read_at=self._read_at)
+        req = _Request(msg)
         with self._lock:
             if kind in WORK_TYPES:
                 if self._closing:
