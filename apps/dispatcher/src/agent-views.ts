@@ -168,7 +168,7 @@ export class AgentViews {
 }
 
 /** Agents' queues read in one turn of the event loop. */
-const READ_AGENTS = 50;
+const READ_AGENTS = 20;
 
 /** The agents to read and each one's queue (a Map will do; AgentViews makes each handle when first asked). */
 export interface AgentQueueMap {

@@ -1,17 +1,18 @@
 import type { AgentHeartbeat } from '@kiln/contracts';
-import { agentJobId, type IntakeData, intakeJobId, isConnectionError, type Jobs, KilnError, type Logger } from '@kiln/runtime';
+import { agentJobId, type IntakeData, intakeJobId, isConnectionError, type Jobs, type JobStanding, KilnError, type Logger } from '@kiln/runtime';
 import type { Queue } from 'bullmq';
 import type { Redis } from 'ioredis';
 import type { AgentQueues } from './agent-queues.js';
 
 /** Records checked between two returns to the event loop: the sweep never holds it for long. */
-const CHUNK = 50;
+const CHUNK = 200;
 
 /**
  * The repair sweep (every SWEEP_INTERVAL_MS, by the lease holder): repairs anything a crash left
  * half-done — ends whose announcement was interrupted (webhooks, group ends) are announced, a
  * queued job missing from intake is added again, a running job whose (live) agent no longer
- * holds it is retried. It walks every unfinished job, CHUNK records at a time.
+ * holds it is retried. It walks every unfinished job, CHUNK at a time, reading only where each
+ * stands (status, attempt, agent) and a whole record only where something must be done.
  */
 export class Sweep {
   constructor(
@@ -37,18 +38,21 @@ export class Sweep {
   }
 
   private async check(ids: string[], liveIds: Set<string>): Promise<void> {
-    const records = await this.jobs.store.getMany(ids);
+    // status, attempt and agent only: the whole record is read where something must be done
+    const standings = await this.jobs.store.standings(ids);
     // whether each queued job has its intake entry: one EXISTS each, sent together
-    const queued = records.filter((j) => j?.status === 'queued');
+    const queued = standings.filter((j): j is JobStanding => j?.status === 'queued');
     const pipe = this.redis.pipeline();
-    for (const job of queued) pipe.exists(this.intake.toKey(intakeJobId(job!.id, job!.attempt)));
+    for (const job of queued) pipe.exists(this.intake.toKey(intakeJobId(job.id, job.attempt)));
     const inIntake = new Map(((await pipe.exec()) ?? []).map(([, n], i) => [queued[i]!.id, n === 1]));
-    for (const job of records) {
+    for (const job of standings) {
       if (!job) continue;
       if (job.status === 'queued') {
         if (!inIntake.get(job.id)) {
+          const now = await this.jobs.store.get(job.id);
+          if (now?.status !== 'queued') continue; // placed or ended since
           this.log.warn({ job: job.id }, 'queued job was missing from intake: adding it again');
-          await this.jobs.enqueue(job);
+          await this.jobs.enqueue(now);
         }
       } else if (job.status === 'running' && job.agent && liveIds.has(job.agent)) {
         const entry = await this.queues.get(job.agent).getJob(agentJobId(job.id, job.attempt));

@@ -360,4 +360,16 @@ describe('JobStore', () => {
     expect(await redis.zrange(keys.outbox(), 0, -1)).toEqual(['group:g1']); // no webhook: no job announcement
     expect((await store.history(job.id)).events.at(-1)).toMatchObject({ status: 'failed', stage: 'done', attempt: 1, agent: 'a', message: 'boom' });
   });
+
+  it("tells where each job stands (status, attempt, agent) in one round trip, without reading the records", async () => {
+    const a = newJob();
+    const b = newJob();
+    await store.create(a);
+    await store.create(b);
+    await store.update(b.id, { status: ['queued'] }, { status: 'running', stage: 'dispatched', agent: 'gpu-7', attempt: 1 });
+    let standings: Awaited<ReturnType<JobStore['standings']>> = [];
+    const sent = await commandsDuring(async () => void (standings = await store.standings([a.id, b.id, 'gone'])));
+    expect(sent).toEqual(['hmget', 'hmget', 'hmget']);
+    expect(standings).toEqual([{ id: a.id, status: 'queued', attempt: 0, agent: null }, { id: b.id, status: 'running', attempt: 1, agent: 'gpu-7' }, null]);
+  });
 });

@@ -253,6 +253,14 @@ export type JobPatch = Partial<Omit<GenerationJob, 'id' | 'kind' | 'created_at' 
   Partial<Pick<CacheJob, 'cache'>> &
   Partial<Pick<SelfTestJob, 'self_test'>>;
 
+/** Where a job stands (JobStore.standings). */
+export interface JobStanding {
+  id: string;
+  status: JobStatus;
+  attempt: number;
+  agent: string | null;
+}
+
 /** A claim of a queued job (its attempt as read) for an agent, and its intake entry. */
 export interface Claim {
   id: string;
@@ -343,6 +351,21 @@ export class JobStore {
   /** The jobs that retry this one, oldest first. */
   async retriesOf(id: string): Promise<string[]> {
     return this.redis.lrange(this.keys.jobRetries(id), 0, -1);
+  }
+
+  /**
+   * Where each job stands — status, attempt, agent — and nothing else (null: no such job, or its
+   * record expired), in one round trip: what a walk over every unfinished job needs, without
+   * reading and validating each whole record.
+   */
+  async standings(ids: string[]): Promise<(JobStanding | null)[]> {
+    const pipe = this.redis.pipeline();
+    for (const id of ids) pipe.hmget(this.keys.job(id), 'status', 'attempt', 'agent');
+    return ((await pipe.exec()) ?? []).map(([, raw], i) => {
+      const [status, attempt, agent] = (raw ?? []) as (string | null)[];
+      if (!status) return null;
+      return { id: ids[i]!, status: JSON.parse(status) as JobStatus, attempt: Number(attempt ?? 0), agent: agent ? (JSON.parse(agent) as string | null) : null };
+    });
   }
 
   /** Just the status of each job (null: no such job, or its record expired), in one round trip. */
