@@ -9,12 +9,19 @@ import { Failover } from './failover.js';
 import { IntakeView, type Waiting } from './intake-view.js';
 import type { Lease } from './lease.js';
 import { countPlacement, leader, noteTick, placementDecisions, placementTickSeconds } from './metrics.js';
-import { type AgentView, type Candidate, planInSlices } from './placement.js';
+import { type Candidate, planInSlices } from './placement.js';
 import { placementReason } from './placement-reason.js';
 import { Sweep } from './sweep.js';
 
 /** Claims sent in one round trip (a fleet coming up can have a thousand slots free at once). */
 const CLAIM_CHUNK = 100;
+
+/** A placement decided this tick: the job, its agent, and why there. */
+interface Placement {
+  w: Waiting;
+  agentId: string;
+  reason: PlacementReason;
+}
 
 /** How old a registry snapshot a tick accepts (ms). */
 const REGISTRY_SNAPSHOT_MS = 100;
@@ -28,19 +35,12 @@ const REGISTRY_SNAPSHOT_MS = 100;
  *     when it changed, a new entry and its record's placement fields read once), the fleet
  *     through kept agent views (agent-views.ts), a plan in slices that give the event loop back
  *     every PLAN_SLICE_MS (placement.ts), and for each decision the claim — the record moves to
- *     running and the entry leaves intake in one step — then the entry on the agent's queue;
- *     agents are claimed for in parallel, each agent's jobs in order.
+ *     running and the entry leaves intake in one step, a tick's claims in one round trip —
+ *     then the entries on the agents' queues, each agent's in the order placed.
  * Every step is idempotent, so a dispatcher killed at any line loses nothing: the next one
  * (or the same after restart) repeats the half-done step (a claimed job with no agent entry is
  * retried by the sweep).
  */
-/** A placement decided this tick: the job, its agent, and why there. */
-interface Placement {
-  w: Waiting;
-  agentId: string;
-  reason: PlacementReason;
-}
-
 export class Dispatcher {
   private lastSweep = 0;
   private readonly queues: AgentQueues;
